@@ -1,0 +1,39 @@
+# polyhead: `make run` starts the server on the demo models; `make test` runs the whole suite.
+# Both install what they need first (Debian packages, the Python venv, the generated models).
+
+CARGO ?= cargo
+JOBS ?= 2
+PRESET ?= tiny
+export POLYHEAD_MODELS ?= models/generated/$(PRESET)
+
+.PHONY: all setup models build run test lint fmt clean
+
+all: build
+
+setup:
+	PRESETS="$(PRESET)" scripts/setup.sh all
+
+models:
+	PRESETS="$(PRESET)" scripts/setup.sh venv models
+
+build: setup
+	$(CARGO) build --release -j$(JOBS) --workspace
+
+## Start the server on the demo model set (POLYHEAD_LISTEN, POLYHEAD_DEVICE, ... are honoured).
+run: build
+	./target/release/polyhead-server
+
+## The whole test suite: unit tests, ONNX Runtime equivalence and end-to-end tests.
+test: setup
+	$(CARGO) test --release -j$(JOBS) --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release -j$(JOBS) --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf models/generated .cache

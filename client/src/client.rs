@@ -1,0 +1,334 @@
+//! [`Client`]: a typed, deadline-aware wrapper over the generated `PolyheadClient`.
+
+use std::time::Duration;
+
+use polyhead_proto::v1::{self, polyhead_client::PolyheadClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{ClientError, Result};
+
+/// Default server address.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
+
+/// Connection and call settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Deadline of every call, sent to the server as `grpc-timeout` and enforced locally.
+    pub timeout: Duration,
+    /// How long establishing the connection may take.
+    pub connect_timeout: Duration,
+    /// Largest message sent or received, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_message_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A connection to a polyhead server. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: PolyheadClient<Channel>,
+    addr: String,
+    options: ClientOptions,
+}
+
+/// Turns `host:port` or `http://host:port` into the URI the channel connects to.
+///
+/// Surrounding whitespace and a trailing `/` are dropped. Only plain-text `http` is supported.
+pub fn normalize_addr(addr: &str) -> Result<String> {
+    let invalid = |reason: &str| ClientError::InvalidAddress {
+        addr: addr.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let trimmed = addr.trim();
+    let (scheme, rest) = trimmed.split_once("://").unwrap_or(("http", trimmed));
+    match scheme {
+        "http" => {}
+        "https" => return Err(invalid("TLS is not supported; use http://")),
+        other => return Err(invalid(&format!("unsupported scheme {other:?}"))),
+    }
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() {
+        return Err(invalid("missing host"));
+    }
+    let uri = format!("http://{authority}");
+    match uri.parse::<tonic::codegen::http::Uri>() {
+        Ok(parsed) if parsed.host().is_some_and(|host| !host.is_empty()) => Ok(uri),
+        Ok(_) => Err(invalid("missing host")),
+        Err(err) => Err(invalid(&err.to_string())),
+    }
+}
+
+impl Client {
+    /// Connects to the server at `addr` (`host:port` or `http://host:port`).
+    ///
+    /// The connection is established eagerly, so an unreachable server fails here with
+    /// [`ClientError::Connect`] rather than on the first call.
+    pub async fn connect(addr: &str, options: ClientOptions) -> Result<Self> {
+        let uri = normalize_addr(addr)?;
+        let endpoint =
+            Endpoint::from_shared(uri.clone()).map_err(|err| ClientError::InvalidAddress {
+                addr: addr.to_owned(),
+                reason: err.to_string(),
+            })?;
+        let channel = endpoint
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: uri.clone(),
+                source,
+            })?;
+        Ok(Self::from_channel(channel, uri, options))
+    }
+
+    /// Wraps an existing channel; `addr` is only used in messages.
+    pub fn from_channel(channel: Channel, addr: impl Into<String>, options: ClientOptions) -> Self {
+        let inner = PolyheadClient::new(channel)
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes);
+        Self {
+            inner,
+            addr: addr.into(),
+            options,
+        }
+    }
+
+    /// The normalised address this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The options in effect.
+    pub fn options(&self) -> ClientOptions {
+        self.options
+    }
+
+    /// A client on the same connection with another call deadline.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        let mut client = self.clone();
+        client.options.timeout = timeout;
+        client
+    }
+
+    /// The generated client, for calls that need full control over the request.
+    pub fn raw(&self) -> PolyheadClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// Runs the detection head `head` (empty: the only one) on `image`.
+    pub async fn detect(
+        &self,
+        image: v1::Image,
+        options: v1::DetectOptions,
+        head: &str,
+    ) -> Result<v1::DetectResponse> {
+        let request = v1::DetectRequest {
+            image: Some(image),
+            options: Some(options),
+            head: head.to_owned(),
+        };
+        let timeout = self.options.timeout;
+        let mut inner = self.inner.clone();
+        finish(inner.detect(self.request(request)).await, timeout)
+    }
+
+    /// Runs the segmentation head `head` (empty: the only one) on `image`.
+    pub async fn segment(
+        &self,
+        image: v1::Image,
+        options: v1::SegmentOptions,
+        head: &str,
+    ) -> Result<v1::SegmentResponse> {
+        let request = v1::SegmentRequest {
+            image: Some(image),
+            options: Some(options),
+            head: head.to_owned(),
+        };
+        let timeout = self.options.timeout;
+        let mut inner = self.inner.clone();
+        finish(inner.segment(self.request(request)).await, timeout)
+    }
+
+    /// Recognises the action in a clip; see [`crate::video_clip`] and [`crate::frames_clip`].
+    pub async fn recognize_action(
+        &self,
+        request: v1::RecognizeActionRequest,
+    ) -> Result<v1::RecognizeActionResponse> {
+        let timeout = self.options.timeout;
+        let mut inner = self.inner.clone();
+        finish(inner.recognize_action(self.request(request)).await, timeout)
+    }
+
+    /// Recognises the action in an encoded video file.
+    pub async fn recognize_video(
+        &self,
+        video: Vec<u8>,
+        options: v1::ActionOptions,
+        head: &str,
+    ) -> Result<v1::RecognizeActionResponse> {
+        self.recognize_action(v1::RecognizeActionRequest {
+            clip: Some(crate::video_clip(video)),
+            options: Some(options),
+            head: head.to_owned(),
+        })
+        .await
+    }
+
+    /// Recognises the action in a list of encoded frames played at `fps` (0: 1 frame/s).
+    pub async fn recognize_frames(
+        &self,
+        frames: Vec<Vec<u8>>,
+        fps: f32,
+        options: v1::ActionOptions,
+        head: &str,
+    ) -> Result<v1::RecognizeActionResponse> {
+        self.recognize_action(v1::RecognizeActionRequest {
+            clip: Some(crate::frames_clip(frames, fps)),
+            options: Some(options),
+            head: head.to_owned(),
+        })
+        .await
+    }
+
+    /// Runs several heads on `image` from one backbone pass.
+    pub async fn analyze(
+        &self,
+        image: v1::Image,
+        heads: Vec<String>,
+        detect_options: v1::DetectOptions,
+        segment_options: v1::SegmentOptions,
+    ) -> Result<v1::AnalyzeResponse> {
+        let request = v1::AnalyzeRequest {
+            image: Some(image),
+            heads,
+            detect_options: Some(detect_options),
+            segment_options: Some(segment_options),
+        };
+        let timeout = self.options.timeout;
+        let mut inner = self.inner.clone();
+        finish(inner.analyze(self.request(request)).await, timeout)
+    }
+
+    /// The loaded model set: backbone and heads.
+    pub async fn list_models(&self) -> Result<v1::ListModelsResponse> {
+        let timeout = self.options.timeout;
+        let mut inner = self.inner.clone();
+        let request = self.request(v1::ListModelsRequest {});
+        finish(inner.list_models(request).await, timeout)
+    }
+
+    /// One model (the backbone or a head) by name.
+    pub async fn get_model(&self, name: &str) -> Result<v1::ModelInfo> {
+        let timeout = self.options.timeout;
+        let mut inner = self.inner.clone();
+        let request = self.request(v1::GetModelRequest {
+            name: name.to_owned(),
+        });
+        finish(inner.get_model(request).await, timeout)
+    }
+
+    /// Wraps a message in a request carrying the call deadline.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.options.timeout);
+        request
+    }
+}
+
+/// Unwraps a call's response, classifying its failure.
+fn finish<T>(
+    result: std::result::Result<tonic::Response<T>, tonic::Status>,
+    timeout: Duration,
+) -> Result<T> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(|status| ClientError::from_call(status, timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_normalised() {
+        let ok = |addr: &str| normalize_addr(addr).ok();
+        assert_eq!(
+            ok("127.0.0.1:50051").as_deref(),
+            Some("http://127.0.0.1:50051")
+        );
+        assert_eq!(
+            ok("http://127.0.0.1:50051").as_deref(),
+            Some("http://127.0.0.1:50051")
+        );
+        assert_eq!(
+            ok(" localhost:9000/ ").as_deref(),
+            Some("http://localhost:9000")
+        );
+        assert_eq!(ok("[::1]:50051").as_deref(), Some("http://[::1]:50051"));
+        assert_eq!(ok("polyhead").as_deref(), Some("http://polyhead"));
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        for addr in [
+            "",
+            "  ",
+            "http://",
+            "https://host:1",
+            "ftp://host:1",
+            "ho st:1",
+        ] {
+            let err = normalize_addr(addr).err();
+            assert!(
+                matches!(err, Some(ClientError::InvalidAddress { .. })),
+                "{addr:?} gave {err:?}"
+            );
+        }
+        let tls = normalize_addr("https://host:1")
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            tls.as_deref(),
+            Some("invalid server address \"https://host:1\": TLS is not supported; use http://")
+        );
+    }
+
+    #[test]
+    fn default_options() {
+        let options = ClientOptions::default();
+        assert_eq!(options.timeout, Duration::from_secs(30));
+        assert_eq!(options.connect_timeout, Duration::from_secs(5));
+        assert_eq!(options.max_message_bytes, 64 << 20);
+    }
+
+    #[tokio::test]
+    async fn refused_connections_name_the_address() {
+        let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            return;
+        };
+        let Ok(addr) = listener.local_addr() else {
+            return;
+        };
+        drop(listener);
+        let err = Client::connect(&addr.to_string(), ClientOptions::default())
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!(
+                "cannot connect to polyhead at http://{addr}: connection refused \
+                 (is the server running? set --server or POLYHEAD_SERVER)"
+            ))
+        );
+    }
+}

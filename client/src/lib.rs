@@ -1,0 +1,34 @@
+//! Client library for the polyhead inference service.
+//!
+//! [`Client`] is a thin, typed wrapper over the generated gRPC client: it connects eagerly,
+//! sends a deadline with every call and turns failures into [`ClientError`]s with one-line
+//! messages. Requests and responses are the generated [`v1`] messages; the helpers in this crate
+//! build the inputs ([`image_from_path`], [`raw_image`], [`video_clip`], ...) and [`json`]
+//! mirrors the responses for serialisation.
+//!
+//! ```no_run
+//! # async fn run() -> polyhead_client::Result<()> {
+//! use polyhead_client::{Client, ClientOptions, image_from_path, v1};
+//!
+//! let client = Client::connect("127.0.0.1:50051", ClientOptions::default()).await?;
+//! let image = image_from_path("street.jpg")?;
+//! let response = client.detect(image, v1::DetectOptions::default(), "").await?;
+//! for detection in response.detections.unwrap_or_default().detections {
+//!     println!("{} {:.2}", detection.label, detection.score);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod input;
+pub mod json;
+
+pub use client::{Client, ClientOptions, DEFAULT_SERVER, normalize_addr};
+pub use error::{ClientError, Result};
+pub use input::{frames_clip, image_from_bytes, image_from_path, raw_image, read_file, video_clip};
+/// The generated `polyhead.v1` messages and stubs.
+pub use polyhead_proto::v1;

@@ -1,0 +1,328 @@
+//! The library and the `polyhead` binary against an in-process mock server with canned answers:
+//! deadlines, status mapping, connection errors, output formats and exit codes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use polyhead_client::v1::polyhead_server::{Polyhead, PolyheadServer};
+use polyhead_client::{Client, ClientError, ClientOptions, image_from_bytes, v1};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Code, Request, Response, Status};
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Answers from fixed data; the head name selects failure modes.
+struct Mock;
+
+#[tonic::async_trait]
+impl Polyhead for Mock {
+    async fn detect(&self, request: Request<v1::DetectRequest>) -> Reply<v1::DetectResponse> {
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        match request.get_ref().head.as_str() {
+            "slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+            "busy" => return Err(Status::resource_exhausted("8 requests in flight")),
+            "bad" => return Err(Status::invalid_argument("image is not decodable")),
+            _ => {}
+        }
+        Ok(Response::new(v1::DetectResponse {
+            detections: Some(detections(&deadline)),
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn segment(&self, _: Request<v1::SegmentRequest>) -> Reply<v1::SegmentResponse> {
+        Ok(Response::new(v1::SegmentResponse {
+            segmentation: Some(segmentation()),
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn recognize_action(
+        &self,
+        request: Request<v1::RecognizeActionRequest>,
+    ) -> Reply<v1::RecognizeActionResponse> {
+        let (count, fps) = match &request.get_ref().clip {
+            Some(v1::recognize_action_request::Clip::Frames(f)) => (f.frames.len(), f.fps),
+            Some(v1::recognize_action_request::Clip::Video(_)) => (4, 2.0),
+            None => return Err(Status::invalid_argument("no clip")),
+        };
+        let rate = if fps > 0.0 { f64::from(fps) } else { 1.0 };
+        Ok(Response::new(v1::RecognizeActionResponse {
+            actions: Some(v1::Actions {
+                top: vec![v1::ActionScore {
+                    class_id: 7,
+                    label: "juggling".into(),
+                    score: 0.75,
+                }],
+                frame_timestamps: (0..count).map(|i| i as f64 / rate).collect(),
+            }),
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn analyze(&self, request: Request<v1::AnalyzeRequest>) -> Reply<v1::AnalyzeResponse> {
+        use v1::head_result::Result as R;
+        let results = request
+            .get_ref()
+            .heads
+            .iter()
+            .map(|head| v1::HeadResult {
+                head: head.clone(),
+                result: Some(if head == "ade" {
+                    R::Segmentation(segmentation())
+                } else {
+                    R::Detections(detections("x"))
+                }),
+            })
+            .collect();
+        Ok(Response::new(v1::AnalyzeResponse {
+            results,
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<v1::ListModelsRequest>,
+    ) -> Reply<v1::ListModelsResponse> {
+        let head = |name: &str, kind: v1::HeadKind| v1::ModelInfo {
+            name: name.into(),
+            role: v1::ModelRole::Head as i32,
+            kind: kind as i32,
+            ..Default::default()
+        };
+        Ok(Response::new(v1::ListModelsResponse {
+            model_set: "mock".into(),
+            backbone: None,
+            heads: vec![
+                head("coco", v1::HeadKind::Detection),
+                head("ade", v1::HeadKind::Segmentation),
+                head("k400", v1::HeadKind::Action),
+            ],
+        }))
+    }
+
+    async fn get_model(&self, request: Request<v1::GetModelRequest>) -> Reply<v1::ModelInfo> {
+        Err(Status::not_found(format!(
+            "no model named {:?}",
+            request.get_ref().name
+        )))
+    }
+}
+
+fn detections(label: &str) -> v1::Detections {
+    v1::Detections {
+        detections: vec![v1::Detection {
+            class_id: 0,
+            label: label.into(),
+            score: 0.5,
+            r#box: Some(v1::Box {
+                x1: 1.0,
+                y1: 2.0,
+                x2: 3.0,
+                y2: 4.0,
+            }),
+            mask: None,
+        }],
+        image_width: 8,
+        image_height: 6,
+    }
+}
+
+fn segmentation() -> v1::Segmentation {
+    v1::Segmentation {
+        label_map_png: b"\x89PNG fake".to_vec(),
+        width: 8,
+        height: 6,
+        class_names: vec!["sky".into()],
+        present: vec![v1::ClassCoverage {
+            class_id: 0,
+            label: "sky".into(),
+            fraction: 1.0,
+        }],
+    }
+}
+
+fn timings(passes: u32) -> v1::Timings {
+    v1::Timings {
+        total_ms: 5.0,
+        backbone_passes: passes,
+        backbone_images: passes,
+        ..Default::default()
+    }
+}
+
+/// Serves [`Mock`] on a free local port.
+async fn serve() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PolyheadServer::new(Mock))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    Ok(addr)
+}
+
+/// Runs the `polyhead` binary with `args` off the async runtime.
+async fn polyhead(args: Vec<String>) -> anyhow::Result<Output> {
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_polyhead"))
+            .args(args)
+            .env_remove("POLYHEAD_SERVER")
+            .env_remove("POLYHEAD_TIMEOUT")
+            .output()
+    })
+    .await??;
+    Ok(output)
+}
+
+fn args(addr: SocketAddr, rest: &[&str]) -> Vec<String> {
+    let mut all = vec!["--server".to_owned(), addr.to_string()];
+    all.extend(rest.iter().map(|s| (*s).to_owned()));
+    all
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("polyhead-mock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_calls_carry_deadlines_and_map_statuses() -> anyhow::Result<()> {
+    let addr = serve().await?;
+    let options = ClientOptions {
+        timeout: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&format!("http://{addr}"), options).await?;
+    let image = || image_from_bytes(b"jpeg".to_vec());
+
+    let ok = client
+        .detect(image(), v1::DetectOptions::default(), "")
+        .await?;
+    let sent = ok.detections.map(|d| d.detections[0].label.clone());
+    assert_eq!(sent.as_deref(), Some("300000u"), "grpc-timeout header");
+
+    let slow = client
+        .detect(image(), v1::DetectOptions::default(), "slow")
+        .await;
+    let Err(err) = slow else {
+        anyhow::bail!("slow call succeeded");
+    };
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded));
+    assert!(
+        err.to_string().starts_with("request timed out after 0.3s"),
+        "{err}"
+    );
+
+    let busy = client
+        .detect(image(), v1::DetectOptions::default(), "busy")
+        .await;
+    let message = busy.err().map(|e| e.to_string());
+    assert_eq!(
+        message.as_deref(),
+        Some("server is at capacity: 8 requests in flight; retry later")
+    );
+
+    let missing = client.get_model("nope").await.err();
+    assert_eq!(missing.and_then(|e| e.code()), Some(Code::NotFound));
+
+    let frames = vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()];
+    let actions = client
+        .recognize_frames(frames, 2.0, v1::ActionOptions::default(), "")
+        .await?
+        .actions
+        .map(|a| a.frame_timestamps);
+    assert_eq!(actions, Some(vec![0.0, 0.5, 1.0]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_outputs_and_exit_codes() -> anyhow::Result<()> {
+    let addr = serve().await?;
+    let image = temp_file("image.jpg", b"jpeg")?;
+    let image = image.to_string_lossy().into_owned();
+
+    let detect = polyhead(args(addr, &["detect", &image])).await?;
+    assert_eq!(detect.status.code(), Some(0), "{}", text(&detect.stderr));
+    let stdout = text(&detect.stdout);
+    assert!(stdout.contains("0.500  [1.0, 2.0, 3.0, 4.0]"), "{stdout}");
+    assert!(stdout.contains("backbone passes: 1"), "{stdout}");
+
+    let json = polyhead(args(addr, &["--json", "segment", &image])).await?;
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(value["segmentation"]["present"][0]["label"], "sky");
+    assert!(value["segmentation"].get("label_map_png").is_none());
+
+    let map = temp_file("map.png", b"")?;
+    let out = map.to_string_lossy().into_owned();
+    let segment = polyhead(args(addr, &["segment", &image, "--out", &out])).await?;
+    assert_eq!(segment.status.code(), Some(0), "{}", text(&segment.stderr));
+    assert_eq!(std::fs::read(&map)?, b"\x89PNG fake");
+
+    let analyze = polyhead(args(addr, &["analyze", &image])).await?;
+    let stdout = text(&analyze.stdout);
+    assert!(stdout.contains("== coco (detection) =="), "{stdout}");
+    assert!(stdout.contains("== ade (segmentation) =="), "{stdout}");
+    assert!(!stdout.contains("k400"), "{stdout}");
+
+    let video = polyhead(args(
+        addr,
+        &["video", "--images", &image, &image, "--fps", "4"],
+    ))
+    .await?;
+    let stdout = text(&video.stdout);
+    assert!(stdout.contains("juggling  0.750"), "{stdout}");
+    assert!(
+        stdout.contains("2 frames used, at 0.00, 0.25 s"),
+        "{stdout}"
+    );
+
+    let busy = polyhead(args(addr, &["detect", &image, "--head", "busy"])).await?;
+    assert_eq!(busy.status.code(), Some(1));
+    assert_eq!(
+        text(&busy.stderr),
+        "error: server is at capacity: 8 requests in flight; retry later\n"
+    );
+
+    let missing = polyhead(args(addr, &["detect", "/nonexistent/x.jpg"])).await?;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).starts_with("error: cannot read /nonexistent/x.jpg: "));
+
+    let usage = polyhead(args(addr, &["detect", &image, "--score-threshold", "2"])).await?;
+    assert_eq!(usage.status.code(), Some(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn cli_reports_an_absent_server() -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    drop(listener);
+    let output = polyhead(args(addr, &["models"])).await?;
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        text(&output.stderr),
+        format!(
+            "error: cannot connect to polyhead at http://{addr}: connection refused \
+             (is the server running? set --server or POLYHEAD_SERVER)\n"
+        )
+    );
+    Ok(())
+}

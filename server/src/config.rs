@@ -1,0 +1,160 @@
+//! Server configuration: command-line flags, each with a `POLYHEAD_*` environment equivalent,
+//! parsed into typed sub-structures that are passed down to the layers that use them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+
+use crate::engine::Device;
+
+/// polyhead: one frozen vision backbone, many task heads, served over gRPC.
+///
+/// Loads one model set (a backbone and its heads), runs the backbone once per image and fans its
+/// features out to the heads each request asks for.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "polyhead-server", version, about, long_about = None)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "POLYHEAD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Model set directory (holding `polyhead.toml`).
+    #[arg(long, env = "POLYHEAD_MODELS", default_value = "models/generated/tiny")]
+    pub models: PathBuf,
+
+    #[command(flatten)]
+    pub runtime: RuntimeConfig,
+
+    #[command(flatten)]
+    pub limits: Limits,
+
+    /// Log output format.
+    #[arg(long, env = "POLYHEAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// ONNX Runtime settings.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeConfig {
+    /// Execution provider: `cpu`, `cuda` or `cuda:N` (GPU N).
+    #[arg(long, env = "POLYHEAD_DEVICE", default_value = "cpu")]
+    pub device: Device,
+
+    /// When a CUDA device is requested but cannot be used, run on the CPU instead of refusing to
+    /// start.
+    #[arg(long, env = "POLYHEAD_ALLOW_CPU_FALLBACK")]
+    pub allow_cpu_fallback: bool,
+
+    /// Path of the ONNX Runtime shared library (`libonnxruntime.so`). Default: `ORT_DYLIB_PATH`,
+    /// then the `onnxruntime` wheel in `./.venv` or next to the executable.
+    #[arg(long, env = "POLYHEAD_ORT_DYLIB")]
+    pub ort_dylib: Option<PathBuf>,
+
+    /// Threads ONNX Runtime uses inside one operator, per session (0 = ONNX Runtime's default:
+    /// one per physical core).
+    #[arg(long, env = "POLYHEAD_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Requests that may wait for each model (backbone and every head) before new ones are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "POLYHEAD_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+}
+
+/// Limits on what one request may ask for. Each is checked before the work it guards.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Largest request message accepted, in bytes (images and clips travel inside it).
+    #[arg(long, env = "POLYHEAD_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Largest image accepted, in pixels (width x height, read from the header before decoding).
+    #[arg(long, env = "POLYHEAD_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest image width or height accepted, in pixels.
+    #[arg(long, env = "POLYHEAD_MAX_IMAGE_SIDE", default_value_t = 8192)]
+    pub max_image_side: u32,
+
+    /// Longest clip accepted, in seconds.
+    #[arg(long, env = "POLYHEAD_MAX_CLIP_SECONDS", default_value_t = 120.0)]
+    pub max_clip_seconds: f64,
+
+    /// Largest clip width or height accepted, in pixels.
+    #[arg(long, env = "POLYHEAD_MAX_CLIP_SIDE", default_value_t = 4096)]
+    pub max_clip_side: u32,
+
+    /// Most frames decoded from one clip (sampling stops decoding once it has what it needs).
+    #[arg(long, env = "POLYHEAD_MAX_DECODED_FRAMES", default_value_t = 10_000)]
+    pub max_decoded_frames: usize,
+
+    /// Most frames one action request may sample or send; also capped by the head's
+    /// `max_frames`.
+    #[arg(long, env = "POLYHEAD_MAX_FRAMES", default_value_t = 64)]
+    pub max_frames: u32,
+
+    /// Most labels one action request may ask for.
+    #[arg(long, env = "POLYHEAD_MAX_TOP_K", default_value_t = 100)]
+    pub max_top_k: u32,
+
+    /// Deadline applied to requests that carry none, in seconds.
+    #[arg(long, env = "POLYHEAD_DEFAULT_TIMEOUT_SECONDS", default_value_t = 60.0)]
+    pub default_timeout_seconds: f64,
+}
+
+impl Limits {
+    /// The deadline for requests that carry none.
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.default_timeout_seconds.max(0.001))
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// The configuration a test server uses: defaults, the given model set, one intra-op thread.
+    pub fn for_models(models: impl Into<PathBuf>) -> Self {
+        let mut config = Self::parse_from(["polyhead-server"]);
+        config.models = models.into();
+        config.runtime.intra_threads = 1;
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_into_typed_config() {
+        let config = Config::try_parse_from([
+            "polyhead-server",
+            "--listen",
+            "0.0.0.0:6000",
+            "--device",
+            "cuda:1",
+            "--max-frames",
+            "16",
+        ])
+        .expect("valid flags");
+        assert_eq!(config.listen.port(), 6000);
+        assert_eq!(config.runtime.device, Device::Cuda(1));
+        assert_eq!(config.limits.max_frames, 16);
+    }
+
+    #[test]
+    fn bad_device_is_rejected() {
+        let err = Config::try_parse_from(["polyhead-server", "--device", "tpu"])
+            .expect_err("tpu is not a device");
+        assert!(err.to_string().contains("tpu"), "{err}");
+    }
+}

@@ -1,0 +1,41 @@
+//! ONNX Runtime: loading the shared library, choosing the execution provider, and the worker
+//! threads that each own one session.
+
+mod runtime;
+mod worker;
+
+use std::sync::Arc;
+
+use ndarray::ArrayD;
+
+pub use runtime::{Device, Runtime};
+pub use worker::{SessionWorker, TensorInfo};
+
+/// A tensor shared between the backbone's outputs, the cache and the heads that read it.
+pub type SharedTensor = Arc<ArrayD<f32>>;
+
+/// Named tensors, in the order a model declares them.
+pub type NamedTensors = Vec<(String, SharedTensor)>;
+
+/// What can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The ONNX Runtime library could not be found or loaded.
+    #[error("cannot load the ONNX Runtime library: {0}")]
+    Library(String),
+    /// A session could not be created from a model file.
+    #[error("cannot load model {file}: {message}")]
+    Load { file: String, message: String },
+    /// The requested execution provider is not usable here.
+    #[error("{0}")]
+    Device(String),
+    /// The model's queue is full.
+    #[error("the {model} queue is full ({capacity} requests waiting)")]
+    Overloaded { model: String, capacity: usize },
+    /// The worker thread has stopped.
+    #[error("the {0} worker has stopped")]
+    Stopped(String),
+    /// ONNX Runtime failed while running a model.
+    #[error("{model} failed: {message}")]
+    Run { model: String, message: String },
+}

@@ -1,0 +1,227 @@
+//! Untrusted media in, backbone input tensors out.
+//!
+//! - [`image`] decodes JPEG, PNG and WebP with size limits checked against the header before any
+//!   pixel buffer is allocated, and honours EXIF orientation.
+//! - [`video`] decodes clips held in memory with FFmpeg, behind a container allow-list and budgets
+//!   on bytes, duration, resolution, packets, frames and errors, and samples the frames a head needs.
+//! - [`preprocess`] resizes, pads and normalises an RGB image into a planar CHW `f32` tensor and
+//!   reports the [`Geometry`](crate::geometry::Geometry) that maps results back.
+//!
+//! Every failure is a [`MediaError`] whose message is meant for the caller: it says what was wrong
+//! with the input and, for limits, what the limit is.
+
+pub mod image;
+pub mod preprocess;
+pub mod video;
+
+/// Why media could not be decoded or prepared.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MediaError {
+    /// The input held no bytes at all.
+    #[error("the {0} is empty (0 bytes)")]
+    Empty(&'static str),
+    /// The encoded input is larger than allowed.
+    #[error("{kind} is {len} bytes, the limit is {limit}")]
+    TooManyBytes {
+        /// What the bytes are ("video", "image").
+        kind: &'static str,
+        /// The input's size in bytes.
+        len: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The bytes are not one of the accepted image formats.
+    #[error("unsupported image format: expected JPEG, PNG or WebP")]
+    UnsupportedImageFormat,
+    /// The image uses a feature of its format that the decoder does not support.
+    #[error("unsupported {format} image: {detail}")]
+    UnsupportedImageFeature {
+        /// The format ("JPEG", "PNG", "WebP").
+        format: &'static str,
+        /// What is unsupported.
+        detail: String,
+    },
+    /// The image data is damaged or truncated.
+    #[error("corrupt {format} data: {detail}")]
+    CorruptImage {
+        /// The format ("JPEG", "PNG", "WebP").
+        format: &'static str,
+        /// What the decoder reported.
+        detail: String,
+    },
+    /// An image or frame has a zero width or height.
+    #[error("image is {width}x{height}: both sides must be at least 1 pixel")]
+    ZeroSize {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// One side of an image is longer than allowed.
+    #[error("image is {width}x{height}, the limit is {max_width}x{max_height}")]
+    ImageTooLarge {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// Largest accepted width.
+        max_width: u32,
+        /// Largest accepted height.
+        max_height: u32,
+    },
+    /// An image has more pixels than allowed.
+    #[error("image is {width}x{height} = {pixels} pixels, the limit is {limit}")]
+    TooManyPixels {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// `width * height`.
+        pixels: u64,
+        /// Largest accepted pixel count.
+        limit: u64,
+    },
+    /// Decoding would need more memory than allowed.
+    #[error("decoding needs {needed} bytes of memory, the limit is {limit}")]
+    TooMuchMemory {
+        /// Bytes the decoded pixels would take.
+        needed: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The decoder refused the image under its memory or size limits.
+    #[error("{format} image exceeds the decoder's limits: {detail}")]
+    ExceedsDecoderLimits {
+        /// The format ("JPEG", "PNG", "WebP").
+        format: &'static str,
+        /// What the decoder reported.
+        detail: String,
+    },
+    /// Raw RGB pixels do not match the stated dimensions.
+    #[error("raw RGB data is {len} bytes, a {width}x{height} image needs {expected}")]
+    RawLengthMismatch {
+        /// Stated width.
+        width: u32,
+        /// Stated height.
+        height: u32,
+        /// Bytes supplied.
+        len: u64,
+        /// Bytes `width * height * 3` requires.
+        expected: u64,
+    },
+    /// FFmpeg recognised a container that is not on the allow-list.
+    #[error("video container '{0}' is not allowed")]
+    ContainerNotAllowed(String),
+    /// FFmpeg recognised a container that is not on the allow-list, and it could not be named.
+    #[error("video container is not allowed: accepted containers are {0}")]
+    UnnamedContainerNotAllowed(String),
+    /// The container holds no video stream.
+    #[error("no video stream")]
+    NoVideoStream,
+    /// No decoder exists for the video codec.
+    #[error("unsupported video codec '{0}'")]
+    UnsupportedCodec(String),
+    /// The video is damaged or truncated.
+    #[error("corrupt video: {0}")]
+    CorruptVideo(String),
+    /// The video's frames are larger than allowed.
+    #[error("video is {width}x{height}, the limit is {max_width}x{max_height}")]
+    VideoTooLarge {
+        /// Frame width in pixels.
+        width: u32,
+        /// Frame height in pixels.
+        height: u32,
+        /// Largest accepted width.
+        max_width: u32,
+        /// Largest accepted height.
+        max_height: u32,
+    },
+    /// The clip is longer than allowed.
+    #[error("clip is {duration_s:.1} s long, the limit is {limit_s} s")]
+    ClipTooLong {
+        /// The clip's duration in seconds.
+        duration_s: f64,
+        /// The limit in seconds.
+        limit_s: f64,
+    },
+    /// The clip has more frames than allowed.
+    #[error("clip has more than {limit} frames, the limit is {limit}")]
+    TooManyFrames {
+        /// The limit on frames.
+        limit: usize,
+    },
+    /// The container has more packets than allowed.
+    #[error("video has more than {limit} packets, the limit is {limit}")]
+    TooManyPackets {
+        /// The limit on packets.
+        limit: usize,
+    },
+    /// Reading or decoding failed too often.
+    #[error("corrupt video: {count} read or decode errors, the limit is {limit} (last: {last})")]
+    TooManyErrors {
+        /// Errors seen.
+        count: usize,
+        /// The limit on errors.
+        limit: usize,
+        /// The last error FFmpeg reported.
+        last: String,
+    },
+    /// The sampled frames, as RGB, would take more memory than allowed.
+    #[error("the sampled frames need {needed} bytes as RGB, the limit is {limit}")]
+    FramesTooLarge {
+        /// Bytes the sampled frames would take.
+        needed: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// Decoding ran past its time budget.
+    #[error("decoding the video took longer than the limit of {limit_s} s")]
+    DecodeTimeout {
+        /// The limit in seconds.
+        limit_s: f64,
+    },
+    /// The video decoded to nothing.
+    #[error("decoded no frames")]
+    NoFrames,
+    /// The frame-sampling request is unusable.
+    #[error("invalid frame sampling: {0}")]
+    InvalidSampling(String),
+    /// A preprocessing output buffer has the wrong length.
+    #[error("output buffer holds {len} floats, the input tensor needs {expected}")]
+    OutputSizeMismatch {
+        /// Floats supplied.
+        len: usize,
+        /// Floats required.
+        expected: usize,
+    },
+    /// FFmpeg or the decoder failed for a reason that is not the input's fault.
+    #[error("media backend failure: {0}")]
+    Internal(String),
+}
+
+impl MediaError {
+    /// `true` when the input was refused because it exceeds a configured limit (as opposed to
+    /// being malformed); such errors map to a "resource exhausted" status rather than "invalid
+    /// argument".
+    pub fn is_limit(&self) -> bool {
+        matches!(
+            self,
+            Self::TooManyBytes { .. }
+                | Self::ImageTooLarge { .. }
+                | Self::TooManyPixels { .. }
+                | Self::TooMuchMemory { .. }
+                | Self::ExceedsDecoderLimits { .. }
+                | Self::VideoTooLarge { .. }
+                | Self::ClipTooLong { .. }
+                | Self::TooManyFrames { .. }
+                | Self::TooManyPackets { .. }
+                | Self::FramesTooLarge { .. }
+                | Self::DecodeTimeout { .. }
+        )
+    }
+
+    /// `true` when the failure is the server's, not the input's.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Self::Internal(_) | Self::OutputSizeMismatch { .. })
+    }
+}

@@ -1,0 +1,1282 @@
+//! Video decoding from untrusted bytes held in memory, with FFmpeg.
+//!
+//! FFmpeg reads only from the caller's buffer, through a custom I/O context; no file name or URL
+//! is ever opened. Container probing is restricted by FFmpeg's `format_whitelist` (an allow-list
+//! of demuxers, so playlists such as HLS or concat lists are refused before their header is
+//! parsed) and `protocol_whitelist` is empty, so no demuxer can open a nested resource.
+//!
+//! A clip is decoded in two passes over the buffer. The first only demuxes: it counts the video
+//! stream's frames and enforces the packet, error, frame and duration budgets. The frames to keep
+//! are then chosen from that count ([`Sampling`]), and the second pass decodes up to the last of
+//! them, converting only the chosen frames to RGB, so memory stays bounded by the sample size
+//! rather than the clip length.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use ::image::RgbImage;
+use ffmpeg::codec::decoder;
+use ffmpeg::format::context::{Input, StreamIo};
+use ffmpeg::software::scaling;
+use ffmpeg::util::frame;
+use ffmpeg::{Dictionary, Packet, Rational};
+use ffmpeg_next as ffmpeg;
+
+use super::MediaError;
+
+/// Bounds on the clips [`decode_clip`] accepts and the work it does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoLimits {
+    /// Largest accepted encoded size in bytes.
+    pub max_bytes: u64,
+    /// Longest accepted clip, in seconds.
+    pub max_duration_s: f64,
+    /// Largest accepted frame width in pixels.
+    pub max_width: u32,
+    /// Largest accepted frame height in pixels.
+    pub max_height: u32,
+    /// Most frames the video stream may hold (and the decoder may produce).
+    pub max_decoded_frames: usize,
+    /// Most packets, over all streams, the demuxer may return.
+    pub max_packets: usize,
+    /// Most read or decode errors tolerated before the clip is refused as corrupt.
+    pub max_errors: usize,
+    /// Most memory, in bytes, the sampled frames may take as RGB.
+    pub max_output_bytes: u64,
+    /// Longest time, in seconds, one clip may take to demux and decode.
+    pub max_decode_seconds: f64,
+    /// FFmpeg demuxer names that may be used, as FFmpeg spells them (for example
+    /// `"mov,mp4,m4a,3gp,3g2,mj2"`); a demuxer is allowed when any comma-separated part of its
+    /// name appears in this list.
+    pub allowed_formats: Vec<String>,
+}
+
+impl Default for VideoLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            max_duration_s: 120.0,
+            max_width: 4096,
+            max_height: 4096,
+            max_decoded_frames: 10_000,
+            max_packets: 100_000,
+            max_errors: 32,
+            max_output_bytes: 1024 * 1024 * 1024,
+            max_decode_seconds: 60.0,
+            allowed_formats: [
+                "mov,mp4,m4a,3gp,3g2,mj2",
+                "matroska,webm",
+                "avi",
+                "mpegts",
+                "gif",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+/// Which frames of a clip to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sampling {
+    /// How many frames to return.
+    pub num_frames: usize,
+    /// `None`: spread `num_frames` evenly over the whole clip (frame `i` of `n` is the one at
+    /// index `floor((i + 0.5) * total / n)`; a clip shorter than `n` frames repeats frames).
+    /// `Some(s)`: every `s`-th frame from the first, up to `num_frames` (fewer if the clip ends).
+    pub stride: Option<usize>,
+}
+
+impl Sampling {
+    /// `num_frames` frames spread evenly over the clip.
+    pub fn uniform(num_frames: usize) -> Self {
+        Self {
+            num_frames,
+            stride: None,
+        }
+    }
+
+    /// Every `stride`-th frame from the start, up to `num_frames`.
+    pub fn strided(num_frames: usize, stride: usize) -> Self {
+        Self {
+            num_frames,
+            stride: Some(stride),
+        }
+    }
+
+    /// Refuses requests that cannot be served within `limits`.
+    fn validate(&self, limits: &VideoLimits) -> Result<(), MediaError> {
+        if self.num_frames == 0 {
+            return Err(MediaError::InvalidSampling(
+                "at least one frame must be requested".into(),
+            ));
+        }
+        if self.num_frames > limits.max_decoded_frames {
+            return Err(MediaError::InvalidSampling(format!(
+                "{} frames requested, the limit is {}",
+                self.num_frames, limits.max_decoded_frames
+            )));
+        }
+        if self.stride == Some(0) {
+            return Err(MediaError::InvalidSampling(
+                "the stride must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The indices, ascending, of the frames to keep from a clip of `total` frames; empty when
+    /// the clip has no frames.
+    pub fn plan(&self, total: usize) -> Vec<usize> {
+        if total == 0 {
+            return Vec::new();
+        }
+        let last = total - 1;
+        match self.stride {
+            None => (0..self.num_frames)
+                .map(|i| {
+                    let index = (2 * i as u128 + 1) * total as u128 / (2 * self.num_frames as u128);
+                    usize::try_from(index).unwrap_or(last).min(last)
+                })
+                .collect(),
+            Some(stride) => (0..total)
+                .step_by(stride.max(1))
+                .take(self.num_frames)
+                .collect(),
+        }
+    }
+}
+
+/// The frames sampled from a clip and what is known about the clip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedClip {
+    /// The sampled frames, upright RGB8, in presentation order.
+    pub frames: Vec<RgbImage>,
+    /// Presentation time of each frame, in seconds from the start of the stream.
+    pub timestamps_s: Vec<f64>,
+    /// Frame rate of the video stream (0 when unknown).
+    pub fps: f64,
+    /// Duration of the video stream in seconds.
+    pub duration_s: f64,
+    /// Number of frames in the video stream.
+    pub total_frames: usize,
+}
+
+/// Initialises FFmpeg once per process and silences its logging; safe to call repeatedly.
+pub fn init() -> Result<(), MediaError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = INIT.get_or_init(|| {
+        ffmpeg::init().map_err(|e| e.to_string())?;
+        ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Quiet);
+        Ok(())
+    });
+    result.clone().map_err(MediaError::Internal)
+}
+
+/// Decodes the frames `sampling` selects from the clip in `bytes`, within `limits`.
+pub fn decode_clip(
+    bytes: &[u8],
+    limits: &VideoLimits,
+    sampling: &Sampling,
+) -> Result<DecodedClip, MediaError> {
+    init()?;
+    check_size(bytes, limits)?;
+    sampling.validate(limits)?;
+    let data: Arc<[u8]> = Arc::from(bytes);
+    let started = Instant::now();
+    let mut input = open(&data, limits)?;
+    let info = StreamInfo::read(&input, limits)?;
+    check_output_size(sampling, &info, limits)?;
+    let scan = scan(&mut input, &info, &mut Budget::new(limits, started))?;
+    drop(input);
+    if scan.frames == 0 {
+        return Err(MediaError::NoFrames);
+    }
+    let job = Job {
+        data: &data,
+        info: &info,
+        limits,
+        started,
+    };
+    let (picked, total) = decode_sampled(&job, sampling, scan.frames)?;
+    Ok(info.into_clip(picked, total, scan.end_s))
+}
+
+/// Refuses empty and oversized inputs.
+fn check_size(bytes: &[u8], limits: &VideoLimits) -> Result<(), MediaError> {
+    if bytes.is_empty() {
+        return Err(MediaError::Empty("video"));
+    }
+    let len = bytes.len() as u64;
+    if len > limits.max_bytes {
+        return Err(MediaError::TooManyBytes {
+            kind: "video",
+            len,
+            limit: limits.max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a sample whose RGB frames would exceed the output memory limit.
+fn check_output_size(
+    sampling: &Sampling,
+    info: &StreamInfo,
+    limits: &VideoLimits,
+) -> Result<(), MediaError> {
+    let frame_bytes = u64::from(info.width) * u64::from(info.height) * 3;
+    let needed = frame_bytes.saturating_mul(sampling.num_frames as u64);
+    if needed > limits.max_output_bytes {
+        return Err(MediaError::FramesTooLarge {
+            needed,
+            limit: limits.max_output_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes with the plan for `total` frames; if the decoder produced fewer frames than the
+/// demuxer counted, plans again for the frames that really exist and decodes once more.
+fn decode_sampled(
+    job: &Job<'_>,
+    sampling: &Sampling,
+    total: usize,
+) -> Result<(Vec<Picked>, usize), MediaError> {
+    let plan = sampling.plan(total);
+    let first = decode_pass(job, &plan)?;
+    if first.picked.len() == plan.len() {
+        return Ok((first.picked, total));
+    }
+    if first.decoded == 0 {
+        return Err(MediaError::NoFrames);
+    }
+    let plan = sampling.plan(first.decoded);
+    let second = decode_pass(job, &plan)?;
+    if second.picked.is_empty() {
+        return Err(MediaError::NoFrames);
+    }
+    Ok((second.picked, first.decoded))
+}
+
+/// What every decoding pass over one clip shares.
+struct Job<'a> {
+    data: &'a Arc<[u8]>,
+    info: &'a StreamInfo,
+    limits: &'a VideoLimits,
+    started: Instant,
+}
+
+/// Opens the buffer as a container, refusing demuxers that are not allowed.
+fn open(data: &Arc<[u8]>, limits: &VideoLimits) -> Result<Input, MediaError> {
+    let allowed = allowed_parts(limits);
+    if allowed.is_empty() {
+        return Err(MediaError::UnnamedContainerNotAllowed("none".to_owned()));
+    }
+    let io = StreamIo::from_read_seek(std::io::Cursor::new(Arc::clone(data)))
+        .map_err(|e| MediaError::Internal(format!("custom I/O: {e}")))?;
+    let mut options = Dictionary::new();
+    options.set("format_whitelist", &allowed.join(","));
+    options.set("protocol_whitelist", "");
+    let input = ffmpeg::format::input_from_stream(io, None, Some(options))
+        .map_err(|e| open_error(e, data, limits))?;
+    let name = input.format().name().to_owned();
+    if !is_allowed(&name, &allowed) {
+        return Err(MediaError::ContainerNotAllowed(name));
+    }
+    Ok(input)
+}
+
+/// Every comma-separated demuxer name in the allow-list.
+fn allowed_parts(limits: &VideoLimits) -> Vec<&str> {
+    limits
+        .allowed_formats
+        .iter()
+        .flat_map(|f| f.split(','))
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
+/// Whether any part of FFmpeg's demuxer name is allowed.
+fn is_allowed(name: &str, allowed: &[&str]) -> bool {
+    name.split(',').any(|part| allowed.contains(&part))
+}
+
+/// Explains why FFmpeg could not open the container.
+///
+/// FFmpeg answers `EINVAL` when the probed demuxer is not on the `format_whitelist`, without
+/// saying which one it probed; the magic bytes name the common cases.
+fn open_error(error: ffmpeg::Error, data: &[u8], limits: &VideoLimits) -> MediaError {
+    match error {
+        ffmpeg::Error::Other { errno } if errno == ffmpeg::ffi::EINVAL => {
+            match sniff_container(data) {
+                Some(name) if !is_allowed(name, &allowed_parts(limits)) => {
+                    MediaError::ContainerNotAllowed(name.to_owned())
+                }
+                Some(_) => MediaError::CorruptVideo(format!(
+                    "the container could not be read ({error}); references to other files or \
+                     URLs are not followed"
+                )),
+                None => MediaError::UnnamedContainerNotAllowed(limits.allowed_formats.join("; ")),
+            }
+        }
+        ffmpeg::Error::InvalidData | ffmpeg::Error::Eof => MediaError::CorruptVideo(
+            "the container could not be read: unknown format, or damaged or truncated data"
+                .to_owned(),
+        ),
+        other => MediaError::CorruptVideo(format!("the container could not be read: {other}")),
+    }
+}
+
+/// Magic bytes at the start of common formats, and FFmpeg's name for their demuxer.
+const CONTAINER_MAGIC: [(&[u8], &str); 17] = [
+    (b"#EXTM3U", "hls"),
+    (b"ffconcat version", "concat"),
+    (b"WEBVTT", "webvtt"),
+    (b"[Script Info]", "ass"),
+    (b"v=0", "sdp"),
+    (b"YUV4MPEG2", "yuv4mpegpipe"),
+    (b"DKIF", "ivf"),
+    (b"OggS", "ogg"),
+    (b"\x89PNG", "png_pipe"),
+    (b"\xFF\xD8\xFF", "jpeg_pipe"),
+    (b"FLV", "flv"),
+    (b"fLaC", "flac"),
+    (b"ID3", "mp3"),
+    (b"\x30\x26\xB2\x75\x8E\x66\xCF\x11", "asf"),
+    (b"\x1A\x45\xDF\xA3", "matroska,webm"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+];
+
+/// Names, as FFmpeg does, the demuxer for common formats, from their magic bytes.
+fn sniff_container(data: &[u8]) -> Option<&'static str> {
+    if let Some(name) = sniff_riff(data) {
+        return Some(name);
+    }
+    if matches!(
+        data.get(4..8),
+        Some(b"ftyp" | b"moov" | b"mdat" | b"free" | b"wide" | b"skip")
+    ) {
+        return Some("mov,mp4,m4a,3gp,3g2,mj2");
+    }
+    if data.len() > 376 && data[0] == 0x47 && data[188] == 0x47 && data[376] == 0x47 {
+        return Some("mpegts");
+    }
+    CONTAINER_MAGIC
+        .iter()
+        .find(|(magic, _)| data.starts_with(magic))
+        .map(|&(_, name)| name)
+}
+
+/// Names the demuxer for the RIFF formats FFmpeg reads.
+fn sniff_riff(data: &[u8]) -> Option<&'static str> {
+    if data.get(..4) != Some(b"RIFF") {
+        return None;
+    }
+    match data.get(8..12)? {
+        b"AVI " => Some("avi"),
+        b"WAVE" => Some("wav"),
+        b"WEBP" => Some("webp_pipe"),
+        _ => None,
+    }
+}
+
+/// The video stream's parameters, from the container's header.
+#[derive(Debug, Clone, Copy)]
+struct StreamInfo {
+    index: usize,
+    time_base: f64,
+    time_base_q: Rational,
+    start: i64,
+    width: u32,
+    height: u32,
+    fps: f64,
+    duration_s: Option<f64>,
+}
+
+impl StreamInfo {
+    /// Finds the best video stream and checks its resolution and declared duration.
+    fn read(input: &Input, limits: &VideoLimits) -> Result<Self, MediaError> {
+        let stream = input
+            .streams()
+            .best(ffmpeg::media::Type::Video)
+            .ok_or(MediaError::NoVideoStream)?;
+        let (width, height) = coded_size(stream.parameters())?;
+        check_resolution(width, height, limits)?;
+        let time_base_q = stream.time_base();
+        let time_base = rational(time_base_q).unwrap_or(0.0);
+        let info = Self {
+            index: stream.index(),
+            time_base,
+            time_base_q,
+            start: match stream.start_time() {
+                ffmpeg::ffi::AV_NOPTS_VALUE => 0,
+                start => start,
+            },
+            width,
+            height,
+            fps: frame_rate(stream.avg_frame_rate(), stream.rate()),
+            duration_s: declared_duration(&stream, input, time_base),
+        };
+        check_duration(info.duration_s.unwrap_or(0.0), limits)?;
+        Ok(info)
+    }
+
+    /// Seconds from the stream's start for a timestamp in its time base.
+    fn seconds(&self, timestamp: i64) -> f64 {
+        timestamp.saturating_sub(self.start) as f64 * self.time_base
+    }
+
+    /// Assembles the result. The duration is that of the packets actually present (a truncated
+    /// file is shorter than its header says), else the header's, else frames over frame rate.
+    fn into_clip(self, picked: Vec<Picked>, total: usize, end_s: f64) -> DecodedClip {
+        let estimate = if self.fps > 0.0 {
+            total as f64 / self.fps
+        } else {
+            0.0
+        };
+        let duration_s = if end_s > 0.0 {
+            end_s
+        } else {
+            self.duration_s.unwrap_or(estimate)
+        };
+        let fps = if self.fps > 0.0 || duration_s <= 0.0 {
+            self.fps
+        } else {
+            total as f64 / duration_s
+        };
+        let (frames, timestamps_s) = picked.into_iter().map(|p| (p.image, p.time_s)).unzip();
+        DecodedClip {
+            frames,
+            timestamps_s,
+            fps,
+            duration_s,
+            total_frames: total,
+        }
+    }
+}
+
+/// The frame size the stream's decoder reports, refusing streams nothing can decode.
+fn coded_size(params: ffmpeg::codec::Parameters) -> Result<(u32, u32), MediaError> {
+    if decoder::find(params.id()).is_none() {
+        return Err(MediaError::UnsupportedCodec(params.id().name().to_owned()));
+    }
+    let context = ffmpeg::codec::Context::from_parameters(params)
+        .map_err(|e| MediaError::CorruptVideo(format!("bad stream parameters: {e}")))?;
+    let video = context
+        .decoder()
+        .video()
+        .map_err(|e| MediaError::CorruptVideo(format!("the video decoder failed to open: {e}")))?;
+    Ok((video.width(), video.height()))
+}
+
+/// A rational as a float, if it is a positive, finite number.
+fn rational(value: Rational) -> Option<f64> {
+    (value.numerator() > 0 && value.denominator() > 0)
+        .then(|| f64::from(value.numerator()) / f64::from(value.denominator()))
+}
+
+/// The average frame rate, else the base frame rate, else 0.
+fn frame_rate(average: Rational, base: Rational) -> f64 {
+    rational(average)
+        .or_else(|| rational(base))
+        .filter(|fps| fps.is_finite() && *fps < 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// The duration the header declares: the stream's own, else the container's.
+fn declared_duration(stream: &ffmpeg::Stream<'_>, input: &Input, time_base: f64) -> Option<f64> {
+    let own = stream.duration();
+    if own > 0 && time_base > 0.0 {
+        return Some(own as f64 * time_base);
+    }
+    let container = input.duration();
+    (container > 0).then(|| container as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE))
+}
+
+/// Refuses frames larger than the limits.
+fn check_resolution(width: u32, height: u32, limits: &VideoLimits) -> Result<(), MediaError> {
+    if width > limits.max_width || height > limits.max_height {
+        return Err(MediaError::VideoTooLarge {
+            width,
+            height,
+            max_width: limits.max_width,
+            max_height: limits.max_height,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses clips longer than the limit.
+fn check_duration(duration_s: f64, limits: &VideoLimits) -> Result<(), MediaError> {
+    if duration_s > limits.max_duration_s {
+        return Err(MediaError::ClipTooLong {
+            duration_s,
+            limit_s: limits.max_duration_s,
+        });
+    }
+    Ok(())
+}
+
+/// Counts packets, errors and time against the limits.
+struct Budget<'a> {
+    limits: &'a VideoLimits,
+    started: Instant,
+    packets: usize,
+    errors: usize,
+}
+
+impl<'a> Budget<'a> {
+    fn new(limits: &'a VideoLimits, started: Instant) -> Self {
+        Self {
+            limits,
+            started,
+            packets: 0,
+            errors: 0,
+        }
+    }
+
+    /// Fails once decoding has run longer than allowed.
+    fn check_time(&self) -> Result<(), MediaError> {
+        if self.started.elapsed().as_secs_f64() > self.limits.max_decode_seconds {
+            return Err(MediaError::DecodeTimeout {
+                limit_s: self.limits.max_decode_seconds,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records an error; fails once there are more than the limit allows.
+    fn error(&mut self, error: ffmpeg::Error) -> Result<(), MediaError> {
+        self.errors += 1;
+        if self.errors > self.limits.max_errors {
+            return Err(MediaError::TooManyErrors {
+                count: self.errors,
+                limit: self.limits.max_errors,
+                last: error.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the next packet; `None` at the end of the data.
+    fn next_packet(&mut self, input: &mut Input) -> Result<Option<Packet>, MediaError> {
+        loop {
+            let mut packet = Packet::empty();
+            match packet.read(input) {
+                Ok(()) => {
+                    self.check_time()?;
+                    self.packets += 1;
+                    if self.packets > self.limits.max_packets {
+                        return Err(MediaError::TooManyPackets {
+                            limit: self.limits.max_packets,
+                        });
+                    }
+                    return Ok(Some(packet));
+                }
+                Err(ffmpeg::Error::Eof) => return Ok(None),
+                Err(e) => self.error(e)?,
+            }
+        }
+    }
+}
+
+/// What the demux-only pass learned.
+struct Scan {
+    frames: usize,
+    end_s: f64,
+}
+
+/// Demuxes the whole clip without decoding: counts the video stream's frames and measures its
+/// duration from packet timestamps, within the limits.
+fn scan(input: &mut Input, info: &StreamInfo, budget: &mut Budget<'_>) -> Result<Scan, MediaError> {
+    let limits = budget.limits;
+    let mut result = Scan {
+        frames: 0,
+        end_s: 0.0,
+    };
+    while let Some(packet) = budget.next_packet(input)? {
+        if packet.stream() != info.index {
+            continue;
+        }
+        result.frames += 1;
+        if result.frames > limits.max_decoded_frames {
+            return Err(MediaError::TooManyFrames {
+                limit: limits.max_decoded_frames,
+            });
+        }
+        if let Some(pts) = packet.pts().or(packet.dts()) {
+            let end = info.seconds(pts.saturating_add(packet.duration().max(0)));
+            result.end_s = result.end_s.max(end);
+            check_duration(result.end_s, limits)?;
+        }
+    }
+    Ok(result)
+}
+
+/// A frame chosen by the sampling plan.
+#[derive(Debug, Clone)]
+struct Picked {
+    image: RgbImage,
+    time_s: f64,
+}
+
+/// The outcome of one decoding pass.
+struct Pass {
+    picked: Vec<Picked>,
+    decoded: usize,
+}
+
+/// Decodes the video stream up to the last planned frame, keeping the planned ones as RGB.
+fn decode_pass(job: &Job<'_>, plan: &[usize]) -> Result<Pass, MediaError> {
+    let mut input = open(job.data, job.limits)?;
+    let mut decoder = open_decoder(&input, job.info)?;
+    let mut budget = Budget::new(job.limits, job.started);
+    let mut picker = Picker::new(job.info, plan, job.limits);
+    while let Some(packet) = budget.next_packet(&mut input)? {
+        if packet.stream() != job.info.index {
+            continue;
+        }
+        if let Err(e) = decoder.send_packet(&packet) {
+            budget.error(e)?;
+        }
+        picker.drain(&mut decoder, &mut budget)?;
+        if picker.done() {
+            return Ok(picker.finish());
+        }
+    }
+    if decoder.send_eof().is_ok() {
+        picker.drain(&mut decoder, &mut budget)?;
+    }
+    Ok(picker.finish())
+}
+
+/// Opens a decoder for the video stream of a freshly opened input.
+fn open_decoder(input: &Input, info: &StreamInfo) -> Result<decoder::Video, MediaError> {
+    let stream = input.stream(info.index).ok_or(MediaError::NoVideoStream)?;
+    let mut context = ffmpeg::codec::Context::from_parameters(stream.parameters())
+        .map_err(|e| MediaError::CorruptVideo(format!("bad stream parameters: {e}")))?;
+    context.set_time_base(info.time_base_q);
+    let mut decoder = context.decoder();
+    decoder.set_packet_time_base(info.time_base_q);
+    decoder
+        .video()
+        .map_err(|e| MediaError::CorruptVideo(format!("the video decoder failed to open: {e}")))
+}
+
+/// Receives decoded frames, numbers them and keeps the planned ones.
+struct Picker<'a> {
+    info: &'a StreamInfo,
+    plan: &'a [usize],
+    limits: &'a VideoLimits,
+    next: usize,
+    decoded: usize,
+    picked: Vec<Picked>,
+    output_bytes: u64,
+    frame: frame::Video,
+    scaler: Option<scaling::Context>,
+}
+
+impl<'a> Picker<'a> {
+    fn new(info: &'a StreamInfo, plan: &'a [usize], limits: &'a VideoLimits) -> Self {
+        Self {
+            info,
+            plan,
+            limits,
+            next: 0,
+            decoded: 0,
+            picked: Vec::with_capacity(plan.len()),
+            output_bytes: 0,
+            frame: frame::Video::empty(),
+            scaler: None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.next >= self.plan.len()
+    }
+
+    fn finish(self) -> Pass {
+        Pass {
+            picked: self.picked,
+            decoded: self.decoded,
+        }
+    }
+
+    /// Takes every frame the decoder has ready.
+    fn drain(
+        &mut self,
+        decoder: &mut decoder::Video,
+        budget: &mut Budget<'_>,
+    ) -> Result<(), MediaError> {
+        loop {
+            match decoder.receive_frame(&mut self.frame) {
+                Ok(()) => self.take_frame()?,
+                Err(ffmpeg::Error::Eof) => return Ok(()),
+                Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::ffi::EAGAIN => {
+                    return Ok(());
+                }
+                Err(e) => return budget.error(e),
+            }
+        }
+    }
+
+    /// Numbers the frame just received and keeps it as often as the plan names it.
+    fn take_frame(&mut self) -> Result<(), MediaError> {
+        let index = self.decoded;
+        self.decoded += 1;
+        if self.decoded > self.limits.max_decoded_frames {
+            return Err(MediaError::TooManyFrames {
+                limit: self.limits.max_decoded_frames,
+            });
+        }
+        if self.plan.get(self.next) != Some(&index) {
+            return Ok(());
+        }
+        let image = self.convert_frame()?;
+        let time_s = self.frame_time(index);
+        while self.plan.get(self.next) == Some(&index) {
+            self.account(&image)?;
+            self.picked.push(Picked {
+                image: image.clone(),
+                time_s,
+            });
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds a kept frame to the output memory total, failing over the limit.
+    fn account(&mut self, image: &RgbImage) -> Result<(), MediaError> {
+        self.output_bytes += image.as_raw().len() as u64;
+        if self.output_bytes > self.limits.max_output_bytes {
+            return Err(MediaError::FramesTooLarge {
+                needed: self.output_bytes,
+                limit: self.limits.max_output_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The frame's presentation time in seconds, else its index over the frame rate.
+    fn frame_time(&self, index: usize) -> f64 {
+        match self.frame.timestamp().or(self.frame.pts()) {
+            Some(ts) if self.info.time_base > 0.0 => self.info.seconds(ts).max(0.0),
+            _ if self.info.fps > 0.0 => index as f64 / self.info.fps,
+            _ => 0.0,
+        }
+    }
+
+    /// Converts the current frame to packed RGB8, dropping any row padding.
+    fn convert_frame(&mut self) -> Result<RgbImage, MediaError> {
+        let (width, height) = (self.frame.width(), self.frame.height());
+        if width == 0 || height == 0 {
+            return Err(MediaError::CorruptVideo(format!(
+                "decoded a {width}x{height} frame"
+            )));
+        }
+        check_resolution(width, height, self.limits)?;
+        let scaler = scaler_for(&mut self.scaler, self.frame.format(), width, height)?;
+        let mut rgb = frame::Video::empty();
+        scaler
+            .run(&self.frame, &mut rgb)
+            .map_err(|e| MediaError::CorruptVideo(format!("colour conversion failed: {e}")))?;
+        packed_rgb(&rgb, width, height)
+    }
+}
+
+/// A scaler from `format` at `width` x `height` to RGB24, reusing `cached` while it fits.
+fn scaler_for(
+    cached: &mut Option<scaling::Context>,
+    format: ffmpeg::format::Pixel,
+    width: u32,
+    height: u32,
+) -> Result<&mut scaling::Context, MediaError> {
+    let reusable = cached.as_ref().is_some_and(|s| {
+        let input = s.input();
+        (input.format, input.width, input.height) == (format, width, height)
+    });
+    if !reusable {
+        let scaler = scaling::Context::get(
+            format,
+            width,
+            height,
+            ffmpeg::format::Pixel::RGB24,
+            width,
+            height,
+            scaling::Flags::BILINEAR,
+        )
+        .map_err(|_| MediaError::CorruptVideo(format!("unsupported pixel format {format:?}")))?;
+        *cached = Some(scaler);
+    }
+    cached
+        .as_mut()
+        .ok_or_else(|| MediaError::Internal("no colour converter".to_owned()))
+}
+
+/// Copies an RGB24 frame, whose rows may be padded past `width * 3` bytes, into an image.
+fn packed_rgb(rgb: &frame::Video, width: u32, height: u32) -> Result<RgbImage, MediaError> {
+    let short = || MediaError::Internal("colour conversion produced a short frame".to_owned());
+    if rgb.planes() == 0 || rgb.width() != width || rgb.height() != height {
+        return Err(short());
+    }
+    let stride = rgb.stride(0);
+    let row = width as usize * 3;
+    let data = rgb.data(0);
+    let mut packed = Vec::with_capacity(row * height as usize);
+    for y in 0..height as usize {
+        let line = data.get(y * stride..y * stride + row).ok_or_else(short)?;
+        packed.extend_from_slice(line);
+    }
+    RgbImage::from_raw(width, height, packed).ok_or_else(short)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Runs the `ffmpeg` CLI, which the tests need to make clips.
+    fn ffmpeg_cli(args: &[&str]) {
+        let status = Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-y"])
+            .args(args)
+            .status()
+            .unwrap_or_else(|e| panic!("these tests need the ffmpeg CLI on PATH: {e}"));
+        assert!(status.success(), "ffmpeg {args:?} failed");
+    }
+
+    /// Makes `name` in `dir` from a lavfi `source` with the given encoder arguments.
+    fn make(dir: &Path, name: &str, source: &str, encode: &[&str]) -> PathBuf {
+        let path = dir.join(name);
+        let out = path.to_str().expect("UTF-8 temp path");
+        let mut args = vec!["-f", "lavfi", "-i", source];
+        args.extend_from_slice(encode);
+        args.push(out);
+        ffmpeg_cli(&args);
+        path
+    }
+
+    /// A 2 s, 10 fps, 20-frame test pattern.
+    const PATTERN: &str = "testsrc=size=150x100:rate=10:duration=2";
+    const H264: [&str; 4] = ["-c:v", "libx264", "-pix_fmt", "yuv420p"];
+
+    fn h264_mp4(dir: &Path) -> Vec<u8> {
+        std::fs::read(make(dir, "clip.mp4", PATTERN, &H264)).expect("read clip")
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("temp dir")
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
+    #[test]
+    fn uniform_sampling_picks_evenly_spaced_frames() {
+        let dir = tempdir();
+        let clip = decode_clip(
+            &h264_mp4(dir.path()),
+            &VideoLimits::default(),
+            &Sampling::uniform(4),
+        )
+        .expect("decode");
+        assert_eq!(clip.total_frames, 20);
+        assert!(close(clip.fps, 10.0), "fps {}", clip.fps);
+        assert!(close(clip.duration_s, 2.0), "duration {}", clip.duration_s);
+        assert_eq!(clip.frames.len(), 4);
+        assert!(clip.frames.iter().all(|f| f.dimensions() == (150, 100)));
+        let expected = [0.2, 0.7, 1.2, 1.7];
+        assert!(
+            clip.timestamps_s
+                .iter()
+                .zip(expected)
+                .all(|(&t, e)| close(t, e)),
+            "{:?}",
+            clip.timestamps_s
+        );
+    }
+
+    #[test]
+    fn sampled_frame_matches_the_ffmpeg_cli() {
+        let dir = tempdir();
+        let bytes = h264_mp4(dir.path());
+        let raw = dir.path().join("frame7.rgb");
+        let mp4 = dir.path().join("clip.mp4");
+        ffmpeg_cli(&[
+            "-i",
+            mp4.to_str().expect("path"),
+            "-vf",
+            "select=eq(n\\,7)",
+            "-fps_mode",
+            "passthrough",
+            "-frames:v",
+            "1",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            raw.to_str().expect("path"),
+        ]);
+        let reference = std::fs::read(raw).expect("reference frame");
+        let clip =
+            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
+        let ours = clip.frames[1].as_raw();
+        assert_eq!(ours.len(), reference.len());
+        let diff: u64 = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| u64::from(a.abs_diff(*b)))
+            .sum();
+        let mean = diff as f64 / ours.len() as f64;
+        assert!(mean < 3.0, "mean absolute difference {mean}");
+    }
+
+    #[test]
+    fn stride_sampling_takes_every_nth_frame() {
+        let dir = tempdir();
+        let bytes = h264_mp4(dir.path());
+        let limits = VideoLimits::default();
+        let clip = decode_clip(&bytes, &limits, &Sampling::strided(3, 5)).expect("decode");
+        assert!(
+            clip.timestamps_s
+                .iter()
+                .zip([0.0, 0.5, 1.0])
+                .all(|(&t, e)| close(t, e))
+        );
+        let clip = decode_clip(&bytes, &limits, &Sampling::strided(10, 6)).expect("decode");
+        assert_eq!(clip.frames.len(), 4, "frames 0, 6, 12 and 18 exist");
+        assert!(close(clip.timestamps_s[3], 1.8));
+    }
+
+    #[test]
+    fn short_clips_repeat_frames_for_uniform_sampling() {
+        let dir = tempdir();
+        let clip = decode_clip(
+            &h264_mp4(dir.path()),
+            &VideoLimits::default(),
+            &Sampling::uniform(30),
+        )
+        .expect("decode");
+        assert_eq!(clip.frames.len(), 30);
+        assert!(clip.timestamps_s.windows(2).all(|w| w[0] <= w[1]));
+        assert!(close(clip.timestamps_s[0], 0.0) && close(clip.timestamps_s[29], 1.9));
+        assert!(clip.frames[1] == clip.frames[2], "index 1 is sampled twice");
+        assert!(clip.frames[0] != clip.frames[1]);
+    }
+
+    #[test]
+    fn other_allowed_containers_decode() {
+        let dir = tempdir();
+        let cases: [(&str, &[&str]); 4] = [
+            (
+                "clip.webm",
+                &["-c:v", "libvpx-vp9", "-deadline", "realtime"],
+            ),
+            ("clip.avi", &["-c:v", "mjpeg", "-q:v", "3"]),
+            ("clip.ts", &H264),
+            ("clip.gif", &[]),
+        ];
+        for (name, encode) in cases {
+            let bytes = std::fs::read(make(dir.path(), name, PATTERN, encode)).expect("read");
+            let clip = decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(2))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(clip.total_frames, 20, "{name}");
+            assert!(
+                close(clip.timestamps_s[0], 0.5) && close(clip.timestamps_s[1], 1.5),
+                "{name}: {:?}",
+                clip.timestamps_s
+            );
+            assert_eq!(clip.frames[0].dimensions(), (150, 100), "{name}");
+        }
+    }
+
+    #[test]
+    fn full_range_mjpeg_keeps_its_colour() {
+        let dir = tempdir();
+        let path = make(
+            dir.path(),
+            "red.avi",
+            "color=c=0xFF0000:size=64x48:rate=5:duration=1",
+            &["-c:v", "mjpeg"],
+        );
+        let bytes = std::fs::read(path).expect("read");
+        let clip =
+            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect("decode");
+        let pixel = clip.frames[0].get_pixel(32, 24).0;
+        assert!(
+            pixel[0] > 235 && pixel[1] < 20 && pixel[2] < 20,
+            "{pixel:?}"
+        );
+    }
+
+    #[test]
+    fn truncated_clips_fail_or_decode_what_is_there() {
+        let dir = tempdir();
+        let start = Instant::now();
+        let plain = h264_mp4(dir.path());
+        let err = decode_clip(
+            &plain[..plain.len() / 2],
+            &VideoLimits::default(),
+            &Sampling::uniform(4),
+        )
+        .expect_err("the index (moov) is at the end and gone");
+        assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
+        let encode = ["-c:v", "libx264", "-g", "1", "-movflags", "+faststart"];
+        let intra = std::fs::read(make(dir.path(), "intra.mp4", PATTERN, &encode)).expect("read");
+        let clip = decode_clip(
+            &intra[..intra.len() * 6 / 10],
+            &VideoLimits::default(),
+            &Sampling::uniform(4),
+        )
+        .expect("the first frames are intact");
+        assert!(
+            (5..20).contains(&clip.total_frames),
+            "{}",
+            clip.total_frames
+        );
+        assert!(clip.duration_s < 2.0 && clip.timestamps_s.iter().all(|&t| t < clip.duration_s));
+        for cut in [intra.len() / 3, intra.len() - 100, 3000, 200] {
+            let result = decode_clip(
+                &intra[..cut],
+                &VideoLimits::default(),
+                &Sampling::uniform(4),
+            );
+            if let Ok(clip) = result {
+                assert!(
+                    clip.total_frames <= 20 && clip.frames.len() == 4,
+                    "cut {cut}: {} frames",
+                    clip.total_frames
+                );
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn random_and_empty_bytes_are_refused() {
+        let noise: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let limits = VideoLimits::default();
+        let err = decode_clip(&noise, &limits, &Sampling::uniform(4)).expect_err("noise");
+        assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
+        assert_eq!(
+            decode_clip(&[], &limits, &Sampling::uniform(4)),
+            Err(MediaError::Empty("video"))
+        );
+    }
+
+    #[test]
+    fn playlists_are_refused_by_name() {
+        let dir = tempdir();
+        let canary = make(dir.path(), "canary.ts", PATTERN, &H264);
+        let canary = canary.to_str().expect("path");
+        let hls =
+            format!("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{canary}\n#EXT-X-ENDLIST\n");
+        let concat = format!("ffconcat version 1.0\nfile '{canary}'\n");
+        let limits = VideoLimits::default();
+        let err = decode_clip(hls.as_bytes(), &limits, &Sampling::uniform(1)).expect_err("hls");
+        assert_eq!(err.to_string(), "video container 'hls' is not allowed");
+        let err =
+            decode_clip(concat.as_bytes(), &limits, &Sampling::uniform(1)).expect_err("concat");
+        assert_eq!(err.to_string(), "video container 'concat' is not allowed");
+    }
+
+    /// Packets FFmpeg reads from `list` when the `file` protocol is allowed.
+    fn packets_with_file_access(list: &[u8]) -> usize {
+        let io = StreamIo::from_read_seek(std::io::Cursor::new(list.to_vec())).expect("io");
+        let mut options = Dictionary::new();
+        options.set("protocol_whitelist", "file");
+        let mut input = ffmpeg::format::input_from_stream(io, None, Some(options)).expect("open");
+        let mut count = 0;
+        while Packet::empty().read(&mut input).is_ok() {
+            count += 1;
+        }
+        count
+    }
+
+    #[test]
+    fn nested_files_are_not_read_even_from_an_allowed_playlist() {
+        init().expect("init");
+        // The concat demuxer only follows relative names, resolved against the working directory.
+        let cwd = std::env::current_dir().expect("cwd");
+        let dir = tempfile::Builder::new()
+            .prefix("canary")
+            .tempdir_in(&cwd)
+            .expect("dir");
+        make(dir.path(), "canary.ts", PATTERN, &H264);
+        let name = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name");
+        let list = format!("ffconcat version 1.0\nfile '{name}/canary.ts'\n");
+        assert_eq!(
+            packets_with_file_access(list.as_bytes()),
+            20,
+            "control: the list is readable"
+        );
+        let permissive = VideoLimits {
+            allowed_formats: vec!["concat".into(), "mpegts".into()],
+            ..VideoLimits::default()
+        };
+        let err = decode_clip(list.as_bytes(), &permissive, &Sampling::uniform(1))
+            .expect_err("the canary must not be read");
+        assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
+    }
+
+    #[test]
+    fn other_disallowed_formats_are_named() {
+        let dir = tempdir();
+        let png = make(
+            dir.path(),
+            "still.png",
+            "testsrc=size=32x32",
+            &["-frames:v", "1"],
+        );
+        let bytes = std::fs::read(png).expect("read");
+        let err =
+            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("png");
+        assert_eq!(err.to_string(), "video container 'png_pipe' is not allowed");
+        let mkv_only = VideoLimits {
+            allowed_formats: vec!["matroska,webm".into()],
+            ..VideoLimits::default()
+        };
+        let err =
+            decode_clip(&h264_mp4(dir.path()), &mkv_only, &Sampling::uniform(1)).expect_err("mp4");
+        assert_eq!(
+            err.to_string(),
+            "video container 'mov,mp4,m4a,3gp,3g2,mj2' is not allowed"
+        );
+        let raw = make(
+            dir.path(),
+            "clip.h264",
+            PATTERN,
+            &["-c:v", "libx264", "-f", "h264"],
+        );
+        let bytes = std::fs::read(raw).expect("read");
+        let err =
+            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("raw");
+        assert_eq!(
+            err.to_string(),
+            "video container is not allowed: accepted containers are \
+             mov,mp4,m4a,3gp,3g2,mj2; matroska,webm; avi; mpegts; gif"
+        );
+    }
+
+    #[test]
+    fn audio_only_input_has_no_video_stream() {
+        let dir = tempdir();
+        let path = make(
+            dir.path(),
+            "tone.mkv",
+            "sine=duration=1",
+            &["-c:a", "pcm_s16le"],
+        );
+        let bytes = std::fs::read(path).expect("read");
+        let err =
+            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("audio");
+        assert_eq!(err, MediaError::NoVideoStream);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let dir = tempdir();
+        let bytes = h264_mp4(dir.path());
+        let base = VideoLimits::default();
+        let one = Sampling::uniform(1);
+        let cases = [
+            (
+                VideoLimits {
+                    max_duration_s: 1.5,
+                    ..base.clone()
+                },
+                "clip is 2.0 s long, the limit is 1.5 s",
+            ),
+            (
+                VideoLimits {
+                    max_width: 100,
+                    ..base.clone()
+                },
+                "video is 150x100, the limit is 100x4096",
+            ),
+            (
+                VideoLimits {
+                    max_decoded_frames: 10,
+                    ..base.clone()
+                },
+                "clip has more than 10 frames, the limit is 10",
+            ),
+            (
+                VideoLimits {
+                    max_packets: 5,
+                    ..base.clone()
+                },
+                "video has more than 5 packets, the limit is 5",
+            ),
+            (
+                VideoLimits {
+                    max_output_bytes: 1000,
+                    ..base.clone()
+                },
+                "the sampled frames need 45000 bytes as RGB, the limit is 1000",
+            ),
+            (
+                VideoLimits {
+                    max_decode_seconds: 0.0,
+                    ..base.clone()
+                },
+                "decoding the video took longer than the limit of 0 s",
+            ),
+        ];
+        for (limits, message) in cases {
+            let err = decode_clip(&bytes, &limits, &one).expect_err(message);
+            assert_eq!(err.to_string(), message);
+            assert!(err.is_limit());
+        }
+        let small = VideoLimits {
+            max_bytes: 100,
+            ..base.clone()
+        };
+        let err = decode_clip(&bytes, &small, &one).expect_err("too many bytes");
+        assert!(
+            matches!(err, MediaError::TooManyBytes { limit: 100, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sampling_requests_are_validated() {
+        let limits = VideoLimits::default();
+        for sampling in [
+            Sampling::uniform(0),
+            Sampling::strided(4, 0),
+            Sampling::uniform(1_000_000),
+        ] {
+            let err = decode_clip(b"whatever", &limits, &sampling).expect_err("invalid");
+            assert!(matches!(err, MediaError::InvalidSampling(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn plans_are_centred_and_bounded() {
+        assert_eq!(Sampling::uniform(4).plan(20), [2, 7, 12, 17]);
+        assert_eq!(Sampling::uniform(1).plan(20), [10]);
+        assert_eq!(Sampling::uniform(3).plan(1), [0, 0, 0]);
+        assert_eq!(Sampling::uniform(4).plan(2), [0, 0, 1, 1]);
+        assert_eq!(Sampling::strided(3, 5).plan(20), [0, 5, 10]);
+        assert_eq!(Sampling::strided(9, 7).plan(20), [0, 7, 14]);
+    }
+
+    #[test]
+    fn init_is_idempotent() {
+        assert_eq!(init(), Ok(()));
+        assert_eq!(init(), Ok(()));
+    }
+}

@@ -1,0 +1,270 @@
+//! A loaded model set: the manifest checked against what each ONNX file declares, one session
+//! worker per model, and the labels and parameters each head needs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::engine::{Device, EngineError, Runtime, SessionWorker, TensorInfo};
+use crate::manifest::{
+    BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
+};
+use crate::media::preprocess::{PreprocessSpec, ResizePolicy};
+
+/// Why a model set could not be loaded. Every message names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// The backbone, ready to run.
+pub struct Backbone {
+    pub spec: BackboneSpec,
+    pub preprocess: PreprocessSpec,
+    pub worker: SessionWorker,
+}
+
+/// A head, ready to run.
+pub struct Head {
+    pub spec: HeadSpec,
+    pub params: HeadParams,
+    pub labels: Vec<String>,
+    pub worker: SessionWorker,
+}
+
+impl Head {
+    /// The head's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The head's kind.
+    pub fn kind(&self) -> HeadKind {
+        self.spec.kind
+    }
+}
+
+/// Everything one process serves.
+pub struct ModelSet {
+    pub name: String,
+    pub version: String,
+    pub dir: PathBuf,
+    pub device: Device,
+    pub backbone: Backbone,
+    pub heads: Vec<Arc<Head>>,
+}
+
+impl ModelSet {
+    /// Loads and validates the model set named by `config`, refusing with a message that names
+    /// the file and the mismatch.
+    pub fn load(config: &Config) -> Result<Self, LoadError> {
+        let dir = config.models.as_path();
+        let manifest = Manifest::load(dir)?;
+        let runtime = Runtime::init(&config.runtime)?;
+        let capacity = config.runtime.queue_capacity;
+        let backbone = load_backbone(&runtime, dir, &manifest.backbone, capacity)?;
+        let heads = manifest
+            .heads
+            .iter()
+            .map(|spec| load_head(&runtime, dir, spec, &manifest.backbone, capacity).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: manifest.set_name(dir),
+            version: manifest.version.clone(),
+            dir: dir.to_path_buf(),
+            device: runtime.device(),
+            backbone,
+            heads,
+        })
+    }
+
+    /// The head called `name`.
+    pub fn head(&self, name: &str) -> Option<&Arc<Head>> {
+        self.heads.iter().find(|h| h.name() == name)
+    }
+}
+
+fn load_backbone(
+    runtime: &Runtime,
+    dir: &Path,
+    spec: &BackboneSpec,
+    capacity: usize,
+) -> Result<Backbone, LoadError> {
+    let path = dir.join(&spec.file);
+    let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
+    check_backbone(spec, &worker).map_err(|m| ManifestError::new(&path, m))?;
+    Ok(Backbone {
+        preprocess: preprocess_spec(spec),
+        spec: spec.clone(),
+        worker,
+    })
+}
+
+fn load_head(
+    runtime: &Runtime,
+    dir: &Path,
+    spec: &HeadSpec,
+    backbone: &BackboneSpec,
+    capacity: usize,
+) -> Result<Head, LoadError> {
+    let path = dir.join(&spec.file);
+    let labels = read_labels(&dir.join(&spec.labels))?;
+    let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
+    check_head_inputs(spec, backbone, &worker).map_err(|m| ManifestError::new(&path, m))?;
+    check_head_outputs(spec, labels.len(), &worker).map_err(|m| ManifestError::new(&path, m))?;
+    let params = spec.params().map_err(|m| ManifestError::new(&path, m))?;
+    Ok(Head {
+        spec: spec.clone(),
+        params,
+        labels,
+        worker,
+    })
+}
+
+fn preprocess_spec(spec: &BackboneSpec) -> PreprocessSpec {
+    let [height, width] = spec.input_size.unwrap_or([0, 0]);
+    let resize = match spec.resize {
+        ResizeKind::Letterbox => ResizePolicy::Letterbox { width, height },
+        ResizeKind::Resize => ResizePolicy::Resize { width, height },
+        ResizeKind::KeepAspect => ResizePolicy::KeepAspect {
+            max_side: spec.max_side.unwrap_or(1024),
+            multiple: spec.multiple.unwrap_or(32),
+        },
+    };
+    PreprocessSpec {
+        resize,
+        mean: spec.mean,
+        std: spec.std,
+        pad_value: spec.pad_value,
+    }
+}
+
+fn check_backbone(spec: &BackboneSpec, worker: &SessionWorker) -> Result<(), String> {
+    let input = find(worker.inputs(), &spec.input, "input")?;
+    expect_dim(input, (4, 1), 3, "the input's channel axis")?;
+    if let (Some([h, w]), ResizeKind::Letterbox | ResizeKind::Resize) =
+        (spec.input_size, spec.resize)
+    {
+        expect_dim(
+            input,
+            (4, 2),
+            i64::from(h),
+            "the input height (manifest input_size)",
+        )?;
+        expect_dim(
+            input,
+            (4, 3),
+            i64::from(w),
+            "the input width (manifest input_size)",
+        )?;
+    }
+    for feature in &spec.outputs {
+        let output = find(worker.outputs(), &feature.name, "output")?;
+        expect_dim(
+            output,
+            (4, 1),
+            i64::from(feature.channels),
+            "the feature's channels",
+        )?;
+    }
+    Ok(())
+}
+
+fn check_head_inputs(
+    spec: &HeadSpec,
+    backbone: &BackboneSpec,
+    worker: &SessionWorker,
+) -> Result<(), String> {
+    for declared in worker.inputs() {
+        if !spec.inputs.contains(&declared.name) {
+            return Err(format!(
+                "the model takes input '{}', which the manifest's inputs for head '{}' do not list",
+                declared.name, spec.name
+            ));
+        }
+    }
+    for name in &spec.inputs {
+        let input = find(worker.inputs(), name, "input")?;
+        let feature = backbone
+            .feature(name)
+            .ok_or_else(|| format!("no backbone output '{name}'"))?;
+        expect_dim(
+            input,
+            (4, 1),
+            i64::from(feature.channels),
+            "the backbone feature's channels",
+        )?;
+    }
+    Ok(())
+}
+
+fn check_head_outputs(
+    spec: &HeadSpec,
+    classes: usize,
+    worker: &SessionWorker,
+) -> Result<(), String> {
+    let outputs = worker.outputs();
+    let classes = classes as i64;
+    let labels = format!("the {classes} labels of {}", spec.labels.display());
+    match spec.kind {
+        HeadKind::Detection => {
+            expect_dim(find(outputs, "scores", "output")?, (3, 2), classes, &labels)?;
+            expect_dim(
+                find(outputs, "boxes", "output")?,
+                (3, 2),
+                4,
+                "box coordinates",
+            )?;
+            expect_rank(find(outputs, "mask_coeffs", "output")?, 3)?;
+            expect_rank(find(outputs, "mask_protos", "output")?, 4)
+        }
+        HeadKind::Segmentation => {
+            expect_dim(find(outputs, "logits", "output")?, (4, 1), classes, &labels)
+        }
+        HeadKind::Action => {
+            expect_dim(find(outputs, "logits", "output")?, (2, 1), classes, &labels)
+        }
+    }
+}
+
+fn find<'a>(tensors: &'a [TensorInfo], name: &str, what: &str) -> Result<&'a TensorInfo, String> {
+    tensors.iter().find(|t| t.name == name).ok_or_else(|| {
+        let names: Vec<_> = tensors.iter().map(|t| t.name.as_str()).collect();
+        format!(
+            "the model has no {what} '{name}' (it has: {})",
+            names.join(", ")
+        )
+    })
+}
+
+fn expect_rank(tensor: &TensorInfo, rank: usize) -> Result<(), String> {
+    if tensor.shape.len() == rank {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{}' has shape {:?}; rank {rank} was expected",
+            tensor.name, tensor.shape
+        ))
+    }
+}
+
+/// Checks `tensor` has rank `rank` and axis `axis` equals `want`; a dynamic axis (-1) accepts
+/// anything.
+fn expect_dim(
+    tensor: &TensorInfo,
+    (rank, axis): (usize, usize),
+    want: i64,
+    what: &str,
+) -> Result<(), String> {
+    expect_rank(tensor, rank)?;
+    match tensor.shape[axis] {
+        d if d == want || d < 0 => Ok(()),
+        d => Err(format!(
+            "'{}' has {d} on axis {axis} (shape {:?}) but {what} is {want}",
+            tensor.name, tensor.shape
+        )),
+    }
+}

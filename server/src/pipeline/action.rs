@@ -1,0 +1,174 @@
+//! The clip path: decode and sample frames, ONE backbone run over all sampled frames as a
+//! batch, then the action head over the per-frame features, softmax and top-k.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+
+use super::types::{ActionRequest, Actions, ClipInput, HeadTiming, Timings};
+use super::{Pipeline, output, stack};
+use crate::error::Error;
+use crate::heads::action;
+use crate::media;
+use crate::media::image::ImageLimits;
+use crate::media::preprocess::PreprocessSpec;
+use crate::media::video::{Sampling, VideoLimits};
+use crate::model_set::Head;
+
+/// Sampled frames, preprocessed into one batch.
+struct PreparedClip {
+    batch: ndarray::ArrayD<f32>,
+    timestamps: Vec<f64>,
+    decode: Duration,
+    preprocess: Duration,
+}
+
+impl Pipeline {
+    /// Recognises the action in a clip.
+    pub async fn run_action(&self, request: ActionRequest) -> Result<(Actions, Timings), Error> {
+        let started = Instant::now();
+        let sampling = Sampling {
+            num_frames: request.num_frames,
+            stride: request.frame_stride,
+        };
+        let clip = self.prepare_clip(request.clip, sampling).await?;
+        let frames = clip.timestamps.len() as u32;
+        let features = self.run_backbone(clip.batch).await?;
+        let head = &request.head;
+        let (outputs, inference) = head.worker.run(features.select(&head.spec.inputs)?).await?;
+        let post_started = Instant::now();
+        let logits = output(&outputs, head.name(), "logits")?
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::Internal(format!("head '{}' logits: {e}", head.name())))?;
+        let top = action::postprocess(logits, request.top_k)?;
+        let postprocess = post_started.elapsed();
+        let timings = Timings {
+            decode: clip.decode,
+            preprocess: clip.preprocess,
+            backbone: features.elapsed,
+            heads: vec![HeadTiming {
+                head: head.name().to_string(),
+                inference,
+                postprocess,
+            }],
+            postprocess,
+            total: started.elapsed(),
+            backbone_passes: 1,
+            backbone_images: frames,
+        };
+        let actions = Actions {
+            top,
+            frame_timestamps: clip.timestamps,
+        };
+        Ok((actions, timings))
+    }
+
+    /// Runs a short synthetic clip through `head`.
+    pub(super) async fn warm_up_action(&self, head: Arc<Head>) -> Result<(), Error> {
+        let frame = image::RgbImage::from_pixel(32, 24, image::Rgb([100, 120, 140]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        frame
+            .write_to(&mut png, image::ImageFormat::Png)
+            .map_err(|e| Error::Internal(format!("warm-up frame: {e}")))?;
+        let frames = vec![png.into_inner(); 2];
+        let request = ActionRequest {
+            clip: ClipInput::Frames { frames, fps: 1.0 },
+            head,
+            num_frames: 2,
+            frame_stride: None,
+            top_k: 1,
+        };
+        self.run_action(request).await.map(|_| ())
+    }
+
+    /// Decodes, samples and preprocesses a clip on a blocking thread.
+    async fn prepare_clip(
+        &self,
+        clip: ClipInput,
+        sampling: Sampling,
+    ) -> Result<PreparedClip, Error> {
+        let image_limits = self.image_limits.clone();
+        let video_limits = self.video_limits.clone();
+        let spec = self.models.backbone.preprocess;
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let (frames, timestamps) = match clip {
+                ClipInput::Video(bytes) => decode_video(&bytes, &video_limits, &sampling)?,
+                ClipInput::Frames { frames, fps } => {
+                    decode_frames(&frames, fps, &image_limits, &sampling)?
+                }
+            };
+            let decode = started.elapsed();
+            let started = Instant::now();
+            let batch = preprocess_frames(&frames, &spec)?;
+            Ok(PreparedClip {
+                batch,
+                timestamps,
+                decode,
+                preprocess: started.elapsed(),
+            })
+        })
+        .await?
+    }
+}
+
+fn decode_video(
+    bytes: &[u8],
+    limits: &VideoLimits,
+    sampling: &Sampling,
+) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
+    let clip = media::video::decode_clip(bytes, limits, sampling)?;
+    Ok((clip.frames, clip.timestamps_s))
+}
+
+/// Decodes the sampled subset of a list of encoded frames.
+fn decode_frames(
+    frames: &[Vec<u8>],
+    fps: f64,
+    limits: &ImageLimits,
+    sampling: &Sampling,
+) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
+    // The frames of a list were chosen by the caller: all are used unless there are more than
+    // asked for, in which case they are sampled like a video's.
+    let picked: Vec<usize> = if sampling.stride.is_none() && frames.len() <= sampling.num_frames {
+        (0..frames.len()).collect()
+    } else {
+        sampling.plan(frames.len())
+    };
+    let mut images = Vec::with_capacity(picked.len());
+    for &i in &picked {
+        let image = media::image::decode(&frames[i], limits)
+            .map_err(|e| Error::InvalidArgument(format!("frame {i}: {e}")))?;
+        images.push(image);
+    }
+    let timestamps = picked.iter().map(|&i| i as f64 / fps).collect();
+    Ok((images, timestamps))
+}
+
+/// Preprocesses every frame into one `[T, 3, H, W]` batch. Frames of different sizes are each
+/// fitted to the backbone input, which is fixed for a model set with a fixed input size.
+fn preprocess_frames(
+    frames: &[RgbImage],
+    spec: &PreprocessSpec,
+) -> Result<ndarray::ArrayD<f32>, Error> {
+    let mut chw = Vec::with_capacity(frames.len());
+    let mut size = None;
+    for frame in frames {
+        let (data, geometry) = media::preprocess::preprocess(frame, spec);
+        let this = (
+            geometry.input_height as usize,
+            geometry.input_width as usize,
+        );
+        if *size.get_or_insert(this) != this {
+            return Err(Error::InvalidArgument(
+                "clip frames have different sizes, which this backbone's keep-aspect input cannot batch".into(),
+            ));
+        }
+        chw.push(data);
+    }
+    let (height, width) =
+        size.ok_or_else(|| Error::InvalidArgument("the clip has no frames".into()))?;
+    stack(chw, height, width)
+}

@@ -1,0 +1,172 @@
+//! The image path: decode, preprocess, one backbone pass, then every requested head.
+
+use std::time::{Duration, Instant};
+
+use ndarray::Axis;
+
+use super::types::{
+    Detections, HeadOptions, HeadOutput, HeadTask, HeadTiming, ImageInput, ImageRequest,
+    Segmentation, Timings,
+};
+use super::{Features, Pipeline, output, stack};
+use crate::engine::NamedTensors;
+use crate::error::Error;
+use crate::geometry::Geometry;
+use crate::heads::{detection, segmentation};
+use crate::manifest::HeadParams;
+use crate::media;
+
+/// A decoded, preprocessed image.
+struct Prepared {
+    chw: Vec<f32>,
+    geometry: Geometry,
+    decode: Duration,
+    preprocess: Duration,
+}
+
+impl Pipeline {
+    /// Runs every head of `request` on its image from ONE backbone pass. Results come back in
+    /// the order of `request.tasks`.
+    pub async fn run_image(
+        &self,
+        request: ImageRequest,
+    ) -> Result<(Vec<(String, HeadOutput)>, Timings), Error> {
+        let started = Instant::now();
+        let prepared = self.prepare(request.image).await?;
+        let geometry = prepared.geometry;
+        let batch = stack(
+            vec![prepared.chw],
+            geometry.input_height as usize,
+            geometry.input_width as usize,
+        )?;
+        let features = self.run_backbone(batch).await?;
+        let runs = request
+            .tasks
+            .into_iter()
+            .map(|task| run_head(&features, task, geometry));
+        let results = futures_util::future::try_join_all(runs).await?;
+        let mut timings = Timings {
+            decode: prepared.decode,
+            preprocess: prepared.preprocess,
+            backbone: features.elapsed,
+            backbone_passes: 1,
+            backbone_images: 1,
+            ..Timings::default()
+        };
+        let mut outputs = Vec::with_capacity(results.len());
+        for (name, out, timing) in results {
+            timings.postprocess += timing.postprocess;
+            timings.heads.push(timing);
+            outputs.push((name, out));
+        }
+        timings.total = started.elapsed();
+        Ok((outputs, timings))
+    }
+
+    /// Decodes and preprocesses on a blocking thread.
+    async fn prepare(&self, image: ImageInput) -> Result<Prepared, Error> {
+        let limits = self.image_limits.clone();
+        let spec = self.models.backbone.preprocess;
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let rgb = match image {
+                ImageInput::Encoded(bytes) => media::image::decode(&bytes, &limits)?,
+                ImageInput::Raw { width, height, rgb } => {
+                    media::image::from_raw(width, height, rgb, &limits)?
+                }
+            };
+            let decode = started.elapsed();
+            let started = Instant::now();
+            let (chw, geometry) = media::preprocess::preprocess(&rgb, &spec);
+            Ok(Prepared {
+                chw,
+                geometry,
+                decode,
+                preprocess: started.elapsed(),
+            })
+        })
+        .await?
+    }
+}
+
+/// Runs one head on the shared features and post-processes its outputs on a blocking thread.
+async fn run_head(
+    features: &Features,
+    task: HeadTask,
+    geometry: Geometry,
+) -> Result<(String, HeadOutput, HeadTiming), Error> {
+    let inputs = features.select(&task.head.spec.inputs)?;
+    let (outputs, inference) = task.head.worker.run(inputs).await?;
+    let name = task.head.name().to_string();
+    let started = Instant::now();
+    let out =
+        tokio::task::spawn_blocking(move || postprocess(&task, &outputs, &geometry)).await??;
+    let timing = HeadTiming {
+        head: name.clone(),
+        inference,
+        postprocess: started.elapsed(),
+    };
+    Ok((name, out, timing))
+}
+
+fn postprocess(
+    task: &HeadTask,
+    outputs: &NamedTensors,
+    geometry: &Geometry,
+) -> Result<HeadOutput, Error> {
+    let head = task.head.name();
+    match (&task.head.params, &task.options) {
+        (HeadParams::Detection(params), HeadOptions::Detection(options)) => {
+            let items = detection::postprocess(
+                first(outputs, head, "scores")?,
+                first(outputs, head, "boxes")?,
+                first(outputs, head, "mask_coeffs")?,
+                first(outputs, head, "mask_protos")?,
+                geometry,
+                params,
+                options,
+            )?;
+            Ok(HeadOutput::Detections(Detections {
+                items,
+                image_width: geometry.orig_width,
+                image_height: geometry.orig_height,
+            }))
+        }
+        (HeadParams::Segmentation(params), HeadOptions::Segmentation { class_filter }) => {
+            let logits = first(outputs, head, "logits")?;
+            let map = segmentation::postprocess(logits, geometry, params, class_filter.as_deref())?;
+            Ok(HeadOutput::Segmentation(Segmentation {
+                png: segmentation::encode_png(&map, task.head.labels.len())?,
+                width: map.width,
+                height: map.height,
+                present: segmentation::coverage(&map),
+            }))
+        }
+        _ => Err(Error::Internal(format!(
+            "head '{head}' was given options of another kind"
+        ))),
+    }
+}
+
+/// The first (only) item of a head output's batch, as a `D`-dimensional view.
+fn first<'a, D: ndarray::Dimension>(
+    outputs: &'a NamedTensors,
+    head: &str,
+    name: &str,
+) -> Result<ndarray::ArrayView<'a, f32, D>, Error> {
+    let tensor = output(outputs, head, name)?;
+    let shape_error = || {
+        Error::Internal(format!(
+            "head '{head}' output '{name}' has shape {:?}; a batch of one {}-d item was expected",
+            tensor.shape(),
+            D::NDIM.unwrap_or(0)
+        ))
+    };
+    if tensor.ndim() == 0 || tensor.shape()[0] != 1 {
+        return Err(shape_error());
+    }
+    tensor
+        .index_axis(Axis(0), 0)
+        .into_dimensionality::<D>()
+        .map_err(|_| shape_error())
+}

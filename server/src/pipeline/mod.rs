@@ -1,0 +1,156 @@
+//! The shared-backbone request path: decode and preprocess off the async workers, ONE backbone
+//! run per image (one per batch of clip frames), then every requested head on those features,
+//! concurrently, each followed by its pure post-processing.
+
+mod action;
+mod image;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::config::Limits;
+use crate::engine::{NamedTensors, SharedTensor};
+use crate::error::Error;
+use crate::media::image::ImageLimits;
+use crate::media::video::VideoLimits;
+use crate::model_set::{Head, ModelSet};
+
+pub use types::*;
+
+/// The loaded model set and the limits requests are held to.
+pub struct Pipeline {
+    models: ModelSet,
+    image_limits: ImageLimits,
+    video_limits: VideoLimits,
+    limits: Limits,
+}
+
+/// Backbone features of one batch of inputs, and what computing them cost.
+struct Features {
+    tensors: NamedTensors,
+    elapsed: Duration,
+}
+
+impl Pipeline {
+    /// Wraps a loaded model set.
+    pub fn new(models: ModelSet, limits: Limits) -> Self {
+        let image_limits = ImageLimits {
+            max_width: limits.max_image_side,
+            max_height: limits.max_image_side,
+            max_pixels: limits.max_image_pixels,
+            ..ImageLimits::default()
+        };
+        let video_limits = VideoLimits {
+            max_bytes: limits.max_message_bytes as u64,
+            max_duration_s: limits.max_clip_seconds,
+            max_width: limits.max_clip_side,
+            max_height: limits.max_clip_side,
+            max_decoded_frames: limits.max_decoded_frames,
+            ..VideoLimits::default()
+        };
+        Self {
+            models,
+            image_limits,
+            video_limits,
+            limits,
+        }
+    }
+
+    /// The loaded models.
+    pub fn models(&self) -> &ModelSet {
+        &self.models
+    }
+
+    /// The request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Runs a blank image through the backbone and every head so that the first real request
+    /// does not pay for ONNX Runtime's lazy initialisation; also proves the set runs end to end.
+    pub async fn warm_up(&self) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let image = ImageInput::Raw {
+            width: 64,
+            height: 48,
+            rgb: vec![128; 64 * 48 * 3],
+        };
+        let image_heads = self
+            .models
+            .heads
+            .iter()
+            .filter(|h| h.kind() != crate::manifest::HeadKind::Action);
+        let tasks = image_heads
+            .map(|head| default_task(head.clone()))
+            .collect::<Vec<_>>();
+        self.run_image(ImageRequest { image, tasks }).await?;
+        for head in self
+            .models
+            .heads
+            .iter()
+            .filter(|h| h.kind() == crate::manifest::HeadKind::Action)
+        {
+            self.warm_up_action(head.clone()).await?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Runs the backbone on a batch `[N, 3, H, W]`.
+    async fn run_backbone(&self, batch: ArrayD<f32>) -> Result<Features, Error> {
+        let backbone = &self.models.backbone;
+        let input = vec![(backbone.spec.input.clone(), SharedTensor::new(batch))];
+        let (tensors, elapsed) = backbone.worker.run(input).await?;
+        Ok(Features { tensors, elapsed })
+    }
+}
+
+/// The task that runs `head` with the model set's default options.
+fn default_task(head: Arc<Head>) -> HeadTask {
+    let options = match &head.params {
+        crate::manifest::HeadParams::Detection(p) => {
+            HeadOptions::Detection(crate::heads::detection::DetectOptions::defaults(p))
+        }
+        _ => HeadOptions::Segmentation { class_filter: None },
+    };
+    HeadTask { head, options }
+}
+
+impl Features {
+    /// The tensors a head consumes, by name.
+    fn select(&self, names: &[String]) -> Result<NamedTensors, Error> {
+        names
+            .iter()
+            .map(|name| {
+                self.tensors
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal(format!("the backbone returned no '{name}'")))
+            })
+            .collect()
+    }
+}
+
+/// The output called `name` of a head's run.
+fn output<'a>(
+    outputs: &'a NamedTensors,
+    head: &str,
+    name: &str,
+) -> Result<&'a SharedTensor, Error> {
+    outputs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .ok_or_else(|| Error::Internal(format!("head '{head}' returned no '{name}'")))
+}
+
+/// Stacks CHW images of equal size into one `[N, 3, H, W]` batch.
+fn stack(chw: Vec<Vec<f32>>, height: usize, width: usize) -> Result<ArrayD<f32>, Error> {
+    let n = chw.len();
+    let data: Vec<f32> = chw.into_iter().flatten().collect();
+    ArrayD::from_shape_vec(IxDyn(&[n, 3, height, width]), data)
+        .map_err(|e| Error::Internal(format!("batch shape: {e}")))
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real server on 127.0.0.1:0 with the generated `tiny` demo model set,
+//! real ONNX Runtime, real decoders, talked to through the client library.
+
+mod common;
+mod equivalence;
+mod errors;
+mod images;
+mod video;
