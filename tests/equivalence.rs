@@ -113,3 +113,80 @@ async fn action_head_equals_its_reference() {
     let (served, expected) = both("action", "action", batch(&frames)).await;
     assert_close(&served, &expected);
 }
+
+/// The reference model's outputs for one photo, post-processed exactly as the server does.
+async fn reference_outputs(kind: &str, name: &str) -> (NamedTensors, polyhead_server::geometry::Geometry) {
+    let spec = &server().pipeline.models().backbone.preprocess;
+    let image = media::image::decode(&photo(name), &Default::default()).expect("decode photo");
+    let (_, geometry) = preprocess(&image, spec);
+    let input = server().pipeline.models().backbone.spec.input.clone();
+    let (outputs, _) = reference(kind).run(vec![(input, batch(&[name]))]).await.expect("reference");
+    (outputs, geometry)
+}
+
+fn item<'a, D: ndarray::Dimension>(outputs: &'a NamedTensors, name: &str) -> ndarray::ArrayView<'a, f32, D> {
+    let tensor = &outputs.iter().find(|(n, _)| n == name).expect("output").1;
+    tensor.index_axis(ndarray::Axis(0), 0).into_dimensionality::<D>().expect("rank")
+}
+
+#[tokio::test]
+async fn served_detections_equal_the_reference_models() {
+    use polyhead_server::heads::detection::{self, DetectOptions, DetectionParams};
+    let (outputs, geometry) = reference_outputs("detection", "chelsea.png").await;
+    let params = DetectionParams::default();
+    let options = DetectOptions { masks: true, ..DetectOptions::defaults(&params) };
+    let expected = detection::postprocess(
+        item(&outputs, "scores"),
+        item(&outputs, "boxes"),
+        item(&outputs, "mask_coeffs"),
+        item(&outputs, "mask_protos"),
+        &geometry,
+        &params,
+        &options,
+    )
+    .expect("post-process");
+    let request = polyhead_proto::v1::DetectOptions { masks: true, ..Default::default() };
+    let served = crate::common::client()
+        .await
+        .detect(crate::common::encoded(photo("chelsea.png")), request, "")
+        .await
+        .expect("detect")
+        .detections
+        .expect("detections")
+        .detections;
+    assert!(!expected.is_empty());
+    assert_eq!(served.len(), expected.len());
+    for (s, e) in served.iter().zip(&expected) {
+        let b = s.r#box.expect("box");
+        assert_eq!(s.class_id, e.class_id);
+        assert!((s.score - e.score).abs() < 1e-4);
+        let corners = [(b.x1, e.bbox.x1), (b.y1, e.bbox.y1), (b.x2, e.bbox.x2), (b.y2, e.bbox.y2)];
+        assert!(corners.iter().all(|(a, b)| (a - b).abs() < 1e-2), "{b:?} vs {:?}", e.bbox);
+        let mask = s.mask.as_ref().expect("mask");
+        assert_eq!(Some(&mask.counts), e.mask.as_ref().map(|m| &m.counts), "same RLE");
+    }
+}
+
+#[tokio::test]
+async fn served_label_map_equals_the_reference_models() {
+    use polyhead_server::heads::segmentation::{self, SegmentationParams};
+    let (outputs, geometry) = reference_outputs("segmentation", "astronaut.png").await;
+    let expected = segmentation::postprocess(item(&outputs, "logits"), &geometry, &SegmentationParams::default(), None)
+        .expect("post-process");
+    let served = crate::common::client()
+        .await
+        .segment(crate::common::encoded(photo("astronaut.png")), Default::default(), "")
+        .await
+        .expect("segment")
+        .segmentation
+        .expect("segmentation");
+    let map = image::load_from_memory(&served.label_map_png).expect("PNG").to_luma8();
+    let agree = map
+        .pixels()
+        .zip(&expected.labels)
+        .filter(|(p, e)| u16::from(p.0[0]) == **e)
+        .count();
+    let fraction = agree as f64 / expected.labels.len() as f64;
+    // Features agree to 1e-4; only pixels where two classes tie that closely may differ.
+    assert!(fraction > 0.999, "{fraction} of pixels agree");
+}

@@ -5,4 +5,5 @@ mod common;
 mod equivalence;
 mod errors;
 mod images;
+mod loading;
 mod video;

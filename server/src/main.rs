@@ -13,7 +13,6 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("polyhead-server: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -21,7 +21,11 @@ pub fn to_status(error: Error, request_id: &str) -> Status {
 
 fn code(error: &Error) -> Code {
     match error {
-        Error::InvalidArgument(_) | Error::Media(_) => Code::InvalidArgument,
+        Error::InvalidArgument(_) => Code::InvalidArgument,
+        // A limit breach is the request's fault too, and retrying it cannot succeed: it is
+        // INVALID_ARGUMENT, not RESOURCE_EXHAUSTED (which clients treat as retryable).
+        Error::Media(e) if e.is_internal() => Code::Internal,
+        Error::Media(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::Engine(e) => engine_code(e),
         Error::Head(_) | Error::Internal(_) => Code::Internal,
