@@ -1,9 +1,13 @@
-//! Compiles `polyhead/v1/*.proto` with the pure-Rust `protox` compiler (no `protoc` needed) and
-//! writes the file descriptor set that the server serves over reflection.
+//! Compiles `polyhead/v1/*.proto` and the Open Inference Protocol's
+//! `inference/grpc_predict_v2.proto` with the pure-Rust `protox` compiler (no `protoc` needed) and
+//! writes the file descriptor set of both, which the server serves over reflection.
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["polyhead/v1/polyhead.proto"];
+const PROTOS: &[&str] = &[
+    "polyhead/v1/polyhead.proto",
+    "inference/grpc_predict_v2.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -1,4 +1,5 @@
-//! The polyhead gRPC API (`polyhead.v1`), generated from `proto/polyhead/v1/*.proto`.
+//! The polyhead gRPC API (`polyhead.v1`), generated from `proto/polyhead/v1/*.proto`, and the
+//! Open Inference Protocol (KServe v2, `inference`) that Triton and KServe clients speak.
 
 /// Messages and services of `polyhead.v1`.
 pub mod v1 {
@@ -6,6 +7,13 @@ pub mod v1 {
     tonic::include_proto!("polyhead.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every polyhead proto, for gRPC reflection.
+/// Messages and services of the Open Inference Protocol (`inference.GRPCInferenceService`).
+pub mod inference {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("inference");
+}
+
+/// Encoded `FileDescriptorSet` of every proto here (`polyhead.v1` and `inference`), for gRPC
+/// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/polyhead_descriptor.bin"));

@@ -1,0 +1,180 @@
+//! The Open Inference Protocol (KServe v2) `inference.GRPCInferenceService`, served next to
+//! polyhead's own API so that Triton's and KServe's clients call polyhead unchanged.
+//!
+//! Its models are the backbone (outputs: the feature maps) and each head, which runs the
+//! backbone once and then the head on the features it consumes (outputs: the head's raw ONNX
+//! outputs), like the monolithic reference models. Every model takes the backbone's FP32 input;
+//! for an action head its batch axis holds the clip's frames. None of Triton's extensions is
+//! implemented.
+
+mod models;
+mod tensor;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use polyhead_proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use polyhead_proto::inference::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+};
+use tonic::codec::CompressionEncoding;
+use tonic::{Request, Response, Status};
+
+use super::{MAX_RESPONSE_BYTES, deadline, status};
+use crate::error::Error;
+use crate::pipeline::Pipeline;
+use models::Model;
+
+/// The name the server reports in its metadata.
+const SERVER_NAME: &str = "polyhead";
+
+/// The Open Inference Protocol over one pipeline.
+pub struct OipService {
+    pipeline: Arc<Pipeline>,
+    next_id: AtomicU64,
+}
+
+/// The service with its message limits: requests up to `max_message_bytes` (decoded).
+pub fn service(
+    pipeline: Arc<Pipeline>,
+    max_message_bytes: usize,
+) -> GrpcInferenceServiceServer<OipService> {
+    GrpcInferenceServiceServer::new(OipService::new(pipeline))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd)
+}
+
+impl OipService {
+    /// Serves `pipeline`.
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Self {
+            pipeline,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether the server (and so every model) is ready for inferences.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// A request id for logs, distinct from the polyhead service's.
+    fn request_id(&self) -> String {
+        format!("oip-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Answers a quick call that needs no deadline, mapping its error like every other.
+    fn answer<T>(&self, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        result
+            .map(Response::new)
+            .map_err(|error| status::to_status(error, &self.request_id()))
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for OipService {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.ready(),
+        }))
+    }
+
+    /// Like Triton, an unknown model or version is simply not ready.
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let ModelReadyRequest { name, version } = request.into_inner();
+        let known = Model::find(self.pipeline.models(), &name, &version).is_ok();
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.ready() && known,
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: SERVER_NAME.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let ModelMetadataRequest { name, version } = request.into_inner();
+        self.answer(Model::find(self.pipeline.models(), &name, &version).and_then(|m| m.metadata()))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let request_id = self.request_id();
+        let default_timeout = self.pipeline.limits().default_timeout();
+        let work = infer(&self.pipeline, request);
+        deadline::run(&metadata, "ModelInfer", &request_id, default_timeout, work).await
+    }
+}
+
+/// Checks the request, runs the backbone ONCE (then the head, for a head model) and returns the
+/// requested outputs as raw little-endian FP32.
+async fn infer(
+    pipeline: &Pipeline,
+    request: ModelInferRequest,
+) -> Result<ModelInferResponse, Error> {
+    // Request-level parameters (priority, sequence ids, ...) select nothing polyhead offers.
+    let ModelInferRequest {
+        model_name,
+        model_version,
+        id,
+        parameters: _,
+        inputs,
+        outputs,
+        raw_input_contents,
+    } = request;
+    let model = Model::find(pipeline.models(), &model_name, &model_version)?;
+    let wanted = tensor::requested_outputs(&outputs, model.outputs())?;
+    let declared = model.input()?.clone();
+    // Turning up to a whole message of bytes into floats is kept off the async workers.
+    let input = tokio::task::spawn_blocking(move || {
+        tensor::read_input(inputs, raw_input_contents, &declared)
+    })
+    .await??;
+    model.check_batch(input.shape(), pipeline.limits())?;
+    let results = model.run(input).await?;
+    let (outputs, raw_output_contents) =
+        tokio::task::spawn_blocking(move || tensor::encode_outputs(&results, &wanted)).await??;
+    Ok(ModelInferResponse {
+        model_name: model.name().to_string(),
+        model_version: model.version().to_string(),
+        id,
+        parameters: HashMap::new(),
+        outputs,
+        raw_output_contents,
+    })
+}

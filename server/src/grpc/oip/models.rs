@@ -1,0 +1,225 @@
+//! The models the Open Inference Protocol addresses: the backbone alone (its outputs are the
+//! feature maps) and each head as backbone + head (its input is the backbone's, like the
+//! monolithic reference models), with their metadata and the run that serves them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ndarray::ArrayD;
+use polyhead_proto::inference::ModelMetadataResponse;
+use polyhead_proto::inference::model_metadata_response::TensorMetadata;
+
+use crate::config::Limits;
+use crate::engine::{NamedTensors, TensorInfo};
+use crate::error::Error;
+use crate::manifest::HeadParams;
+use crate::model_set::{Head, ModelSet};
+
+/// The platform every polyhead model reports.
+const PLATFORM: &str = "onnxruntime_onnx";
+
+/// One model of the set, as a client names it.
+#[derive(Clone, Copy)]
+pub(super) struct Model<'a> {
+    set: &'a ModelSet,
+    /// `None` for the backbone alone.
+    head: Option<&'a Head>,
+}
+
+impl<'a> Model<'a> {
+    /// The model called `name` at `version` (empty: the current one). An unknown name or
+    /// version is NOT_FOUND.
+    pub(super) fn find(set: &'a ModelSet, name: &str, version: &str) -> Result<Self, Error> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("the model name is required".into()));
+        }
+        let head = if name == set.backbone.spec.name {
+            None
+        } else {
+            let head = set.head(name).ok_or_else(|| unknown(set, name))?;
+            Some(head.as_ref())
+        };
+        let model = Self { set, head };
+        if !version.is_empty() && version != model.version() {
+            return Err(Error::NotFound(format!(
+                "model '{name}' has no version '{version}' (versions: {})",
+                model.version()
+            )));
+        }
+        Ok(model)
+    }
+
+    /// The model's name.
+    pub(super) fn name(&self) -> &'a str {
+        self.head.map_or(&self.set.backbone.spec.name, |h| h.name())
+    }
+
+    /// The model's one version, from the manifest.
+    pub(super) fn version(&self) -> &'a str {
+        self.head
+            .map_or(&self.set.backbone.spec.version, |h| &h.spec.version)
+    }
+
+    /// The model's one input: the backbone's.
+    pub(super) fn input(&self) -> Result<&'a TensorInfo, Error> {
+        let backbone = &self.set.backbone;
+        backbone
+            .worker
+            .inputs()
+            .iter()
+            .find(|t| t.name == backbone.spec.input)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "the backbone has no input '{}'",
+                    backbone.spec.input
+                ))
+            })
+    }
+
+    /// The model's outputs, in the order the ONNX file declares them.
+    pub(super) fn outputs(&self) -> &'a [TensorInfo] {
+        self.head
+            .map_or(self.set.backbone.worker.outputs(), |h| h.worker.outputs())
+    }
+
+    /// Refuses a clip of more frames than an action head takes; other models take any batch.
+    pub(super) fn check_batch(&self, shape: &[usize], limits: &Limits) -> Result<(), Error> {
+        let Some(HeadParams::Action(params)) = self.head.map(|h| &h.params) else {
+            return Ok(());
+        };
+        let max = params.max_frames.min(limits.max_frames) as usize;
+        match shape.first() {
+            Some(&frames) if frames > max => Err(Error::InvalidArgument(format!(
+                "input '{}' holds {frames} frames on axis 0; head '{}' takes at most {max} \
+                 (max_frames)",
+                self.set.backbone.spec.input,
+                self.name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs the backbone ONCE on `input`, then the head (if any) on the features it consumes.
+    pub(super) async fn run(&self, input: ArrayD<f32>) -> Result<NamedTensors, Error> {
+        let backbone = &self.set.backbone;
+        let feed = vec![(backbone.spec.input.clone(), Arc::new(input))];
+        let (features, _) = backbone.worker.run(feed).await?;
+        let Some(head) = self.head else {
+            return Ok(features);
+        };
+        let (outputs, _) = head.worker.run(select(&features, head)?).await?;
+        Ok(outputs)
+    }
+
+    /// The model's metadata: versions, platform, FP32 tensors (-1 = dynamic) and properties.
+    pub(super) fn metadata(&self) -> Result<ModelMetadataResponse, Error> {
+        Ok(ModelMetadataResponse {
+            name: self.name().to_string(),
+            versions: vec![self.version().to_string()],
+            platform: PLATFORM.to_string(),
+            inputs: vec![tensor_metadata(self.input()?)],
+            outputs: self.outputs().iter().map(tensor_metadata).collect(),
+            properties: self.properties(),
+        })
+    }
+
+    /// What a client needs to prepare the input and read the outputs.
+    fn properties(&self) -> HashMap<String, String> {
+        let set = self.set;
+        let spec = &set.backbone.spec;
+        let mut properties = HashMap::from([
+            ("model_set".to_string(), set.name.clone()),
+            ("backbone".to_string(), spec.name.clone()),
+            ("execution_provider".to_string(), set.device.to_string()),
+            ("resize".to_string(), spec.resize.as_str().to_string()),
+            ("layout".to_string(), "NCHW, RGB".to_string()),
+            (
+                "normalize".to_string(),
+                "(x / 255 - mean) / std".to_string(),
+            ),
+            ("mean".to_string(), join(&spec.mean)),
+            ("std".to_string(), join(&spec.std)),
+        ]);
+        properties.extend(self.head.map_or_else(backbone_properties, head_properties));
+        properties
+    }
+}
+
+fn backbone_properties() -> Vec<(String, String)> {
+    vec![("kind".to_string(), "backbone".to_string())]
+}
+
+fn head_properties(head: &Head) -> Vec<(String, String)> {
+    let labels = head.spec.labels.file_name().unwrap_or_default();
+    let mut properties = vec![
+        ("kind".to_string(), head.kind().as_str().to_string()),
+        ("labels".to_string(), labels.to_string_lossy().into_owned()),
+        ("classes".to_string(), head.labels.len().to_string()),
+    ];
+    if let HeadParams::Action(params) = &head.params {
+        properties.push(("frames".to_string(), params.frames.to_string()));
+        properties.push(("max_frames".to_string(), params.max_frames.to_string()));
+    }
+    properties
+}
+
+/// The backbone features `head` consumes, by name.
+fn select(features: &NamedTensors, head: &Head) -> Result<NamedTensors, Error> {
+    head.spec
+        .inputs
+        .iter()
+        .map(|name| {
+            features
+                .iter()
+                .find(|(n, _)| n == name)
+                .cloned()
+                .ok_or_else(|| Error::Internal(format!("the backbone returned no '{name}'")))
+        })
+        .collect()
+}
+
+fn unknown(set: &ModelSet, name: &str) -> Error {
+    let names: Vec<&str> = std::iter::once(set.backbone.spec.name.as_str())
+        .chain(set.heads.iter().map(|h| h.name()))
+        .collect();
+    Error::NotFound(format!(
+        "no model named '{name}' (models: {})",
+        names.join(", ")
+    ))
+}
+
+fn tensor_metadata(tensor: &TensorInfo) -> TensorMetadata {
+    TensorMetadata {
+        name: tensor.name.clone(),
+        datatype: datatype(&tensor.datatype).to_string(),
+        shape: tensor.shape.clone(),
+    }
+}
+
+/// The protocol's name for an ONNX Runtime element type (as the engine spells it).
+fn datatype(ort: &str) -> &str {
+    match ort {
+        "Float32" => "FP32",
+        "Float16" => "FP16",
+        "Float64" => "FP64",
+        "Bool" => "BOOL",
+        "Uint8" => "UINT8",
+        "Uint16" => "UINT16",
+        "Uint32" => "UINT32",
+        "Uint64" => "UINT64",
+        "Int8" => "INT8",
+        "Int16" => "INT16",
+        "Int32" => "INT32",
+        "Int64" => "INT64",
+        "String" => "BYTES",
+        other => other,
+    }
+}
+
+fn join(values: &[f32]) -> String {
+    values
+        .iter()
+        .map(f32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
