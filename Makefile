@@ -23,9 +23,13 @@ build: setup
 run: build
 	./target/release/polyhead-server
 
-## The whole test suite: unit tests, ONNX Runtime equivalence and end-to-end tests.
+## The whole test suite: unit tests, ONNX Runtime equivalence and end-to-end tests in Rust,
+## then the server binary through real third-party gRPC peers (grpcurl, grpcio, tritonclient).
 test: setup
+	scripts/setup.sh testtools
 	$(CARGO) test --release -j$(JOBS) --workspace
+	$(CARGO) build --release -j$(JOBS) -p polyhead-server
+	.venv/bin/python -m pytest -q tests/python
 
 lint:
 	$(CARGO) fmt --all -- --check

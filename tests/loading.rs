@@ -36,9 +36,16 @@ fn load_error(dir: &Path) -> String {
 #[test]
 fn channel_mismatch_names_the_backbone_file() {
     let dir = copy_of_models();
-    edit(&dir.path().join("polyhead.toml"), "channels = 256", "channels = 999");
+    edit(
+        &dir.path().join("polyhead.toml"),
+        "channels = 256",
+        "channels = 999",
+    );
     let message = load_error(dir.path());
-    assert!(message.contains("backbone.onnx") && message.contains("999"), "{message}");
+    assert!(
+        message.contains("backbone.onnx") && message.contains("999"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -56,9 +63,16 @@ fn label_count_mismatch_names_the_head_and_labels() {
 #[test]
 fn a_head_consuming_an_unknown_feature_is_refused() {
     let dir = copy_of_models();
-    edit(&dir.path().join("polyhead.toml"), r#"inputs = ["stage4"]"#, r#"inputs = ["stage9"]"#);
+    edit(
+        &dir.path().join("polyhead.toml"),
+        r#"inputs = ["stage4"]"#,
+        r#"inputs = ["stage9"]"#,
+    );
     let message = load_error(dir.path());
-    assert!(message.contains("polyhead.toml") && message.contains("'stage9'"), "{message}");
+    assert!(
+        message.contains("polyhead.toml") && message.contains("'stage9'"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -66,7 +80,10 @@ fn a_missing_model_file_is_named() {
     let dir = copy_of_models();
     std::fs::remove_file(dir.path().join("segmentation_head.onnx")).expect("rm");
     let message = load_error(dir.path());
-    assert!(message.contains("segmentation_head.onnx") && message.contains("does not exist"), "{message}");
+    assert!(
+        message.contains("segmentation_head.onnx") && message.contains("does not exist"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -86,7 +103,10 @@ fn cuda_without_a_usable_gpu_refuses_or_falls_back_as_configured() {
     match ModelSet::load(&config) {
         Err(e) => {
             let message = e.to_string();
-            assert!(message.contains("cuda:0") && message.contains("--allow-cpu-fallback"), "{message}");
+            assert!(
+                message.contains("cuda:0") && message.contains("--allow-cpu-fallback"),
+                "{message}"
+            );
             config.runtime.allow_cpu_fallback = true;
             let models = ModelSet::load(&config).expect("falls back to the CPU");
             assert_eq!(models.device, Device::Cpu);

@@ -5,5 +5,8 @@ mod common;
 mod equivalence;
 mod errors;
 mod images;
+mod lifecycle;
 mod loading;
+mod oip;
+mod telemetry;
 mod video;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
+use serde::Serialize;
 
 use crate::engine::Device;
 
@@ -13,9 +14,21 @@ use crate::engine::Device;
 ///
 /// Loads one model set (a backbone and its heads), runs the backbone once per image and fans its
 /// features out to the heads each request asks for.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "polyhead-server", version, about, long_about = None)]
+#[serde(rename_all = "kebab-case")]
 pub struct Config {
+    /// TOML configuration file. Its keys are the long flag names (`max-image-pixels = 1000000`);
+    /// precedence: defaults < file < environment < flags.
+    #[arg(long, env = "POLYHEAD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration as TOML (secrets redacted) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+
     /// Address the gRPC server listens on.
     #[arg(long, env = "POLYHEAD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -25,10 +38,26 @@ pub struct Config {
     pub models: PathBuf,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pub runtime: RuntimeConfig,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pub limits: Limits,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
+
+    /// How long in-flight calls may take to finish after SIGTERM/SIGINT before the server
+    /// stops, in seconds.
+    #[arg(long, env = "POLYHEAD_DRAIN_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    pub drain_timeout_seconds: f64,
+
+    /// Serve gRPC reflection (v1 and v1alpha) so grpcurl, grpcui and Postman work without the
+    /// `.proto` files.
+    #[arg(long, env = "POLYHEAD_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
 
     /// Log output format.
     #[arg(long, env = "POLYHEAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -36,7 +65,8 @@ pub struct Config {
 }
 
 /// ONNX Runtime settings.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RuntimeConfig {
     /// Execution provider: `cpu`, `cuda` or `cuda:N` (GPU N).
     #[arg(long, env = "POLYHEAD_DEVICE", default_value = "cpu")]
@@ -64,7 +94,8 @@ pub struct RuntimeConfig {
 }
 
 /// Limits on what one request may ask for. Each is checked before the work it guards.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Limits {
     /// Largest request message accepted, in bytes (images and clips travel inside it).
     #[arg(long, env = "POLYHEAD_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
@@ -107,12 +138,13 @@ pub struct Limits {
 impl Limits {
     /// The deadline for requests that carry none.
     pub fn default_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.default_timeout_seconds.max(0.001))
+        Duration::try_from_secs_f64(self.default_timeout_seconds).unwrap_or(Duration::from_secs(60))
     }
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -121,6 +153,48 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// How the gRPC server is put together.
+    pub fn serve_options(&self) -> crate::grpc::ServeOptions {
+        crate::grpc::ServeOptions {
+            max_request_bytes: self.limits.max_message_bytes,
+            reflection: self.reflection,
+            drain_timeout: Duration::try_from_secs_f64(self.drain_timeout_seconds)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Checks what clap's types cannot: durations finite and in range, sizes non-zero.
+    pub fn validate(&self) -> Result<(), String> {
+        let seconds = [
+            ("drain-timeout-seconds", self.drain_timeout_seconds, true),
+            (
+                "default-timeout-seconds",
+                self.limits.default_timeout_seconds,
+                false,
+            ),
+            ("max-clip-seconds", self.limits.max_clip_seconds, false),
+        ];
+        for (flag, value, zero_ok) in seconds {
+            let ok = value.is_finite() && value < 1e9 && (value > 0.0 || (zero_ok && value == 0.0));
+            if !ok {
+                return Err(format!(
+                    "--{flag} is {value}; it must be a positive number of seconds"
+                ));
+            }
+        }
+        let sizes = [
+            ("max-message-bytes", self.limits.max_message_bytes as u64),
+            ("max-image-pixels", self.limits.max_image_pixels),
+            ("max-image-side", u64::from(self.limits.max_image_side)),
+            ("max-frames", u64::from(self.limits.max_frames)),
+            ("queue-capacity", self.runtime.queue_capacity as u64),
+        ];
+        match sizes.iter().find(|(_, v)| *v == 0) {
+            Some((flag, _)) => Err(format!("--{flag} must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
     /// The configuration a test server uses: defaults, the given model set, one intra-op thread.
     pub fn for_models(models: impl Into<PathBuf>) -> Self {
         let mut config = Self::parse_from(["polyhead-server"]);
@@ -149,6 +223,23 @@ mod tests {
         assert_eq!(config.listen.port(), 6000);
         assert_eq!(config.runtime.device, Device::Cuda(1));
         assert_eq!(config.limits.max_frames, 16);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_name() {
+        let mut config = Config::for_models("m");
+        assert_eq!(config.validate(), Ok(()));
+        config.limits.default_timeout_seconds = f64::NAN;
+        let err = config.validate().expect_err("NaN timeout");
+        assert!(err.contains("--default-timeout-seconds"), "{err}");
+        config.limits.default_timeout_seconds = 5.0;
+        config.limits.max_frames = 0;
+        assert!(
+            config
+                .validate()
+                .expect_err("zero frames")
+                .contains("--max-frames")
+        );
     }
 
     #[test]

@@ -4,21 +4,26 @@
 //! Each image goes through the backbone once; every head a request names runs on those features.
 
 pub mod config;
+pub mod config_layers;
 pub mod engine;
 pub mod error;
 pub mod geometry;
 pub mod grpc;
 pub mod heads;
+pub mod lifecycle;
 pub mod manifest;
 pub mod media;
 pub mod model_set;
 pub mod pipeline;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use config::Config;
 pub use error::Error;
+pub use lifecycle::Lifecycle;
 pub use model_set::{LoadError, ModelSet};
 pub use pipeline::Pipeline;
 
@@ -43,16 +48,75 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
     Ok(pipeline)
 }
 
-/// Loads the model set and serves it on `listener` until `shutdown` resolves.
+/// How long past the drain timeout open connections are given before the server stops anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves on `listener` at once (health NOT_SERVING, the API UNAVAILABLE), loads and warms up
+/// the model set, then serves it until `shutdown` resolves and the drain completes. A model set
+/// that fails to load stops the server with the error.
 pub async fn run(
     config: &Config,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let pipeline = load(config).await?;
-    tracing::info!(address = %listener.local_addr().map_err(StartError::Io)?, "serving");
-    grpc::serve(pipeline, listener, shutdown).await?;
-    Ok(())
+    let lifecycle = Lifecycle::new().await;
+    tracing::info!(address = %listener.local_addr().map_err(StartError::Io)?, "listening");
+    let server = serve_until_drained(Arc::clone(&lifecycle), config, listener, shutdown);
+    tokio::pin!(server);
+    let loading = async {
+        let pipeline = load(config).await?;
+        lifecycle.set_ready(pipeline).await;
+        tracing::info!("ready");
+        Ok::<_, StartError>(())
+    };
+    tokio::select! {
+        stopped = &mut server => return stopped,
+        loaded = loading => loaded?,
+    }
+    server.await
+}
+
+/// Serves an already loaded pipeline (ready at once) until `shutdown` resolves and the drain
+/// completes.
+pub async fn serve_loaded(
+    config: &Config,
+    pipeline: Arc<Pipeline>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let lifecycle = Lifecycle::new().await;
+    lifecycle.set_ready(pipeline).await;
+    serve_until_drained(lifecycle, config, listener, shutdown).await
+}
+
+/// Runs the gRPC server; once shutdown has started, stops it even if connections stay open
+/// past the drain timeout.
+async fn serve_until_drained(
+    lifecycle: Arc<Lifecycle>,
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let options = config.serve_options();
+    let hard_stop = options.drain_timeout + CLOSE_GRACE;
+    let (started, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = started.send(());
+    };
+    let deadline = async move {
+        match started_rx.await {
+            Ok(()) => tokio::time::sleep(hard_stop).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = grpc::serve(lifecycle, options, listener, shutdown) => Ok(served?),
+        () = deadline => {
+            tracing::warn!("connections still open after the drain; stopping");
+            Ok(())
+        }
+    }
 }
 
 /// Why the server could not start or stopped with an error.

@@ -1,21 +1,38 @@
 //! `polyhead-server`: loads one model set and serves it over gRPC.
 
-use clap::Parser;
 use polyhead_server::Config;
-use polyhead_server::config::LogFormat;
-use tracing_subscriber::EnvFilter;
+use polyhead_server::telemetry::Telemetry;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = Config::parse();
-    init_logging(config.log_format);
-    match serve(&config).await {
+    let config = match polyhead_server::config_layers::parse(std::env::args_os()) {
+        Ok(config) => config,
+        Err(e) => e.exit(),
+    };
+    if config.print_config {
+        print!("{}", polyhead_server::config_layers::render(&config));
+        return std::process::ExitCode::SUCCESS;
+    }
+    let telemetry = match Telemetry::init(&config.telemetry, config.log_format).await {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            tracing::error!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = config.validate() {
+        tracing::error!("invalid configuration: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let code = match serve(&config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 async fn serve(config: &Config) -> anyhow::Result<()> {
@@ -49,16 +66,4 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutdown signal received; finishing in-flight calls");
-}
-
-fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("POLYHEAD_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

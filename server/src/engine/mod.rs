@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ndarray::ArrayD;
 
 pub use runtime::{Device, Runtime};
-pub use worker::{SessionWorker, TensorInfo};
+pub use worker::{Run, SessionWorker, Stage, TensorInfo};
 
 /// A tensor shared between the backbone's outputs, the cache and the heads that read it.
 pub type SharedTensor = Arc<ArrayD<f32>>;

@@ -1,5 +1,6 @@
 //! A dedicated OS thread that owns one ONNX Runtime session (`Session::run` takes `&mut self`)
-//! and serves a bounded queue of jobs; callers await a oneshot reply.
+//! and serves a bounded queue of jobs; callers await a oneshot reply. Each job reports how long
+//! it waited in the queue and how long it ran, and both show as spans of the caller's trace.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -9,8 +10,10 @@ use ndarray::ArrayD;
 use ort::session::Session;
 use ort::value::{TensorRef, ValueType};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Span;
 
 use super::{EngineError, NamedTensors, SharedTensor};
+use crate::telemetry::metrics;
 
 /// A model input or output as the ONNX file declares it; -1 marks a dynamic dimension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,9 +23,35 @@ pub struct TensorInfo {
     pub datatype: String,
 }
 
+/// What a run computes for the request it serves, which names its span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The backbone of the request path (span `backbone`).
+    Backbone,
+    /// A head of the request path (span `head`, `head <name>` in traces).
+    Head,
+    /// Any other run (span `run`).
+    Model,
+}
+
+/// A finished run: the outputs in declaration order, the time the job waited in the queue and
+/// the time the run itself took.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub outputs: NamedTensors,
+    pub queued: Duration,
+    pub elapsed: Duration,
+}
+
 struct Job {
     inputs: NamedTensors,
-    reply: oneshot::Sender<Result<(NamedTensors, Duration), EngineError>>,
+    stage: Stage,
+    enqueued: Instant,
+    /// The caller's span, parent of the run's span on the worker thread.
+    parent: Span,
+    /// Open while the job waits; closed when its run starts.
+    queue_span: Span,
+    reply: oneshot::Sender<Result<Run, EngineError>>,
 }
 
 /// The handle to a session's worker thread. Cheap to share; the thread stops when the last
@@ -79,42 +108,113 @@ impl SessionWorker {
     /// Runs the model on `inputs` (fed by name). Fails at once with `Overloaded` when the queue
     /// is full. Returns the outputs in declaration order and the time the run itself took.
     pub async fn run(&self, inputs: NamedTensors) -> Result<(NamedTensors, Duration), EngineError> {
+        let run = self.run_as(Stage::Model, inputs).await?;
+        Ok((run.outputs, run.elapsed))
+    }
+
+    /// Runs the model on `inputs` as `stage` of the current request: the wait and the run are
+    /// spans of the current span. Fails at once with `Overloaded` when the queue is full.
+    pub async fn run_as(&self, stage: Stage, inputs: NamedTensors) -> Result<Run, EngineError> {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .try_send(Job { inputs, reply })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => EngineError::Overloaded {
-                    model: self.name.to_string(),
-                    capacity: self.capacity,
-                },
-                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped(self.name.to_string()),
-            })?;
+        let job = Job {
+            inputs,
+            stage,
+            enqueued: Instant::now(),
+            parent: Span::current(),
+            queue_span: tracing::info_span!("queue", model = %self.name),
+            reply,
+        };
+        // Counted before sending so that the worker's decrement never comes first.
+        metrics::add_queue_depth(&self.name, 1.0);
+        self.queue.try_send(job).map_err(|e| {
+            metrics::add_queue_depth(&self.name, -1.0);
+            self.send_error(e)
+        })?;
         answer
             .await
             .map_err(|_| EngineError::Stopped(self.name.to_string()))?
     }
+
+    fn send_error(&self, error: mpsc::error::TrySendError<Job>) -> EngineError {
+        match error {
+            mpsc::error::TrySendError::Full(_) => EngineError::Overloaded {
+                model: self.name.to_string(),
+                capacity: self.capacity,
+            },
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped(self.name.to_string()),
+        }
+    }
 }
 
-/// The worker loop: one job at a time; jobs whose caller has gone are skipped unrun.
+/// The worker loop: one job at a time.
 fn serve(model: String, mut session: Session, mut jobs: mpsc::Receiver<Job>) {
     while let Some(job) = jobs.blocking_recv() {
-        if job.reply.is_closed() {
-            tracing::debug!(%model, "caller gone; job dropped before running");
-            continue;
-        }
-        let started = Instant::now();
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| run_once(&mut session, &job.inputs)))
-                .unwrap_or_else(|_| Err("the run panicked".to_string()))
-                .map(|outputs| (outputs, started.elapsed()))
-                .map_err(|message| EngineError::Run {
-                    model: model.clone(),
-                    message,
-                });
-        // The caller may have gone while the model ran; its result is simply dropped.
-        let _ = job.reply.send(result);
+        metrics::add_queue_depth(&model, -1.0);
+        handle(&model, &mut session, job);
     }
     tracing::debug!(%model, "worker stopped");
+}
+
+/// Runs one job in its span and replies; a job whose caller has gone is skipped unrun.
+fn handle(model: &str, session: &mut Session, job: Job) {
+    let Job {
+        inputs,
+        stage,
+        enqueued,
+        parent,
+        queue_span,
+        reply,
+    } = job;
+    drop(queue_span);
+    if reply.is_closed() {
+        tracing::debug!(%model, "caller gone; job dropped before running");
+        return;
+    }
+    let queued = enqueued.elapsed();
+    let result = run_span(stage, &parent, model)
+        .in_scope(|| run_job(model, session, &inputs))
+        .map(|(outputs, elapsed)| Run {
+            outputs,
+            queued,
+            elapsed,
+        });
+    // Released before replying, so that the caller's span can close as soon as it is done.
+    drop(parent);
+    // The caller may have gone while the model ran; its result is simply dropped.
+    let _ = reply.send(result);
+}
+
+/// The span of one run, a child of the caller's span.
+fn run_span(stage: Stage, parent: &Span, model: &str) -> Span {
+    match stage {
+        Stage::Backbone => tracing::info_span!(parent: parent, "backbone", model),
+        Stage::Head => tracing::info_span!(
+            parent: parent,
+            "head",
+            head = model,
+            otel.name = format!("head {model}")
+        ),
+        Stage::Model => tracing::info_span!(parent: parent, "run", model),
+    }
+}
+
+/// Runs one job, turning a panic into an error, and records its batch size.
+fn run_job(
+    model: &str,
+    session: &mut Session,
+    inputs: &NamedTensors,
+) -> Result<(NamedTensors, Duration), EngineError> {
+    if let Some((_, first)) = inputs.first() {
+        metrics::record_batch_size(model, first.shape().first().copied().unwrap_or(1));
+    }
+    let started = Instant::now();
+    std::panic::catch_unwind(AssertUnwindSafe(|| run_once(session, inputs)))
+        .unwrap_or_else(|_| Err("the run panicked".to_string()))
+        .map(|outputs| (outputs, started.elapsed()))
+        .map_err(|message| EngineError::Run {
+            model: model.to_string(),
+            message,
+        })
 }
 
 fn run_once(session: &mut Session, inputs: &NamedTensors) -> Result<NamedTensors, String> {

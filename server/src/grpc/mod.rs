@@ -2,12 +2,16 @@
 //! Nothing below this module sees a proto type.
 
 mod convert;
+mod deadline;
+mod gate;
 mod info;
+mod oip;
 mod service;
 mod status;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use polyhead_proto::v1::polyhead_server::PolyheadServer;
 use tokio::net::TcpListener;
@@ -15,30 +19,92 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
+pub use gate::Deferred;
 pub use service::PolyheadService;
 
-use crate::pipeline::Pipeline;
+use crate::lifecycle::Lifecycle;
 
 /// Largest response message, in bytes: label maps of large images are big.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
-/// Serves the polyhead API on `listener` until `shutdown` resolves, then lets in-flight calls
-/// finish.
+/// How the gRPC server is put together.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest request message, in bytes.
+    pub max_request_bytes: usize,
+    /// Serve gRPC reflection (v1 and v1alpha).
+    pub reflection: bool,
+    /// How long in-flight calls may take to finish once shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+/// Serves health, reflection and the polyhead API on `listener`. The API answers UNAVAILABLE
+/// until `lifecycle` has a pipeline. When `shutdown` resolves the server drains: health flips to
+/// NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get up to `drain_timeout` to finish.
 pub async fn serve(
-    pipeline: Arc<Pipeline>,
+    lifecycle: Arc<Lifecycle>,
+    options: ServeOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let max_request = pipeline.limits().max_message_bytes;
-    let service = PolyheadServer::new(PolyheadService::new(pipeline))
-        .max_decoding_message_size(max_request)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd);
+    let max_request = options.max_request_bytes;
+    let polyhead = Deferred::new(Arc::clone(&lifecycle), move |pipeline| {
+        PolyheadServer::new(PolyheadService::new(pipeline))
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+    });
+    let oip = Deferred::new(Arc::clone(&lifecycle), move |pipeline| {
+        oip::service(pipeline, max_request)
+    });
+    // Both protocol versions: some clients only speak v1alpha.
+    let reflection_v1 = options
+        .reflection
+        .then(|| ok_or_log(reflection().build_v1()))
+        .flatten();
+    let reflection_v1alpha = options
+        .reflection
+        .then(|| ok_or_log(reflection().build_v1alpha()))
+        .flatten();
+    let drain = drain(Arc::clone(&lifecycle), shutdown, options.drain_timeout);
     Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .layer(crate::telemetry::grpc_metrics_layer())
+        .add_service(lifecycle.health_service())
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
+        .add_service(polyhead)
+        .add_service(oip)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await
+}
+
+/// Resolves when the server may close its connections: after `shutdown`, once in-flight calls
+/// have finished or `timeout` has passed.
+async fn drain(lifecycle: Arc<Lifecycle>, shutdown: impl Future<Output = ()>, timeout: Duration) {
+    shutdown.await;
+    lifecycle.start_draining().await;
+    let inflight = lifecycle.inflight();
+    tracing::info!(inflight, "draining");
+    if !lifecycle.wait_idle(timeout).await {
+        tracing::warn!(
+            inflight = lifecycle.inflight(),
+            "drain timeout passed with calls still in flight"
+        );
+    }
+}
+
+/// Reflection over every proto this server speaks.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(polyhead_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+fn ok_or_log<T>(built: Result<T, tonic_reflection::server::Error>) -> Option<T> {
+    built
+        .map_err(|e| tracing::error!("reflection disabled: {e}"))
+        .ok()
 }

@@ -4,15 +4,13 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use polyhead_proto::v1;
 use polyhead_proto::v1::polyhead_server::Polyhead;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
-use super::{convert, info, status};
+use super::{convert, deadline, info};
 use crate::error::Error;
 use crate::manifest::HeadKind;
 use crate::pipeline::{HeadOutput, ImageRequest, Pipeline};
@@ -43,34 +41,9 @@ impl PolyheadService {
         F: Future<Output = Result<T, Error>>,
     {
         let request_id = format!("{:x}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        let timeout =
-            deadline(metadata).unwrap_or_else(|| self.pipeline.limits().default_timeout());
-        let span = tracing::info_span!("rpc", rpc, request_id = %request_id);
-        match tokio::time::timeout(timeout, work).instrument(span).await {
-            Ok(Ok(reply)) => Ok(Response::new(reply)),
-            Ok(Err(error)) => Err(status::to_status(error, &request_id)),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{rpc} did not finish within its deadline of {:.3} s",
-                timeout.as_secs_f64()
-            ))),
-        }
+        let default_timeout = self.pipeline.limits().default_timeout();
+        deadline::run(metadata, rpc, &request_id, default_timeout, work).await
     }
-}
-
-/// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
-fn deadline(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 #[tonic::async_trait]
@@ -177,22 +150,30 @@ impl Polyhead for PolyheadService {
 
     async fn list_models(
         &self,
-        _: Request<v1::ListModelsRequest>,
+        request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
-        Ok(Response::new(info::list(self.pipeline.models())))
+        let models = self.pipeline.models();
+        self.call(request.metadata(), "ListModels", async move {
+            Ok(info::list(models))
+        })
+        .await
     }
 
     async fn get_model(
         &self,
         request: Request<v1::GetModelRequest>,
     ) -> Result<Response<v1::ModelInfo>, Status> {
-        let name = request.into_inner().name;
-        if name.is_empty() {
-            return Err(Status::invalid_argument("name is required"));
-        }
-        info::find(self.pipeline.models(), &name)
-            .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("no model named '{name}'")))
+        let (metadata, _, req) = request.into_parts();
+        let models = self.pipeline.models();
+        self.call(&metadata, "GetModel", async move {
+            let name = req.name;
+            if name.is_empty() {
+                return Err(Error::InvalidArgument("name is required".into()));
+            }
+            info::find(models, &name)
+                .ok_or_else(|| Error::NotFound(format!("no model named '{name}'")))
+        })
+        .await
     }
 }
 
@@ -213,22 +194,5 @@ fn head_result(pipeline: &Pipeline, name: String, output: HeadOutput) -> v1::Hea
     v1::HeadResult {
         head: name,
         result: Some(result),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_header_parses() {
-        let mut metadata = MetadataMap::new();
-        assert_eq!(deadline(&metadata), None);
-        metadata.insert("grpc-timeout", "250m".parse().expect("ascii"));
-        assert_eq!(deadline(&metadata), Some(Duration::from_millis(250)));
-        metadata.insert("grpc-timeout", "2S".parse().expect("ascii"));
-        assert_eq!(deadline(&metadata), Some(Duration::from_secs(2)));
-        metadata.insert("grpc-timeout", "xS".parse().expect("ascii"));
-        assert_eq!(deadline(&metadata), None);
     }
 }

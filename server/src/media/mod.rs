@@ -201,8 +201,8 @@ pub enum MediaError {
 
 impl MediaError {
     /// `true` when the input was refused because it exceeds a configured limit (as opposed to
-    /// being malformed); such errors map to a "resource exhausted" status rather than "invalid
-    /// argument".
+    /// being malformed). Both are the request's fault and retrying cannot help, so both are
+    /// answered INVALID_ARGUMENT; the distinction is kept for logs and metrics.
     pub fn is_limit(&self) -> bool {
         matches!(
             self,

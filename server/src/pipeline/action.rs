@@ -5,16 +5,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
+use tracing::Span;
 
 use super::types::{ActionRequest, Actions, ClipInput, HeadTiming, Timings};
 use super::{Pipeline, output, stack};
+use crate::engine::{NamedTensors, Stage};
 use crate::error::Error;
-use crate::heads::action;
+use crate::heads::{ClassScore, action};
 use crate::media;
 use crate::media::image::ImageLimits;
 use crate::media::preprocess::PreprocessSpec;
 use crate::media::video::{Sampling, VideoLimits};
 use crate::model_set::Head;
+use crate::telemetry::metrics;
 
 /// Sampled frames, preprocessed into one batch.
 struct PreparedClip {
@@ -25,8 +28,15 @@ struct PreparedClip {
 }
 
 impl Pipeline {
-    /// Recognises the action in a clip.
+    /// Recognises the action in a clip. Records the request's stage latencies.
     pub async fn run_action(&self, request: ActionRequest) -> Result<(Actions, Timings), Error> {
+        let result = self.action(request).await?;
+        metrics::record_request(&result.1);
+        Ok(result)
+    }
+
+    /// [`Pipeline::run_action`] without recording metrics (for the warm-up).
+    async fn action(&self, request: ActionRequest) -> Result<(Actions, Timings), Error> {
         let started = Instant::now();
         let sampling = Sampling {
             num_frames: request.num_frames,
@@ -36,21 +46,22 @@ impl Pipeline {
         let frames = clip.timestamps.len() as u32;
         let features = self.run_backbone(clip.batch).await?;
         let head = &request.head;
-        let (outputs, inference) = head.worker.run(features.select(&head.spec.inputs)?).await?;
+        let run = head
+            .worker
+            .run_as(Stage::Head, features.select(&head.spec.inputs)?)
+            .await?;
         let post_started = Instant::now();
-        let logits = output(&outputs, head.name(), "logits")?
-            .view()
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| Error::Internal(format!("head '{}' logits: {e}", head.name())))?;
-        let top = action::postprocess(logits, request.top_k)?;
+        let top = postprocess(head.name(), &run.outputs, request.top_k)?;
         let postprocess = post_started.elapsed();
         let timings = Timings {
             decode: clip.decode,
             preprocess: clip.preprocess,
+            queue: features.queued,
             backbone: features.elapsed,
             heads: vec![HeadTiming {
                 head: head.name().to_string(),
-                inference,
+                queue: run.queued,
+                inference: run.elapsed,
                 postprocess,
             }],
             postprocess,
@@ -80,10 +91,10 @@ impl Pipeline {
             frame_stride: None,
             top_k: 1,
         };
-        self.run_action(request).await.map(|_| ())
+        self.action(request).await.map(|_| ())
     }
 
-    /// Decodes, samples and preprocesses a clip on a blocking thread.
+    /// Decodes, samples and preprocesses a clip on a blocking thread, in the current span.
     async fn prepare_clip(
         &self,
         clip: ClipInput,
@@ -92,25 +103,48 @@ impl Pipeline {
         let image_limits = self.image_limits.clone();
         let video_limits = self.video_limits.clone();
         let spec = self.models.backbone.preprocess;
+        let span = Span::current();
         tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let (frames, timestamps) = match clip {
-                ClipInput::Video(bytes) => decode_video(&bytes, &video_limits, &sampling)?,
-                ClipInput::Frames { frames, fps } => {
-                    decode_frames(&frames, fps, &image_limits, &sampling)?
-                }
-            };
-            let decode = started.elapsed();
-            let started = Instant::now();
-            let batch = preprocess_frames(&frames, &spec)?;
-            Ok(PreparedClip {
-                batch,
-                timestamps,
-                decode,
-                preprocess: started.elapsed(),
+            span.in_scope(|| {
+                let started = Instant::now();
+                let (frames, timestamps) =
+                    decode_clip(clip, &image_limits, &video_limits, &sampling)?;
+                let decode = started.elapsed();
+                let started = Instant::now();
+                let batch = preprocess_frames(&frames, &spec)?;
+                Ok(PreparedClip {
+                    batch,
+                    timestamps,
+                    decode,
+                    preprocess: started.elapsed(),
+                })
             })
         })
         .await?
+    }
+}
+
+/// Softmax and top-k over the head's logits.
+#[tracing::instrument(skip_all, fields(head = %head))]
+fn postprocess(head: &str, outputs: &NamedTensors, top_k: usize) -> Result<Vec<ClassScore>, Error> {
+    let logits = output(outputs, head, "logits")?
+        .view()
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| Error::Internal(format!("head '{head}' logits: {e}")))?;
+    Ok(action::postprocess(logits, top_k)?)
+}
+
+/// Decodes the frames of a clip that sampling picks, with their timestamps.
+#[tracing::instrument(name = "decode", skip_all)]
+fn decode_clip(
+    clip: ClipInput,
+    image_limits: &ImageLimits,
+    video_limits: &VideoLimits,
+    sampling: &Sampling,
+) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
+    match clip {
+        ClipInput::Video(bytes) => decode_video(&bytes, video_limits, sampling),
+        ClipInput::Frames { frames, fps } => decode_frames(&frames, fps, image_limits, sampling),
     }
 }
 
@@ -149,6 +183,7 @@ fn decode_frames(
 
 /// Preprocesses every frame into one `[T, 3, H, W]` batch. Frames of different sizes are each
 /// fitted to the backbone input, which is fixed for a model set with a fixed input size.
+#[tracing::instrument(name = "preprocess", skip_all, fields(frames = frames.len()))]
 fn preprocess_frames(
     frames: &[RgbImage],
     spec: &PreprocessSpec,

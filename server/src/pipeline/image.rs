@@ -2,19 +2,24 @@
 
 use std::time::{Duration, Instant};
 
+use image::RgbImage;
 use ndarray::Axis;
+use tracing::Span;
 
 use super::types::{
     Detections, HeadOptions, HeadOutput, HeadTask, HeadTiming, ImageInput, ImageRequest,
     Segmentation, Timings,
 };
 use super::{Features, Pipeline, output, stack};
-use crate::engine::NamedTensors;
+use crate::engine::{NamedTensors, Run, Stage};
 use crate::error::Error;
 use crate::geometry::Geometry;
 use crate::heads::{detection, segmentation};
 use crate::manifest::HeadParams;
 use crate::media;
+use crate::media::image::ImageLimits;
+use crate::media::preprocess::PreprocessSpec;
+use crate::telemetry::metrics;
 
 /// A decoded, preprocessed image.
 struct Prepared {
@@ -26,8 +31,18 @@ struct Prepared {
 
 impl Pipeline {
     /// Runs every head of `request` on its image from ONE backbone pass. Results come back in
-    /// the order of `request.tasks`.
+    /// the order of `request.tasks`. Records the request's stage latencies.
     pub async fn run_image(
+        &self,
+        request: ImageRequest,
+    ) -> Result<(Vec<(String, HeadOutput)>, Timings), Error> {
+        let result = self.image(request).await?;
+        metrics::record_request(&result.1);
+        Ok(result)
+    }
+
+    /// [`Pipeline::run_image`] without recording metrics (for the warm-up).
+    pub(super) async fn image(
         &self,
         request: ImageRequest,
     ) -> Result<(Vec<(String, HeadOutput)>, Timings), Error> {
@@ -48,6 +63,7 @@ impl Pipeline {
         let mut timings = Timings {
             decode: prepared.decode,
             preprocess: prepared.preprocess,
+            queue: features.queued,
             backbone: features.elapsed,
             backbone_passes: 1,
             backbone_images: 1,
@@ -63,30 +79,53 @@ impl Pipeline {
         Ok((outputs, timings))
     }
 
-    /// Decodes and preprocesses on a blocking thread.
+    /// Decodes and preprocesses on a blocking thread, in the current span.
     async fn prepare(&self, image: ImageInput) -> Result<Prepared, Error> {
         let limits = self.image_limits.clone();
         let spec = self.models.backbone.preprocess;
+        let span = Span::current();
         tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let rgb = match image {
-                ImageInput::Encoded(bytes) => media::image::decode(&bytes, &limits)?,
-                ImageInput::Raw { width, height, rgb } => {
-                    media::image::from_raw(width, height, rgb, &limits)?
-                }
-            };
-            let decode = started.elapsed();
-            let started = Instant::now();
-            let (chw, geometry) = media::preprocess::preprocess(&rgb, &spec);
-            Ok(Prepared {
-                chw,
-                geometry,
-                decode,
-                preprocess: started.elapsed(),
-            })
+            span.in_scope(|| prepare_blocking(image, &limits, &spec))
         })
         .await?
     }
+}
+
+fn prepare_blocking(
+    image: ImageInput,
+    limits: &ImageLimits,
+    spec: &PreprocessSpec,
+) -> Result<Prepared, Error> {
+    let started = Instant::now();
+    let rgb = decode(image, limits)?;
+    let decode = started.elapsed();
+    let started = Instant::now();
+    let (chw, geometry) = preprocess(&rgb, spec);
+    Ok(Prepared {
+        chw,
+        geometry,
+        decode,
+        preprocess: started.elapsed(),
+    })
+}
+
+#[tracing::instrument(name = "decode", skip_all)]
+fn decode(image: ImageInput, limits: &ImageLimits) -> Result<RgbImage, Error> {
+    Ok(match image {
+        ImageInput::Encoded(bytes) => media::image::decode(&bytes, limits)?,
+        ImageInput::Raw { width, height, rgb } => {
+            media::image::from_raw(width, height, rgb, limits)?
+        }
+    })
+}
+
+#[tracing::instrument(
+    name = "preprocess",
+    skip_all,
+    fields(width = rgb.width(), height = rgb.height())
+)]
+fn preprocess(rgb: &RgbImage, spec: &PreprocessSpec) -> (Vec<f32>, Geometry) {
+    media::preprocess::preprocess(rgb, spec)
 }
 
 /// Runs one head on the shared features and post-processes its outputs on a blocking thread.
@@ -96,14 +135,22 @@ async fn run_head(
     geometry: Geometry,
 ) -> Result<(String, HeadOutput, HeadTiming), Error> {
     let inputs = features.select(&task.head.spec.inputs)?;
-    let (outputs, inference) = task.head.worker.run(inputs).await?;
+    let Run {
+        outputs,
+        queued,
+        elapsed,
+    } = task.head.worker.run_as(Stage::Head, inputs).await?;
     let name = task.head.name().to_string();
+    let span = tracing::info_span!("postprocess", head = %name);
     let started = Instant::now();
-    let out =
-        tokio::task::spawn_blocking(move || postprocess(&task, &outputs, &geometry)).await??;
+    let out = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| postprocess(&task, &outputs, &geometry))
+    })
+    .await??;
     let timing = HeadTiming {
         head: name.clone(),
-        inference,
+        queue: queued,
+        inference: elapsed,
         postprocess: started.elapsed(),
     };
     Ok((name, out, timing))

@@ -1,6 +1,9 @@
 //! The shared-backbone request path: decode and preprocess off the async workers, ONE backbone
 //! run per image (one per batch of clip frames), then every requested head on those features,
 //! concurrently, each followed by its pure post-processing.
+//!
+//! Each stage is a tracing span of the request's span (work on blocking and session threads
+//! included), and every finished request records its stage latencies as metrics.
 
 mod action;
 mod image;
@@ -12,11 +15,12 @@ use std::time::{Duration, Instant};
 use ndarray::{ArrayD, IxDyn};
 
 use crate::config::Limits;
-use crate::engine::{NamedTensors, SharedTensor};
+use crate::engine::{NamedTensors, SharedTensor, Stage};
 use crate::error::Error;
 use crate::media::image::ImageLimits;
 use crate::media::video::VideoLimits;
 use crate::model_set::{Head, ModelSet};
+use crate::telemetry::metrics;
 
 pub use types::*;
 
@@ -31,6 +35,7 @@ pub struct Pipeline {
 /// Backbone features of one batch of inputs, and what computing them cost.
 struct Features {
     tensors: NamedTensors,
+    queued: Duration,
     elapsed: Duration,
 }
 
@@ -51,6 +56,7 @@ impl Pipeline {
             max_decoded_frames: limits.max_decoded_frames,
             ..VideoLimits::default()
         };
+        metrics::record_model_info(&models);
         Self {
             models,
             image_limits,
@@ -86,7 +92,7 @@ impl Pipeline {
         let tasks = image_heads
             .map(|head| default_task(head.clone()))
             .collect::<Vec<_>>();
-        self.run_image(ImageRequest { image, tasks }).await?;
+        self.image(ImageRequest { image, tasks }).await?;
         for head in self
             .models
             .heads
@@ -102,8 +108,13 @@ impl Pipeline {
     async fn run_backbone(&self, batch: ArrayD<f32>) -> Result<Features, Error> {
         let backbone = &self.models.backbone;
         let input = vec![(backbone.spec.input.clone(), SharedTensor::new(batch))];
-        let (tensors, elapsed) = backbone.worker.run(input).await?;
-        Ok(Features { tensors, elapsed })
+        let run = backbone.worker.run_as(Stage::Backbone, input).await?;
+        metrics::record_backbone_pass();
+        Ok(Features {
+            tensors: run.outputs,
+            queued: run.queued,
+            elapsed: run.elapsed,
+        })
     }
 }
 

@@ -97,6 +97,8 @@ pub struct Actions {
 #[derive(Debug, Clone, Default)]
 pub struct HeadTiming {
     pub head: String,
+    /// Wait in the head's queue before its run started.
+    pub queue: Duration,
     pub inference: Duration,
     pub postprocess: Duration,
 }
@@ -106,6 +108,8 @@ pub struct HeadTiming {
 pub struct Timings {
     pub decode: Duration,
     pub preprocess: Duration,
+    /// Wait in the backbone's queue before its run started.
+    pub queue: Duration,
     pub backbone: Duration,
     pub heads: Vec<HeadTiming>,
     pub postprocess: Duration,

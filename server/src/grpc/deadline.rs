@@ -1,0 +1,82 @@
+//! Runs one call's work under its deadline (the caller's `grpc-timeout`, else the configured
+//! default) inside a span carrying the request id, and maps its error to a status.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::metadata::MetadataMap;
+use tonic::{Response, Status};
+use tracing::Instrument;
+
+use super::status;
+use crate::error::Error;
+
+/// Runs `work` for `rpc` under the deadline of `metadata`, or `default_timeout` when the call
+/// carries none. An error becomes its status through [`status::to_status`]; a passed deadline is
+/// DEADLINE_EXCEEDED.
+pub(super) async fn run<T, F>(
+    metadata: &MetadataMap,
+    rpc: &str,
+    request_id: &str,
+    default_timeout: Duration,
+    work: F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    let timeout = deadline(metadata).unwrap_or(default_timeout);
+    let span = crate::telemetry::rpc_span(metadata, rpc, request_id);
+    match tokio::time::timeout(timeout, work).instrument(span).await {
+        Ok(Ok(reply)) => Ok(Response::new(reply)),
+        Ok(Err(error)) => Err(status::to_status(error, request_id)),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "{rpc} did not finish within its deadline of {:.3} s",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses() {
+        let mut metadata = MetadataMap::new();
+        assert_eq!(deadline(&metadata), None);
+        metadata.insert("grpc-timeout", "250m".parse().expect("ascii"));
+        assert_eq!(deadline(&metadata), Some(Duration::from_millis(250)));
+        metadata.insert("grpc-timeout", "2S".parse().expect("ascii"));
+        assert_eq!(deadline(&metadata), Some(Duration::from_secs(2)));
+        metadata.insert("grpc-timeout", "xS".parse().expect("ascii"));
+        assert_eq!(deadline(&metadata), None);
+    }
+
+    #[tokio::test]
+    async fn work_past_its_deadline_is_deadline_exceeded() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", "10m".parse().expect("ascii"));
+        let never = std::future::pending::<Result<(), Error>>();
+        let status = run(&metadata, "Slow", "r1", Duration::from_secs(60), never)
+            .await
+            .expect_err("too slow");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(status.message().contains("Slow"), "{}", status.message());
+    }
+}

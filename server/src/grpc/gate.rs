@@ -1,0 +1,94 @@
+//! Admission at the edge of every service: a service whose models are still loading answers
+//! UNAVAILABLE; while draining, new calls answer UNAVAILABLE and in-flight ones are counted so
+//! shutdown can wait for them. Health and reflection stay reachable throughout.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use tonic::Status;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
+
+use crate::lifecycle::Lifecycle;
+use crate::pipeline::Pipeline;
+
+type Body = tonic::body::Body;
+
+/// Builds a service once the pipeline exists.
+type Build<S> = Arc<dyn Fn(Arc<Pipeline>) -> S + Send + Sync>;
+
+/// A service built on the first call after the models are ready, and gated by the lifecycle.
+pub struct Deferred<S> {
+    lifecycle: Arc<Lifecycle>,
+    build: Build<S>,
+    service: Arc<OnceLock<S>>,
+}
+
+impl<S> Clone for Deferred<S> {
+    fn clone(&self) -> Self {
+        Self {
+            lifecycle: Arc::clone(&self.lifecycle),
+            build: Arc::clone(&self.build),
+            service: Arc::clone(&self.service),
+        }
+    }
+}
+
+impl<S> Deferred<S> {
+    /// Gates the service `build` makes from the pipeline.
+    pub fn new(
+        lifecycle: Arc<Lifecycle>,
+        build: impl Fn(Arc<Pipeline>) -> S + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            lifecycle,
+            build: Arc::new(build),
+            service: Arc::new(OnceLock::new()),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Deferred<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Deferred<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let Some(pipeline) = self.lifecycle.pipeline() else {
+            return refuse("the server is starting: models are loading");
+        };
+        let Some(guard) = self.lifecycle.enter() else {
+            return refuse("the server is shutting down");
+        };
+        let mut service = self
+            .service
+            .get_or_init(|| (self.build)(Arc::clone(pipeline)))
+            .clone();
+        Box::pin(async move {
+            let response = service.call(request).await;
+            drop(guard);
+            response
+        })
+    }
+}
+
+fn refuse(message: &'static str) -> BoxFuture<http::Response<Body>, Infallible> {
+    Box::pin(async move { Ok(Status::unavailable(message).into_http()) })
+}

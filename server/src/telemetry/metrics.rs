@@ -1,0 +1,214 @@
+//! The metrics polyhead records, their names and label sets, in Prometheus conventions (base
+//! units, `_total` counters). Without an installed recorder every call here is a no-op.
+
+use std::time::Duration;
+
+use ::metrics::{SharedString, Unit, counter, gauge, histogram};
+use ::metrics::{describe_counter, describe_gauge, describe_histogram};
+
+use crate::model_set::ModelSet;
+use crate::pipeline::Timings;
+
+/// gRPC calls started, by service and method.
+pub const GRPC_STARTED: &str = "grpc_server_started_total";
+/// gRPC calls finished, by service, method and status code.
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+/// gRPC call latency until the last byte of the response, by service and method.
+pub const GRPC_HANDLING: &str = "grpc_server_handling_seconds";
+/// gRPC calls being served now, by method.
+pub const INFLIGHT: &str = "polyhead_inflight_requests";
+/// Latency of each stage of a request, by stage and head.
+pub const STAGE: &str = "polyhead_stage_seconds";
+/// Inputs per model run (1 for an image, T for a clip of T frames), by model.
+pub const BATCH_SIZE: &str = "polyhead_batch_size";
+/// Runs waiting in a model's queue, by model.
+pub const QUEUE_DEPTH: &str = "polyhead_queue_depth";
+/// Backbone runs.
+pub const BACKBONE_PASSES: &str = "polyhead_backbone_passes_total";
+/// Always 1; the labels describe each loaded model.
+pub const MODEL_INFO: &str = "polyhead_model_info";
+
+/// Histogram bucket bounds for latencies, in seconds: 1 ms to 1 min.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Histogram bucket bounds for batch sizes.
+pub const BATCH_SIZE_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// Registers the help text and unit of every metric with the installed recorder.
+pub(super) fn describe() {
+    describe_counter!(GRPC_STARTED, "gRPC calls started.");
+    describe_counter!(GRPC_HANDLED, "gRPC calls finished, by status code.");
+    describe_histogram!(
+        GRPC_HANDLING,
+        Unit::Seconds,
+        "gRPC call latency, to the last response byte."
+    );
+    describe_gauge!(INFLIGHT, "gRPC calls being served now.");
+    describe_histogram!(
+        STAGE,
+        Unit::Seconds,
+        "Time a request spent in each stage, per head it ran; shared stages (decode, preprocess, \
+         backbone, total) count once for each head of the request. `queue` is the wait for the \
+         backbone plus the wait for the head."
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        "Inputs per model run: 1 for an image, T for a T-frame clip."
+    );
+    describe_gauge!(QUEUE_DEPTH, "Runs waiting in a model's queue.");
+    describe_counter!(BACKBONE_PASSES, "Backbone runs.");
+    describe_gauge!(MODEL_INFO, "The loaded models; always 1.");
+}
+
+/// One latency observation of a request's stage for one head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSample {
+    pub stage: &'static str,
+    pub head: String,
+    pub elapsed: Duration,
+}
+
+/// The stage observations one finished request makes: the whole breakdown for each head it ran.
+pub fn stage_samples(t: &Timings) -> Vec<StageSample> {
+    let mut samples = Vec::with_capacity(t.heads.len() * 7);
+    for head in &t.heads {
+        let stages = [
+            ("decode", t.decode),
+            ("preprocess", t.preprocess),
+            ("queue", t.queue + head.queue),
+            ("backbone", t.backbone),
+            ("head", head.inference),
+            ("postprocess", head.postprocess),
+            ("total", t.total),
+        ];
+        samples.extend(stages.map(|(stage, elapsed)| StageSample {
+            stage,
+            head: head.head.clone(),
+            elapsed,
+        }));
+    }
+    samples
+}
+
+/// Records the stage latencies of a finished request.
+pub fn record_request(timings: &Timings) {
+    for sample in stage_samples(timings) {
+        histogram!(STAGE, "stage" => sample.stage, "head" => sample.head)
+            .record(sample.elapsed.as_secs_f64());
+    }
+}
+
+/// Counts one backbone run.
+pub fn record_backbone_pass() {
+    counter!(BACKBONE_PASSES).increment(1);
+}
+
+/// Records the batch size of one run of `model`.
+pub fn record_batch_size(model: &str, size: usize) {
+    histogram!(BATCH_SIZE, "model" => model.to_string()).record(size as f64);
+}
+
+/// Moves the queue depth of `model` by `delta` runs.
+pub fn add_queue_depth(model: &str, delta: f64) {
+    gauge!(QUEUE_DEPTH, "model" => model.to_string()).increment(delta);
+}
+
+/// Moves the number of calls of `rpc` being served by `delta`.
+pub fn add_inflight(rpc: SharedString, delta: f64) {
+    gauge!(INFLIGHT, "rpc" => rpc).increment(delta);
+}
+
+/// The `polyhead_model_info` labels of every model of the set: name, kind, version, provider.
+pub fn model_info_labels(models: &ModelSet) -> Vec<[(&'static str, String); 4]> {
+    let provider = models.device.to_string();
+    let backbone = &models.backbone.spec;
+    let mut rows = vec![info_row(
+        &backbone.name,
+        "backbone",
+        &backbone.version,
+        &provider,
+    )];
+    for head in &models.heads {
+        let kind = head.kind().as_str();
+        rows.push(info_row(head.name(), kind, &head.spec.version, &provider));
+    }
+    rows
+}
+
+fn info_row(model: &str, kind: &str, version: &str, provider: &str) -> [(&'static str, String); 4] {
+    [
+        ("model", model.to_string()),
+        ("kind", kind.to_string()),
+        ("version", version.to_string()),
+        ("execution_provider", provider.to_string()),
+    ]
+}
+
+/// Publishes `polyhead_model_info` for every model of the set.
+pub fn record_model_info(models: &ModelSet) {
+    for labels in model_info_labels(models) {
+        gauge!(MODEL_INFO, &labels).set(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::HeadTiming;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn head(name: &str, queue: u64, inference: u64, postprocess: u64) -> HeadTiming {
+        HeadTiming {
+            head: name.into(),
+            queue: ms(queue),
+            inference: ms(inference),
+            postprocess: ms(postprocess),
+        }
+    }
+
+    #[test]
+    fn every_head_gets_the_whole_breakdown() {
+        let timings = Timings {
+            decode: ms(1),
+            preprocess: ms(2),
+            queue: ms(3),
+            backbone: ms(4),
+            heads: vec![head("detection", 5, 6, 7), head("segmentation", 0, 8, 9)],
+            postprocess: ms(16),
+            total: ms(40),
+            backbone_passes: 1,
+            backbone_images: 1,
+        };
+        let samples = stage_samples(&timings);
+        assert_eq!(samples.len(), 14);
+        let find = |stage: &str, head: &str| {
+            samples
+                .iter()
+                .find(|s| s.stage == stage && s.head == head)
+                .map(|s| s.elapsed)
+        };
+        assert_eq!(find("queue", "detection"), Some(ms(8)));
+        assert_eq!(find("queue", "segmentation"), Some(ms(3)));
+        assert_eq!(find("head", "segmentation"), Some(ms(8)));
+        assert_eq!(find("postprocess", "detection"), Some(ms(7)));
+        assert_eq!(find("backbone", "segmentation"), Some(ms(4)));
+        assert_eq!(find("total", "detection"), Some(ms(40)));
+    }
+
+    #[test]
+    fn a_request_without_heads_records_nothing() {
+        assert!(stage_samples(&Timings::default()).is_empty());
+    }
+
+    #[test]
+    fn latency_buckets_rise_from_milliseconds_to_a_minute() {
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(LATENCY_BUCKETS[0], 0.001);
+        assert_eq!(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1], 60.0);
+    }
+}
