@@ -1,9 +1,11 @@
 //! [`Client`]: a typed, deadline-aware wrapper over the generated `PolyheadClient`.
 
+use std::fmt;
 use std::time::Duration;
 
 use polyhead_proto::v1::{self, polyhead_client::PolyheadClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{ClientError, Result};
 
@@ -11,7 +13,7 @@ use crate::error::{ClientError, Result};
 pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
 
 /// Connection and call settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientOptions {
     /// Deadline of every call, sent to the server as `grpc-timeout` and enforced locally.
     pub timeout: Duration,
@@ -19,6 +21,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Largest message sent or received, in bytes.
     pub max_message_bytes: usize,
+    /// TLS settings; with them a bare `host:port` is reached over `https`.
+    pub tls: Option<ClientTls>,
+    /// Bearer token sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -27,7 +33,63 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_message_bytes: 64 * 1024 * 1024,
+            tls: None,
+            token: None,
         }
+    }
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("tls", &self.tls)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// How to reach a TLS server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM certificates of the CA(s) the server's certificate must be signed by.
+    pub ca_cert_pem: Vec<u8>,
+    /// PEM certificate chain and private key presented to a server that asks for one
+    /// (mutual TLS).
+    pub client_identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name the server's certificate must carry; default: the host of the address.
+    pub domain: Option<String>,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field(
+                "ca_cert_pem",
+                &format_args!("{} bytes", self.ca_cert_pem.len()),
+            )
+            .field(
+                "client_identity",
+                &self.client_identity.as_ref().map(|_| "<redacted>"),
+            )
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    fn config(&self) -> ClientTlsConfig {
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_cert_pem));
+        if let Some((cert, key)) = &self.client_identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
     }
 }
 
@@ -37,28 +99,48 @@ pub struct Client {
     inner: PolyheadClient<Channel>,
     addr: String,
     options: ClientOptions,
+    authorization: Option<AsciiMetadataValue>,
 }
 
-/// Turns `host:port` or `http://host:port` into the URI the channel connects to.
+/// Turns `host:port`, `http://host:port` or `https://host:port` into the URI the channel
+/// connects to; a bare `host:port` becomes `http://host:port`.
 ///
-/// Surrounding whitespace and a trailing `/` are dropped. Only plain-text `http` is supported.
+/// Surrounding whitespace and a trailing `/` are dropped.
 pub fn normalize_addr(addr: &str) -> Result<String> {
+    parse_addr(addr, "http")
+}
+
+/// [`normalize_addr`] for a client with (`tls`) or without TLS settings: a bare `host:port`
+/// takes the matching scheme, and a scheme that contradicts the settings is refused.
+fn resolve_addr(addr: &str, tls: bool) -> Result<String> {
+    let uri = parse_addr(addr, if tls { "https" } else { "http" })?;
+    let reason = match (uri.starts_with("https://"), tls) {
+        (true, false) => "https:// needs the CA certificate that signed the server's (--tls-ca)",
+        (false, true) => "TLS settings were given; use https:// or a bare host:port",
+        _ => return Ok(uri),
+    };
+    Err(ClientError::InvalidAddress {
+        addr: addr.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
+/// Parses an address, giving a bare `host:port` the scheme `default`.
+fn parse_addr(addr: &str, default: &str) -> Result<String> {
     let invalid = |reason: &str| ClientError::InvalidAddress {
         addr: addr.to_owned(),
         reason: reason.to_owned(),
     };
     let trimmed = addr.trim();
-    let (scheme, rest) = trimmed.split_once("://").unwrap_or(("http", trimmed));
-    match scheme {
-        "http" => {}
-        "https" => return Err(invalid("TLS is not supported; use http://")),
-        other => return Err(invalid(&format!("unsupported scheme {other:?}"))),
+    let (scheme, rest) = trimmed.split_once("://").unwrap_or((default, trimmed));
+    if scheme != "http" && scheme != "https" {
+        return Err(invalid(&format!("unsupported scheme {scheme:?}")));
     }
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() {
         return Err(invalid("missing host"));
     }
-    let uri = format!("http://{authority}");
+    let uri = format!("{scheme}://{authority}");
     match uri.parse::<tonic::codegen::http::Uri>() {
         Ok(parsed) if parsed.host().is_some_and(|host| !host.is_empty()) => Ok(uri),
         Ok(_) => Err(invalid("missing host")),
@@ -72,12 +154,17 @@ impl Client {
     /// The connection is established eagerly, so an unreachable server fails here with
     /// [`ClientError::Connect`] rather than on the first call.
     pub async fn connect(addr: &str, options: ClientOptions) -> Result<Self> {
-        let uri = normalize_addr(addr)?;
-        let endpoint =
-            Endpoint::from_shared(uri.clone()).map_err(|err| ClientError::InvalidAddress {
-                addr: addr.to_owned(),
-                reason: err.to_string(),
-            })?;
+        let uri = resolve_addr(addr, options.tls.is_some())?;
+        let invalid = |err: tonic::transport::Error| ClientError::InvalidAddress {
+            addr: addr.to_owned(),
+            reason: err.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(uri.clone()).map_err(invalid)?;
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint.tls_config(tls.config()).map_err(invalid)?;
+        }
+        // Checked before connecting, so a token that cannot be sent fails at once.
+        authorization(options.token.as_deref())?;
         let channel = endpoint
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
@@ -87,19 +174,25 @@ impl Client {
                 addr: uri.clone(),
                 source,
             })?;
-        Ok(Self::from_channel(channel, uri, options))
+        Self::from_channel(channel, uri, options)
     }
 
-    /// Wraps an existing channel; `addr` is only used in messages.
-    pub fn from_channel(channel: Channel, addr: impl Into<String>, options: ClientOptions) -> Self {
+    /// Wraps an existing channel; `addr` is only used in messages. Fails only on a token that
+    /// cannot travel in a header.
+    pub fn from_channel(
+        channel: Channel,
+        addr: impl Into<String>,
+        options: ClientOptions,
+    ) -> Result<Self> {
         let inner = PolyheadClient::new(channel)
             .max_decoding_message_size(options.max_message_bytes)
             .max_encoding_message_size(options.max_message_bytes);
-        Self {
+        Ok(Self {
             inner,
             addr: addr.into(),
+            authorization: authorization(options.token.as_deref())?,
             options,
-        }
+        })
     }
 
     /// The normalised address this client talks to.
@@ -108,8 +201,8 @@ impl Client {
     }
 
     /// The options in effect.
-    pub fn options(&self) -> ClientOptions {
-        self.options
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
     }
 
     /// A client on the same connection with another call deadline.
@@ -119,7 +212,8 @@ impl Client {
         client
     }
 
-    /// The generated client, for calls that need full control over the request.
+    /// The generated client, for calls that need full control over the request; wrap their
+    /// messages with [`Client::request`] to send the deadline and token.
     pub fn raw(&self) -> PolyheadClient<Channel> {
         self.inner.clone()
     }
@@ -236,12 +330,32 @@ impl Client {
         finish(inner.get_model(request).await, timeout)
     }
 
-    /// Wraps a message in a request carrying the call deadline.
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    /// Wraps a message in a request carrying the call deadline and the bearer token.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.options.timeout);
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
         request
     }
+}
+
+/// The `authorization` value for `token`, marked sensitive so HTTP/2 never indexes it.
+fn authorization(token: Option<&str>) -> Result<Option<AsciiMetadataValue>> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let token = token.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ClientError::InvalidToken);
+    }
+    let mut value = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| ClientError::InvalidToken)?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// Unwraps a call's response, classifying its failure.
@@ -279,27 +393,53 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_rejected() {
-        for addr in [
-            "",
-            "  ",
-            "http://",
-            "https://host:1",
-            "ftp://host:1",
-            "ho st:1",
-        ] {
+        for addr in ["", "  ", "http://", "https://", "ftp://host:1", "ho st:1"] {
             let err = normalize_addr(addr).err();
             assert!(
                 matches!(err, Some(ClientError::InvalidAddress { .. })),
                 "{addr:?} gave {err:?}"
             );
         }
-        let tls = normalize_addr("https://host:1")
-            .err()
-            .map(|e| e.to_string());
+    }
+
+    #[test]
+    fn tls_settings_pick_the_scheme() {
         assert_eq!(
-            tls.as_deref(),
-            Some("invalid server address \"https://host:1\": TLS is not supported; use http://")
+            normalize_addr("https://host:1").ok().as_deref(),
+            Some("https://host:1")
         );
+        assert_eq!(
+            resolve_addr("host:1", true).ok().as_deref(),
+            Some("https://host:1")
+        );
+        let reason = |addr: &str, tls: bool| resolve_addr(addr, tls).err().map(|e| e.to_string());
+        assert_eq!(
+            reason("https://host:1", false).as_deref(),
+            Some(
+                "invalid server address \"https://host:1\": https:// needs the CA certificate \
+                 that signed the server's (--tls-ca)"
+            )
+        );
+        assert!(reason("http://host:1", true).is_some_and(|r| r.contains("use https://")));
+    }
+
+    #[test]
+    fn tokens_are_sent_and_never_printed() {
+        let value = authorization(Some("s3cret")).ok().flatten();
+        assert_eq!(
+            value.as_ref().and_then(|v| v.to_str().ok()),
+            Some("Bearer s3cret")
+        );
+        assert!(value.is_some_and(|v| v.is_sensitive()));
+        assert!(matches!(
+            authorization(Some("caf\u{e9}")),
+            Err(ClientError::InvalidToken)
+        ));
+        let options = ClientOptions {
+            token: Some("s3cret".into()),
+            ..ClientOptions::default()
+        };
+        assert!(!format!("{options:?}").contains("s3cret"));
     }
 
     #[test]

@@ -24,8 +24,9 @@ pub enum ClientError {
     },
     /// No connection could be established.
     #[error(
-        "cannot connect to polyhead at {addr}: {reason} (is the server running? set --server or POLYHEAD_SERVER)",
-        reason = connect_reason(.source)
+        "cannot connect to polyhead at {addr}: {reason} ({hint})",
+        reason = connect_reason(.source),
+        hint = connect_hint(.source)
     )]
     Connect {
         /// The normalised address (`http://host:port`).
@@ -42,6 +43,9 @@ pub enum ClientError {
     /// The server (or the transport) answered with a gRPC error status.
     #[error("{}", status_message(.0))]
     Status(#[from] tonic::Status),
+    /// The bearer token cannot travel in a gRPC header.
+    #[error("invalid token: a token is one or more visible ASCII characters, without spaces")]
+    InvalidToken,
     /// A local file could not be read.
     #[error("cannot read {}: {source}", path.display())]
     Io {
@@ -62,7 +66,7 @@ impl ClientError {
             Self::Status(status) => Some(status.code()),
             Self::Connect { .. } => Some(Code::Unavailable),
             Self::Timeout { .. } => Some(Code::DeadlineExceeded),
-            Self::InvalidAddress { .. } | Self::Io { .. } => None,
+            Self::InvalidAddress { .. } | Self::InvalidToken | Self::Io { .. } => None,
         }
     }
 
@@ -76,14 +80,20 @@ impl ClientError {
 
     /// Classifies a failed call: deadline expiries (reported by the server as
     /// `DEADLINE_EXCEEDED`, or by the channel as a cancelled "Timeout expired") become
-    /// [`ClientError::Timeout`], everything else [`ClientError::Status`].
+    /// [`ClientError::Timeout`]; a connection that broke (a TLS handshake the server refused,
+    /// say), which tonic reports as UNKNOWN "transport error", becomes UNAVAILABLE with the
+    /// reason; everything else [`ClientError::Status`].
     pub(crate) fn from_call(status: tonic::Status, timeout: Duration) -> Self {
         let expired = status.code() == Code::DeadlineExceeded
             || (status.code() == Code::Cancelled && status.message() == "Timeout expired");
         if expired {
-            Self::Timeout { after: timeout }
-        } else {
-            Self::Status(status)
+            return Self::Timeout { after: timeout };
+        }
+        match transport_failure(&status) {
+            Some(reason) => Self::Status(tonic::Status::unavailable(format!(
+                "connection failed: {reason}"
+            ))),
+            None => Self::Status(status),
         }
     }
 }
@@ -127,7 +137,7 @@ fn status_message(status: &tonic::Status) -> String {
         Code::Internal => with("internal server error"),
         Code::Unavailable => with("server unavailable"),
         Code::DataLoss => with("data loss"),
-        Code::Unauthenticated => with("unauthenticated"),
+        Code::Unauthenticated => with("the server refused the credentials"),
     }
 }
 
@@ -148,6 +158,34 @@ fn connect_reason(error: &tonic::transport::Error) -> String {
         current = err.source();
     }
     innermost
+}
+
+/// The reason of a call that failed in the transport rather than on the server.
+fn transport_failure(status: &tonic::Status) -> Option<String> {
+    if status.code() != Code::Unknown {
+        return None;
+    }
+    let source = StdError::source(status)?;
+    source
+        .downcast_ref::<tonic::transport::Error>()
+        .map(connect_reason)
+}
+
+/// What to check when a connection cannot be established: the TLS settings when the handshake
+/// failed (rustls reports it as invalid data), the address otherwise.
+fn connect_hint(error: &tonic::transport::Error) -> &'static str {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::InvalidData {
+                return "check that --tls-ca holds the CA that signed the server's certificate \
+                        and that --tls-domain matches it";
+            }
+            break;
+        }
+        current = err.source();
+    }
+    "is the server running? set --server or POLYHEAD_SERVER"
 }
 
 /// A short lower-case reason for the common socket errors.
@@ -198,6 +236,10 @@ mod tests {
         assert_eq!(
             message(Code::Unimplemented, ""),
             "server does not implement this call"
+        );
+        assert_eq!(
+            message(Code::Unauthenticated, "missing or invalid bearer token"),
+            "the server refused the credentials: missing or invalid bearer token"
         );
         assert_eq!(
             message(Code::DeadlineExceeded, "deadline passed"),

@@ -27,7 +27,7 @@ mod error;
 mod input;
 pub mod json;
 
-pub use client::{Client, ClientOptions, DEFAULT_SERVER, normalize_addr};
+pub use client::{Client, ClientOptions, ClientTls, DEFAULT_SERVER, normalize_addr};
 pub use error::{ClientError, Result};
 pub use input::{frames_clip, image_from_bytes, image_from_path, raw_image, read_file, video_clip};
 /// The generated `polyhead.v1` messages and stubs.

@@ -1,6 +1,7 @@
 //! The `polyhead` command line: argument definitions, dispatch and error reporting.
 
 mod analyze;
+mod credentials;
 mod detect;
 mod layout;
 mod models;
@@ -25,7 +26,7 @@ const GLOBAL: &str = "Global options";
 #[derive(Debug, Parser)]
 #[command(name = "polyhead", version)]
 pub struct Cli {
-    /// Server address, `host:port` or `http://host:port`.
+    /// Server address, `host:port`, `http://host:port` or `https://host:port`.
     #[arg(
         long,
         global = true,
@@ -49,6 +50,9 @@ pub struct Cli {
     /// Print the response as JSON instead of text.
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
+    /// TLS and authentication.
+    #[command(flatten)]
+    pub credentials: credentials::CredentialArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -92,6 +96,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         options: ClientOptions {
             timeout: cli.timeout,
             connect_timeout: cli.timeout.min(ClientOptions::default().connect_timeout),
+            tls: cli.credentials.tls()?,
+            token: cli.credentials.token,
             ..ClientOptions::default()
         },
     };
@@ -113,7 +119,7 @@ pub(crate) struct Session {
 impl Session {
     /// Connects to the server.
     pub(crate) async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.server, self.options).await
+        Client::connect(&self.server, self.options.clone()).await
     }
 }
 
@@ -259,6 +265,36 @@ mod tests {
         );
         let io = anyhow::Error::new(io::Error::other("disk full")).context("cannot write map.png");
         assert_eq!(render_error(&io), "cannot write map.png: disk full");
+    }
+
+    #[test]
+    fn credential_flags_parse() -> Result<(), clap::Error> {
+        let cli = parse(&[
+            "models",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-domain",
+            "polyhead.internal",
+            "--token",
+            "abc",
+        ])?;
+        let credentials = &cli.credentials;
+        assert_eq!(
+            credentials.tls_ca.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
+        assert_eq!(credentials.tls_domain.as_deref(), Some("polyhead.internal"));
+        assert_eq!(credentials.token.as_deref(), Some("abc"));
+        let kind = |args: &[&str]| parse(args).err().map(|e| e.kind());
+        assert_eq!(
+            kind(&["models", "--tls-cert", "c.pem", "--tls-ca", "ca.pem"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        Ok(())
     }
 
     #[test]

@@ -123,11 +123,15 @@ fn stage_line(t: &v1::Timings) -> String {
     )
 }
 
-/// `backbone passes: N`, with the image count when it differs, then `note`.
+/// `backbone passes: N`, with the image count when it differs, whether the features came from
+/// the server's cache, then `note`.
 fn passes_line(t: &v1::Timings, note: &str) -> String {
     let mut line = format!("backbone passes: {}", t.backbone_passes);
     if t.backbone_images != t.backbone_passes {
         line.push_str(&format!(" ({} images)", t.backbone_images));
+    }
+    if t.features_cached {
+        line.push_str(" (features from the cache)");
     }
     line.push_str(note);
     line.push('\n');
@@ -230,6 +234,7 @@ mod tests {
             total_ms: 50.0,
             backbone_passes: 2,
             backbone_images: 16,
+            features_cached: false,
         };
         assert_eq!(
             timings(Some(&t)),
@@ -239,6 +244,15 @@ mod tests {
         assert_eq!(timings(None), "");
         let idle = v1::Timings::default();
         assert!(timings(Some(&idle)).contains(" heads 0.0 ms,"));
+        let cached = v1::Timings {
+            features_cached: true,
+            ..Default::default()
+        };
+        assert!(
+            timings(Some(&cached)).ends_with("backbone passes: 0 (features from the cache)\n"),
+            "{}",
+            timings(Some(&cached))
+        );
     }
 
     #[test]

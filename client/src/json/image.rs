@@ -234,6 +234,7 @@ mod tests {
             total_ms: 18.0,
             backbone_passes: 1,
             backbone_images: 1,
+            features_cached: false,
         }
     }
 
@@ -270,7 +271,8 @@ mod tests {
                 r#""mask":{"size":[48,64],"counts":"PPa0"}}],"image_width":64,"image_height":48},"#,
                 r#""timings":{"decode_ms":1.5,"preprocess_ms":2.0,"backbone_ms":10.25,"#,
                 r#""heads":[{"head":"det","inference_ms":3.0,"postprocess_ms":0.5}],"#,
-                r#""postprocess_ms":0.75,"total_ms":18.0,"backbone_passes":1,"backbone_images":1}}"#
+                r#""postprocess_ms":0.75,"total_ms":18.0,"backbone_passes":1,"backbone_images":1,"#,
+                r#""features_cached":false}}"#
             )
         );
         Ok(())

@@ -36,6 +36,8 @@ pub struct Timings {
     pub backbone_passes: u32,
     /// Images through the backbone.
     pub backbone_images: u32,
+    /// Features from the server's feature cache.
+    pub features_cached: bool,
 }
 
 /// Mirror of `HeadTiming`.
@@ -68,6 +70,7 @@ impl From<&v1::Timings> for Timings {
             total_ms: t.total_ms,
             backbone_passes: t.backbone_passes,
             backbone_images: t.backbone_images,
+            features_cached: t.features_cached,
         }
     }
 }
