@@ -16,8 +16,10 @@ setup:
 models:
 	PRESETS="$(PRESET)" scripts/setup.sh venv models
 
+# All targets at once: the tests' dependencies unify features with the binaries', so `make run`
+# and `make test` share one build (and the tests that start the server binary find it).
 build: setup
-	$(CARGO) build --release -j$(JOBS) --workspace
+	$(CARGO) build --release -j$(JOBS) --workspace --all-targets
 
 ## Start the server on the demo model set (POLYHEAD_LISTEN, POLYHEAD_DEVICE, ... are honoured).
 run: build
@@ -25,10 +27,9 @@ run: build
 
 ## The whole test suite: unit tests, ONNX Runtime equivalence and end-to-end tests in Rust,
 ## then the server binary through real third-party gRPC peers (grpcurl, grpcio, tritonclient).
-test: setup
+test: build
 	scripts/setup.sh testtools
 	$(CARGO) test --release -j$(JOBS) --workspace
-	$(CARGO) build --release -j$(JOBS) -p polyhead-server
 	.venv/bin/python -m pytest -q tests/python
 
 lint:

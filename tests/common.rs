@@ -29,44 +29,50 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("models/generated/tiny"))
 }
 
-/// Starts the server on its own runtime thread the first time it is asked for; it then serves
-/// every test of this binary until the process exits.
+/// Starts the shared server the first time it is asked for; it then serves every test of this
+/// binary until the process exits. Its feature cache is off, so that every image request runs
+/// the backbone whichever images other tests sent before.
 pub fn server() -> &'static TestServer {
     SERVER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("test-server".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("test server runtime");
-                runtime.block_on(async move {
-                    let config = Config::for_models(models_dir());
-                    let pipeline = polyhead_server::load(&config).await.unwrap_or_else(|e| {
-                        panic!("loading {}: {e} (run `make setup`)", models_dir().display())
-                    });
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                        .await
-                        .expect("bind");
-                    let addr = listener.local_addr().expect("local addr");
-                    tx.send((addr, Arc::clone(&pipeline)))
-                        .expect("report address");
-                    polyhead_server::serve_loaded(
-                        &config,
-                        pipeline,
-                        listener,
-                        std::future::pending(),
+        let mut config = Config::for_models(models_dir());
+        config.cache.cache_bytes = 0;
+        start_server(config)
+    })
+}
+
+/// Loads `config`'s model set and serves it on 127.0.0.1:0 from a runtime thread of its own,
+/// until the process exits.
+pub fn start_server(config: Config) -> TestServer {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("test-server".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("test server runtime");
+            runtime.block_on(async move {
+                let pipeline = polyhead_server::load(&config).await.unwrap_or_else(|e| {
+                    panic!(
+                        "loading {}: {e} (run `make setup`)",
+                        config.models.display()
                     )
+                });
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = listener.local_addr().expect("local addr");
+                tx.send((addr, Arc::clone(&pipeline)))
+                    .expect("report address");
+                polyhead_server::serve_loaded(&config, pipeline, listener, std::future::pending())
                     .await
                     .expect("serve");
-                });
-            })
-            .expect("spawn test server");
-        let (addr, pipeline) = rx.recv().expect("test server started");
-        TestServer { addr, pipeline }
-    })
+            });
+        })
+        .expect("spawn test server");
+    let (addr, pipeline) = rx.recv().expect("test server started");
+    TestServer { addr, pipeline }
 }
 
 /// A client connected to the shared server.

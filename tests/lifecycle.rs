@@ -70,6 +70,26 @@ async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
         .expect("connect")
 }
 
+/// The Open Inference Protocol's own probes: (live, ready).
+async fn oip_probes(addr: SocketAddr) -> (bool, bool) {
+    use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use polyhead_proto::inference::{ServerLiveRequest, ServerReadyRequest};
+    let mut client = GrpcInferenceServiceClient::new(channel(addr).await);
+    let live = client
+        .server_live(ServerLiveRequest {})
+        .await
+        .expect("live")
+        .into_inner()
+        .live;
+    let ready = client
+        .server_ready(ServerReadyRequest {})
+        .await
+        .expect("ready")
+        .into_inner()
+        .ready;
+    (live, ready)
+}
+
 async fn client(addr: SocketAddr) -> Client {
     Client::connect(&addr.to_string(), ClientOptions::default())
         .await
@@ -105,6 +125,11 @@ async fn health_follows_loading_ready_and_draining() {
         .await
         .expect_err("not ready");
     assert_eq!(err.code(), Some(Code::Unavailable));
+    assert_eq!(
+        oip_probes(own.addr).await,
+        (true, false),
+        "live, not ready while loading"
+    );
     own.lifecycle
         .set_ready(Arc::clone(&server().pipeline))
         .await;
@@ -114,8 +139,14 @@ async fn health_follows_loading_ready_and_draining() {
         ServingStatus::Serving
     );
     client(own.addr).await.list_models().await.expect("ready");
+    assert_eq!(oip_probes(own.addr).await, (true, true));
     own.lifecycle.start_draining().await;
     assert_eq!(health(own.addr, "").await, ServingStatus::NotServing);
+    assert_eq!(
+        oip_probes(own.addr).await,
+        (true, false),
+        "not ready while draining"
+    );
     own.stop.send(()).expect("stop");
     own.done.await.expect("join").expect("clean stop");
 }

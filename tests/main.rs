@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on 127.0.0.1:0 with the generated `tiny` demo model set,
 //! real ONNX Runtime, real decoders, talked to through the client library.
 
+mod cache;
 mod common;
 mod equivalence;
 mod errors;
@@ -8,5 +9,7 @@ mod images;
 mod lifecycle;
 mod loading;
 mod oip;
+mod process;
+mod security;
 mod telemetry;
 mod video;

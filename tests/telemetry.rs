@@ -1,15 +1,15 @@
-//! Metrics and traces, end to end: the Prometheus endpoint counts exactly the calls made, and a
-//! caller's W3C trace continues through the RPC and every stage to an OTLP collector.
+//! Metrics and traces, end to end, on the real `polyhead-server` binary: the Prometheus endpoint
+//! counts exactly the calls made, and a caller's W3C trace continues through the RPC and every
+//! stage to an OTLP collector.
 //!
-//! The metrics recorder and the tracing subscriber are process-wide and every other test of this
-//! binary shares its server, so each check runs in a process of its own: the test below starts
-//! this binary again for one ignored test, which installs telemetry before the shared server
-//! starts and is the only test of that process.
+//! The metrics recorder and the tracing subscriber are process-wide, so each test starts the
+//! binary as a process of its own and is the only user of its ports and its telemetry.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ndarray::ArrayD;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -20,111 +20,68 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use polyhead_client::{Client, ClientOptions};
+use polyhead_proto::inference::ModelInferRequest;
+use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use polyhead_proto::inference::model_infer_request::InferInputTensor;
 use polyhead_proto::v1;
-use polyhead_server::config::LogFormat;
-use polyhead_server::telemetry::{Telemetry, TelemetryConfig};
+use polyhead_server::manifest::Manifest;
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status};
 
-use crate::common::{client, encoded, photo, server};
-
-/// Set in the environment of the child process.
-const CHILD: &str = "POLYHEAD_TELEMETRY_CHILD";
+use crate::common::{encoded, models_dir, photo};
+use crate::process::{ServerProcess, poll};
 
 /// How long the metrics of finished calls may take to show.
 const SETTLE: Duration = Duration::from_secs(10);
 
-#[test]
-fn prometheus_counts_every_call_by_method_and_code() {
-    in_own_process("telemetry::own_process::metrics");
+/// The `service.name` the traced server is started with.
+const SERVICE: &str = "polyhead-test";
+
+#[tokio::test]
+async fn prometheus_counts_every_call_by_method_and_code() {
+    let server = ServerProcess::start(&[]).await;
+    let before = scrape(server.metrics_addr).await;
+    let sent = send_known_calls(server.addr).await;
+    let after = settled(server.metrics_addr, &before, sent).await;
+    let manifest = Manifest::load(&models_dir()).expect("the test model set's manifest");
+    assert_grpc_counts(&before, &after);
+    assert_stage_counts(&before, &after, &manifest);
+    assert_gauges(&after, &manifest);
 }
 
-#[test]
-fn a_callers_trace_continues_through_every_stage() {
-    in_own_process("telemetry::own_process::trace");
-}
-
-/// Runs the ignored test `name` alone in a fresh process of this binary.
-fn in_own_process(name: &str) {
-    let exe = std::env::current_exe().expect("the test binary");
-    let output = std::process::Command::new(exe)
-        .args([
-            name,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .env("POLYHEAD_LOG", "info,ort=warn")
-        .output()
-        .expect("start the test binary again");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "{name} in its own process:\n{stdout}\n{stderr}"
-    );
-}
-
-fn telemetry_config(otlp_endpoint: Option<String>, metrics: bool) -> TelemetryConfig {
-    TelemetryConfig {
-        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        no_metrics: !metrics,
-        otlp_endpoint,
-        service_name: "polyhead-test".into(),
+#[tokio::test]
+async fn a_callers_trace_continues_through_every_stage() {
+    let (collector, mut exports) = collector().await;
+    let endpoint = format!("http://{collector}");
+    let mut server = ServerProcess::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_SERVICE_NAME", SERVICE),
+        ("POLYHEAD_LOG_FORMAT", "json"),
+    ])
+    .await;
+    detect_with_traceparent(server.addr).await;
+    // The exporter sends spans in batches, at the latest when the server shuts down.
+    let status = server.terminate().await;
+    assert!(status.success(), "exit on SIGTERM: {status}");
+    let mut spans = Vec::new();
+    while let Ok(export) = exports.try_recv() {
+        assert_eq!(service_name(&export).as_deref(), Some(SERVICE));
+        spans.extend(export_spans(export));
     }
+    assert_span_tree(&spans);
 }
 
-mod own_process {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "runs in its own process, from prometheus_counts_every_call_by_method_and_code"]
-    async fn metrics() {
-        if std::env::var_os(CHILD).is_none() {
-            return;
-        }
-        let telemetry = Telemetry::init(&telemetry_config(None, true), LogFormat::Text)
-            .await
-            .expect("telemetry");
-        let endpoint = telemetry.metrics_addr().expect("metrics are served");
-        server();
-        let before = scrape(endpoint).await;
-        let sent = send_known_calls().await;
-        let after = settled(endpoint, &before, sent).await;
-        assert_grpc_counts(&before, &after);
-        assert_stage_counts(&before, &after);
-        assert_gauges(&after);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "runs in its own process, from a_callers_trace_continues_through_every_stage"]
-    async fn trace() {
-        if std::env::var_os(CHILD).is_none() {
-            return;
-        }
-        let (collector, mut exports) = collector().await;
-        let config = telemetry_config(Some(format!("http://{collector}")), false);
-        let telemetry = Telemetry::init(&config, LogFormat::Json)
-            .await
-            .expect("telemetry");
-        detect_with_traceparent().await;
-        telemetry.flush().await;
-        let mut spans = Vec::new();
-        while let Ok(export) = exports.try_recv() {
-            assert_eq!(service_name(&export).as_deref(), Some("polyhead-test"));
-            spans.extend(export_spans(export));
-        }
-        assert_span_tree(&spans);
-        telemetry.shutdown().await;
-    }
+async fn connect(addr: SocketAddr) -> Client {
+    Client::connect(&addr.to_string(), ClientOptions::default())
+        .await
+        .expect("connect to polyhead-server")
 }
 
-/// Calls answered OK, INVALID_ARGUMENT, NOT_FOUND and (by tonic itself) UNIMPLEMENTED; returns
-/// how many calls were made.
-async fn send_known_calls() -> u64 {
-    let mut raw = client().await.raw();
+/// Calls answered OK, INVALID_ARGUMENT, NOT_FOUND and (by tonic itself) UNIMPLEMENTED, and one
+/// Open Inference Protocol call on the backbone; returns how many calls were made.
+async fn send_known_calls(addr: SocketAddr) -> u64 {
+    let mut raw = connect(addr).await.raw();
     for _ in 0..3 {
         raw.detect(detect_request(Some(encoded(photo("chelsea.png")))))
             .await
@@ -148,8 +105,37 @@ async fn send_known_calls() -> u64 {
     };
     let status = raw.get_model(missing).await.expect_err("unknown model");
     assert_eq!(status.code(), Code::NotFound);
-    assert_eq!(call_unknown_method().await, Code::Unimplemented);
-    8
+    assert_eq!(call_unknown_method(addr).await, Code::Unimplemented);
+    infer_on_backbone(addr).await;
+    9
+}
+
+/// One ModelInfer of the backbone alone on a blank image of its input size.
+async fn infer_on_backbone(addr: SocketAddr) {
+    let spec = Manifest::load(&models_dir()).expect("manifest").backbone;
+    let [height, width] = spec
+        .input_size
+        .unwrap_or([224, 224])
+        .map(|side| side as usize);
+    let input = ArrayD::<f32>::zeros(vec![1, 3, height, width]);
+    let request = ModelInferRequest {
+        model_name: spec.name,
+        inputs: vec![InferInputTensor {
+            name: spec.input,
+            datatype: "FP32".into(),
+            shape: input.shape().iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![input.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the OIP service")
+        .max_decoding_message_size(256 << 20)
+        .model_infer(request)
+        .await
+        .expect("ModelInfer");
 }
 
 fn detect_request(image: Option<v1::Image>) -> v1::DetectRequest {
@@ -161,8 +147,8 @@ fn detect_request(image: Option<v1::Image>) -> v1::DetectRequest {
 }
 
 /// Calls a method the server does not have; tonic answers it without reaching any service.
-async fn call_unknown_method() -> Code {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server().addr))
+async fn call_unknown_method(addr: SocketAddr) -> Code {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect()
         .await
@@ -179,17 +165,14 @@ async fn call_unknown_method() -> Code {
 }
 
 /// Scrapes until the calls sent have all been recorded as finished (an error's response may be
-/// sent before its call is recorded), or [`SETTLE`] passes.
+/// sent before its call is recorded).
 async fn settled(endpoint: SocketAddr, before: &Scrape, sent: u64) -> Scrape {
-    let started = Instant::now();
-    loop {
+    poll("every call to be recorded", SETTLE, async || {
         let after = scrape(endpoint).await;
         let finished = after.delta(before, "grpc_server_handled_total", &[]);
-        if finished >= sent as f64 || started.elapsed() > SETTLE {
-            return after;
-        }
-        tokio::task::yield_now().await;
-    }
+        (finished >= sent as f64).then_some(after)
+    })
+    .await
 }
 
 fn assert_grpc_counts(before: &Scrape, after: &Scrape) {
@@ -215,7 +198,13 @@ fn assert_grpc_counts(before: &Scrape, after: &Scrape) {
         ("grpc_code", "Unimplemented"),
     ];
     assert_eq!(delta("grpc_server_handled_total", &unknown), 1.0);
-    assert_eq!(delta("grpc_server_handled_total", &[]), 8.0, "nothing else");
+    let infer = [
+        ("grpc_service", "inference.GRPCInferenceService"),
+        ("grpc_method", "ModelInfer"),
+        ("grpc_code", "OK"),
+    ];
+    assert_eq!(delta("grpc_server_handled_total", &infer), 1.0);
+    assert_eq!(delta("grpc_server_handled_total", &[]), 9.0, "nothing else");
     let fastest = [detect[0], detect[1], ("le", "0.001")];
     assert!(
         after.has("grpc_server_handling_seconds_bucket", &fastest),
@@ -223,16 +212,16 @@ fn assert_grpc_counts(before: &Scrape, after: &Scrape) {
     );
 }
 
-fn assert_stage_counts(before: &Scrape, after: &Scrape) {
+fn assert_stage_counts(before: &Scrape, after: &Scrape, manifest: &Manifest) {
     let delta = |name: &str, labels: &[(&str, &str)]| after.delta(before, name, labels);
-    // Three detections and one analysis ran the backbone once each; the bad requests never did.
-    assert_eq!(delta("polyhead_backbone_passes_total", &[]), 4.0);
-    let backbone = &server().pipeline.models().backbone.spec.name;
-    let batch = [("model", backbone.as_str())];
-    assert_eq!(delta("polyhead_batch_size_count", &batch), 4.0);
+    // Three detections, one analysis and the ModelInfer ran the backbone once each; the bad
+    // requests never did.
+    assert_eq!(delta("polyhead_backbone_passes_total", &[]), 5.0);
+    let batch = [("model", manifest.backbone.name.as_str())];
+    assert_eq!(delta("polyhead_batch_size_count", &batch), 5.0);
     assert_eq!(
         delta("polyhead_batch_size_sum", &batch),
-        4.0,
+        5.0,
         "one image per run"
     );
     for stage in [
@@ -259,9 +248,8 @@ fn assert_stage_counts(before: &Scrape, after: &Scrape) {
     }
 }
 
-fn assert_gauges(after: &Scrape) {
-    let models = server().pipeline.models();
-    let backbone = &models.backbone.spec;
+fn assert_gauges(after: &Scrape, manifest: &Manifest) {
+    let backbone = &manifest.backbone;
     let info = [
         ("model", backbone.name.as_str()),
         ("kind", "backbone"),
@@ -269,13 +257,13 @@ fn assert_gauges(after: &Scrape) {
         ("execution_provider", "cpu"),
     ];
     assert_eq!(after.value("polyhead_model_info", &info), 1.0);
-    for head in &models.heads {
-        let info = [("model", head.name()), ("kind", head.kind().as_str())];
+    for head in &manifest.heads {
+        let info = [("model", head.name.as_str()), ("kind", head.kind.as_str())];
         assert_eq!(
             after.value("polyhead_model_info", &info),
             1.0,
             "{}",
-            head.name()
+            head.name
         );
     }
     assert_eq!(
@@ -384,13 +372,18 @@ async fn scrape(endpoint: SocketAddr) -> Scrape {
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
 
-async fn detect_with_traceparent() {
+async fn detect_with_traceparent(addr: SocketAddr) {
     let mut request = Request::new(detect_request(Some(encoded(photo("chelsea.png")))));
     let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
     request
         .metadata_mut()
         .insert("traceparent", traceparent.parse().expect("ascii"));
-    client().await.raw().detect(request).await.expect("detect");
+    connect(addr)
+        .await
+        .raw()
+        .detect(request)
+        .await
+        .expect("detect");
 }
 
 /// The spans of the caller's trace form one tree: the RPC span under the caller's span, every

@@ -47,7 +47,15 @@ pub struct Config {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub cache: crate::pipeline::CacheConfig,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub security: crate::security::SecurityConfig,
 
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT before the server
     /// stops, in seconds.

@@ -53,7 +53,10 @@ fn file_args(
             .get_arguments()
             .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
             .ok_or_else(|| format!("{}: unknown key '{key}'", file.display()))?;
-        if matches.value_source(arg.get_id().as_str()) != Some(ValueSource::DefaultValue) {
+        // Only options that neither a flag nor the environment set (those with no default at
+        // all included) take the file's value.
+        let source = matches.value_source(arg.get_id().as_str());
+        if !matches!(source, None | Some(ValueSource::DefaultValue)) {
             continue;
         }
         let is_switch = matches!(arg.get_action(), ArgAction::SetTrue);
@@ -114,8 +117,10 @@ mod tests {
 
     #[test]
     fn file_values_sit_between_defaults_and_flags() {
-        let f =
-            file("max-frames = 12\nmax_top_k = 7\nqueue-capacity = 9\nallow-cpu-fallback = true\n");
+        let f = file(
+            "max-frames = 12\nmax_top_k = 7\nqueue-capacity = 9\nallow-cpu-fallback = true\n\
+             ort-dylib = \"/opt/ort/libonnxruntime.so\"\n",
+        );
         let path = f.path().to_str().expect("utf-8 path");
         let config =
             parse(["polyhead-server", "--config", path, "--max-frames", "20"]).expect("parse");
@@ -123,6 +128,11 @@ mod tests {
         assert_eq!(config.limits.max_top_k, 7, "the file beats the default");
         assert_eq!(config.runtime.queue_capacity, 9);
         assert!(config.runtime.allow_cpu_fallback);
+        assert_eq!(
+            config.runtime.ort_dylib.as_deref(),
+            Some(Path::new("/opt/ort/libonnxruntime.so")),
+            "options without a default are taken from the file too"
+        );
         assert_eq!(config.limits.max_clip_side, 4096, "defaults stay");
     }
 

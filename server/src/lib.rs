@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod media;
 pub mod model_set;
 pub mod pipeline;
+pub mod security;
 pub mod telemetry;
 
 use std::future::Future;
@@ -39,7 +40,7 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
         heads = models.heads.len(),
         "model set loaded"
     );
-    let pipeline = Arc::new(Pipeline::new(models, config.limits.clone()));
+    let pipeline = Arc::new(Pipeline::new(models, config.limits.clone(), &config.cache));
     let took = pipeline
         .warm_up()
         .await
@@ -59,9 +60,10 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    let security = config.security.load()?;
     let lifecycle = Lifecycle::new().await;
     tracing::info!(address = %listener.local_addr().map_err(StartError::Io)?, "listening");
-    let server = serve_until_drained(Arc::clone(&lifecycle), config, listener, shutdown);
+    let server = serve_until_drained(Arc::clone(&lifecycle), config, security, listener, shutdown);
     tokio::pin!(server);
     let loading = async {
         let pipeline = load(config).await?;
@@ -84,9 +86,10 @@ pub async fn serve_loaded(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    let security = config.security.load()?;
     let lifecycle = Lifecycle::new().await;
     lifecycle.set_ready(pipeline).await;
-    serve_until_drained(lifecycle, config, listener, shutdown).await
+    serve_until_drained(lifecycle, config, security, listener, shutdown).await
 }
 
 /// Runs the gRPC server; once shutdown has started, stops it even if connections stay open
@@ -94,6 +97,7 @@ pub async fn serve_loaded(
 async fn serve_until_drained(
     lifecycle: Arc<Lifecycle>,
     config: &Config,
+    security: security::Security,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
@@ -111,7 +115,7 @@ async fn serve_until_drained(
         }
     };
     tokio::select! {
-        served = grpc::serve(lifecycle, options, listener, shutdown) => Ok(served?),
+        served = grpc::serve_secured(lifecycle, options, security, listener, shutdown) => Ok(served?),
         () = deadline => {
             tracing::warn!("connections still open after the drain; stopping");
             Ok(())
@@ -128,6 +132,8 @@ pub enum StartError {
     WarmUp(String),
     #[error(transparent)]
     Io(std::io::Error),
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
     #[error("server error: {0}")]
     Transport(#[from] tonic::transport::Error),
 }

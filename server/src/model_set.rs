@@ -4,12 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ndarray::ArrayD;
+
 use crate::config::Config;
-use crate::engine::{Device, EngineError, Runtime, SessionWorker, TensorInfo};
+use crate::engine::{
+    Device, EngineError, Run, Runtime, SessionWorker, SharedTensor, Stage, TensorInfo,
+};
 use crate::manifest::{
     BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
 };
 use crate::media::preprocess::{PreprocessSpec, ResizePolicy};
+use crate::telemetry::metrics;
 
 /// Why a model set could not be loaded. Every message names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +30,17 @@ pub struct Backbone {
     pub spec: BackboneSpec,
     pub preprocess: PreprocessSpec,
     pub worker: SessionWorker,
+}
+
+impl Backbone {
+    /// Runs the backbone on a batch `[N, 3, H, W]` as the backbone stage of the current request
+    /// (its spans are `queue` and `backbone`) and counts the pass.
+    pub async fn run(&self, batch: ArrayD<f32>) -> Result<Run, EngineError> {
+        let input = vec![(self.spec.input.clone(), SharedTensor::new(batch))];
+        let run = self.worker.run_as(Stage::Backbone, input).await?;
+        metrics::record_backbone_pass();
+        Ok(run)
+    }
 }
 
 /// A head, ready to run.

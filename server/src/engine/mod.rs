@@ -17,8 +17,9 @@ pub type SharedTensor = Arc<ArrayD<f32>>;
 /// Named tensors, in the order a model declares them.
 pub type NamedTensors = Vec<(String, SharedTensor)>;
 
-/// What can go wrong in the engine.
-#[derive(Debug, thiserror::Error)]
+/// What can go wrong in the engine. Cloneable, so that every request sharing one run gets its
+/// error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// The ONNX Runtime library could not be found or loaded.
     #[error("cannot load the ONNX Runtime library: {0}")]

@@ -210,6 +210,7 @@ pub fn timings(t: Timings) -> v1::Timings {
         total_ms: ms(t.total),
         backbone_passes: t.backbone_passes,
         backbone_images: t.backbone_images,
+        features_cached: t.features_cached,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Admission at the edge of every service: a service whose models are still loading answers
-//! UNAVAILABLE; while draining, new calls answer UNAVAILABLE and in-flight ones are counted so
-//! shutdown can wait for them. Health and reflection stay reachable throughout.
+//! UNAVAILABLE ([`Deferred`]); while draining, new calls answer UNAVAILABLE and in-flight ones
+//! are counted so shutdown can wait for them ([`Deferred`], [`Admitted`]). Health and reflection
+//! stay reachable throughout.
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -10,7 +11,7 @@ use tonic::Status;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{InflightGuard, Lifecycle};
 use crate::pipeline::Pipeline;
 
 type Body = tonic::body::Body;
@@ -77,16 +78,85 @@ where
         let Some(guard) = self.lifecycle.enter() else {
             return refuse("the server is shutting down");
         };
-        let mut service = self
+        let service = self
             .service
             .get_or_init(|| (self.build)(Arc::clone(pipeline)))
             .clone();
-        Box::pin(async move {
-            let response = service.call(request).await;
-            drop(guard);
-            response
-        })
+        counted(service, request, guard)
     }
+}
+
+/// A service that answers from the start (it reads the lifecycle itself) and is only gated by
+/// the drain: while draining, calls other than the `probes` get UNAVAILABLE; the others are
+/// counted in flight.
+#[derive(Clone)]
+pub struct Admitted<S> {
+    lifecycle: Arc<Lifecycle>,
+    service: S,
+    probes: &'static [&'static str],
+}
+
+impl<S> Admitted<S> {
+    /// Gates `service`; the methods named in `probes` (e.g. `ServerReady`) always pass.
+    pub fn new(lifecycle: Arc<Lifecycle>, service: S, probes: &'static [&'static str]) -> Self {
+        Self {
+            lifecycle,
+            service,
+            probes,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Admitted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Admitted<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        if self.probes.contains(&method) {
+            let mut service = self.service.clone();
+            return Box::pin(async move { service.call(request).await });
+        }
+        let Some(guard) = self.lifecycle.enter() else {
+            return refuse("the server is shutting down");
+        };
+        counted(self.service.clone(), request, guard)
+    }
+}
+
+/// Runs the call, keeping it counted in flight until its response is ready.
+fn counted<S>(
+    mut service: S,
+    request: http::Request<Body>,
+    guard: InflightGuard,
+) -> BoxFuture<http::Response<Body>, Infallible>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(async move {
+        let response = service.call(request).await;
+        drop(guard);
+        response
+    })
 }
 
 fn refuse(message: &'static str) -> BoxFuture<http::Response<Body>, Infallible> {

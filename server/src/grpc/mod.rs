@@ -1,6 +1,7 @@
 //! The gRPC edge: services, proto <-> domain conversion and the error -> status mapping.
 //! Nothing below this module sees a proto type.
 
+mod auth;
 mod convert;
 mod deadline;
 mod gate;
@@ -19,10 +20,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
-pub use gate::Deferred;
+pub use auth::{Auth, AuthLayer};
+pub use gate::{Admitted, Deferred};
 pub use service::PolyheadService;
 
 use crate::lifecycle::Lifecycle;
+use crate::security::Security;
 
 /// Largest response message, in bytes: label maps of large images are big.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
@@ -38,12 +41,25 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
 }
 
-/// Serves health, reflection and the polyhead API on `listener`. The API answers UNAVAILABLE
-/// until `lifecycle` has a pipeline. When `shutdown` resolves the server drains: health flips to
-/// NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get up to `drain_timeout` to finish.
+/// Serves health, reflection and the polyhead API on `listener`, in plaintext and to every
+/// caller. The API answers UNAVAILABLE until `lifecycle` has a pipeline. When `shutdown`
+/// resolves the server drains: health flips to NOT_SERVING, new calls get UNAVAILABLE, in-flight
+/// calls get up to `drain_timeout` to finish.
 pub async fn serve(
     lifecycle: Arc<Lifecycle>,
     options: ServeOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    serve_secured(lifecycle, options, Security::default(), listener, shutdown).await
+}
+
+/// [`serve`] with `security`: TLS (mutual when a client CA is set) and bearer tokens required
+/// on every call but health checks.
+pub async fn serve_secured(
+    lifecycle: Arc<Lifecycle>,
+    options: ServeOptions,
+    security: Security,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -57,9 +73,12 @@ pub async fn serve(
             .send_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Zstd)
     });
-    let oip = Deferred::new(Arc::clone(&lifecycle), move |pipeline| {
-        oip::service(pipeline, max_request)
-    });
+    // The protocol's own probes answer "live, not ready" while loading and draining.
+    let oip = Admitted::new(
+        Arc::clone(&lifecycle),
+        oip::service(Arc::clone(&lifecycle), max_request),
+        &["ServerLive", "ServerReady", "ModelReady", "ServerMetadata"],
+    );
     // Both protocol versions: some clients only speak v1alpha.
     let reflection_v1 = options
         .reflection
@@ -70,8 +89,13 @@ pub async fn serve(
         .then(|| ok_or_log(reflection().build_v1alpha()))
         .flatten();
     let drain = drain(Arc::clone(&lifecycle), shutdown, options.drain_timeout);
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = security.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .layer(crate::telemetry::grpc_metrics_layer())
+        .layer(AuthLayer::new(security.tokens))
         .add_service(lifecycle.health_service())
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

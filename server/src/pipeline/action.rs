@@ -68,6 +68,7 @@ impl Pipeline {
             total: started.elapsed(),
             backbone_passes: 1,
             backbone_images: frames,
+            features_cached: false,
         };
         let actions = Actions {
             top,

@@ -1,4 +1,5 @@
-//! The image path: decode, preprocess, one backbone pass, then every requested head.
+//! The image path: decode, preprocess, one backbone pass (or the feature cache), then every
+//! requested head.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use super::types::{
     Detections, HeadOptions, HeadOutput, HeadTask, HeadTiming, ImageInput, ImageRequest,
     Segmentation, Timings,
 };
-use super::{Features, Pipeline, output, stack};
+use super::{FeatureKey, Features, Pipeline, output, stack};
 use crate::engine::{NamedTensors, Run, Stage};
 use crate::error::Error;
 use crate::geometry::Geometry;
@@ -25,13 +26,16 @@ use crate::telemetry::metrics;
 struct Prepared {
     chw: Vec<f32>,
     geometry: Geometry,
+    /// The feature cache key of the backbone input; `None` with the cache off.
+    key: Option<FeatureKey>,
     decode: Duration,
     preprocess: Duration,
 }
 
 impl Pipeline {
-    /// Runs every head of `request` on its image from ONE backbone pass. Results come back in
-    /// the order of `request.tasks`. Records the request's stage latencies.
+    /// Runs every head of `request` on its image from ONE backbone pass, or from cached
+    /// features of an identical backbone input. Results come back in the order of
+    /// `request.tasks`. Records the request's stage latencies.
     pub async fn run_image(
         &self,
         request: ImageRequest,
@@ -54,19 +58,21 @@ impl Pipeline {
             geometry.input_height as usize,
             geometry.input_width as usize,
         )?;
-        let features = self.run_backbone(batch).await?;
+        let features = self.shared_features(prepared.key, batch).await?;
         let runs = request
             .tasks
             .into_iter()
             .map(|task| run_head(&features, task, geometry));
         let results = futures_util::future::try_join_all(runs).await?;
+        let passes = u32::from(!features.cached);
         let mut timings = Timings {
             decode: prepared.decode,
             preprocess: prepared.preprocess,
             queue: features.queued,
             backbone: features.elapsed,
-            backbone_passes: 1,
-            backbone_images: 1,
+            backbone_passes: passes,
+            backbone_images: passes,
+            features_cached: features.cached,
             ..Timings::default()
         };
         let mut outputs = Vec::with_capacity(results.len());
@@ -79,13 +85,15 @@ impl Pipeline {
         Ok((outputs, timings))
     }
 
-    /// Decodes and preprocesses on a blocking thread, in the current span.
+    /// Decodes, preprocesses and (with the cache on) hashes on a blocking thread, in the
+    /// current span.
     async fn prepare(&self, image: ImageInput) -> Result<Prepared, Error> {
         let limits = self.image_limits.clone();
         let spec = self.models.backbone.preprocess;
+        let hash = self.cache.is_enabled();
         let span = Span::current();
         tokio::task::spawn_blocking(move || {
-            span.in_scope(|| prepare_blocking(image, &limits, &spec))
+            span.in_scope(|| prepare_blocking(image, &limits, &spec, hash))
         })
         .await?
     }
@@ -95,18 +103,33 @@ fn prepare_blocking(
     image: ImageInput,
     limits: &ImageLimits,
     spec: &PreprocessSpec,
+    hash: bool,
 ) -> Result<Prepared, Error> {
     let started = Instant::now();
     let rgb = decode(image, limits)?;
     let decode = started.elapsed();
     let started = Instant::now();
     let (chw, geometry) = preprocess(&rgb, spec);
+    let key = hash.then(|| cache_key(&chw, &geometry));
     Ok(Prepared {
         chw,
         geometry,
+        key,
         decode,
         preprocess: started.elapsed(),
     })
+}
+
+/// The cache key of the backbone input `[1, 3, H, W]` that `chw` becomes.
+#[tracing::instrument(name = "hash", skip_all)]
+fn cache_key(chw: &[f32], geometry: &Geometry) -> FeatureKey {
+    let shape = [
+        1,
+        3,
+        geometry.input_height as usize,
+        geometry.input_width as usize,
+    ];
+    FeatureKey::of(&shape, chw)
 }
 
 #[tracing::instrument(name = "decode", skip_all)]

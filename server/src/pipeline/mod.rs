@@ -1,47 +1,57 @@
 //! The shared-backbone request path: decode and preprocess off the async workers, ONE backbone
 //! run per image (one per batch of clip frames), then every requested head on those features,
-//! concurrently, each followed by its pure post-processing.
+//! concurrently, each followed by its pure post-processing. An image whose preprocessed tensor
+//! was seen recently takes its features from the feature cache instead of the backbone.
 //!
 //! Each stage is a tracing span of the request's span (work on blocking and session threads
 //! included), and every finished request records its stage latencies as metrics.
 
 mod action;
+pub mod cache;
 mod image;
 pub mod types;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ndarray::{ArrayD, IxDyn};
 
 use crate::config::Limits;
-use crate::engine::{NamedTensors, SharedTensor, Stage};
+use crate::engine::{EngineError, NamedTensors, SharedTensor};
 use crate::error::Error;
 use crate::media::image::ImageLimits;
 use crate::media::video::VideoLimits;
 use crate::model_set::{Head, ModelSet};
 use crate::telemetry::metrics;
 
+pub use cache::{CacheConfig, FeatureCache, FeatureKey};
 pub use types::*;
 
-/// The loaded model set and the limits requests are held to.
+/// The loaded model set, the limits requests are held to and the feature cache.
 pub struct Pipeline {
     models: ModelSet,
     image_limits: ImageLimits,
     video_limits: VideoLimits,
     limits: Limits,
+    cache: FeatureCache,
+    backbone_runs: AtomicU64,
 }
 
-/// Backbone features of one batch of inputs, and what computing them cost.
+/// Backbone features of one batch of inputs, and what getting them cost.
 struct Features {
     tensors: NamedTensors,
+    /// The wait for the backbone queue, or for the cache.
     queued: Duration,
+    /// The backbone run; zero for cached features.
     elapsed: Duration,
+    /// Whether the features came from the cache rather than from a run of this request.
+    cached: bool,
 }
 
 impl Pipeline {
-    /// Wraps a loaded model set.
-    pub fn new(models: ModelSet, limits: Limits) -> Self {
+    /// Wraps a loaded model set, with a feature cache as `cache` describes.
+    pub fn new(models: ModelSet, limits: Limits, cache: &CacheConfig) -> Self {
         let image_limits = ImageLimits {
             max_width: limits.max_image_side,
             max_height: limits.max_image_side,
@@ -62,6 +72,8 @@ impl Pipeline {
             image_limits,
             video_limits,
             limits,
+            cache: FeatureCache::new(cache),
+            backbone_runs: AtomicU64::new(0),
         }
     }
 
@@ -73,6 +85,11 @@ impl Pipeline {
     /// The request limits.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Backbone runs this pipeline has made, warm-up included.
+    pub fn backbone_runs(&self) -> u64 {
+        self.backbone_runs.load(Ordering::Relaxed)
     }
 
     /// Runs a blank image through the backbone and every head so that the first real request
@@ -105,16 +122,43 @@ impl Pipeline {
     }
 
     /// Runs the backbone on a batch `[N, 3, H, W]`.
-    async fn run_backbone(&self, batch: ArrayD<f32>) -> Result<Features, Error> {
-        let backbone = &self.models.backbone;
-        let input = vec![(backbone.spec.input.clone(), SharedTensor::new(batch))];
-        let run = backbone.worker.run_as(Stage::Backbone, input).await?;
-        metrics::record_backbone_pass();
+    async fn run_backbone(&self, batch: ArrayD<f32>) -> Result<Features, EngineError> {
+        let run = self.models.backbone.run(batch).await?;
+        self.backbone_runs.fetch_add(1, Ordering::Relaxed);
         Ok(Features {
             tensors: run.outputs,
             queued: run.queued,
             elapsed: run.elapsed,
+            cached: false,
         })
+    }
+
+    /// The features of the batch `key` identifies: from the cache, else from ONE backbone run
+    /// that every concurrent request for the same key shares. Without a key (cache off), a run
+    /// of its own.
+    async fn shared_features(
+        &self,
+        key: Option<FeatureKey>,
+        batch: ArrayD<f32>,
+    ) -> Result<Features, EngineError> {
+        let Some(key) = key else {
+            return self.run_backbone(batch).await;
+        };
+        let started = Instant::now();
+        let mut own_run = None;
+        let compute = async {
+            let features = self.run_backbone(batch).await?;
+            let tensors = features.tensors.clone();
+            own_run = Some(features);
+            Ok(tensors)
+        };
+        let (tensors, _) = self.cache.get_or_compute(key, compute).await?;
+        Ok(own_run.unwrap_or_else(|| Features {
+            tensors,
+            queued: started.elapsed(),
+            elapsed: Duration::ZERO,
+            cached: true,
+        }))
     }
 }
 

@@ -108,12 +108,18 @@ pub struct HeadTiming {
 pub struct Timings {
     pub decode: Duration,
     pub preprocess: Duration,
-    /// Wait in the backbone's queue before its run started.
+    /// Wait in the backbone's queue before its run started; with features from the cache, the
+    /// wait for the cache (for a run another request made, when one was under way).
     pub queue: Duration,
+    /// The backbone run; zero with features from the cache.
     pub backbone: Duration,
     pub heads: Vec<HeadTiming>,
     pub postprocess: Duration,
     pub total: Duration,
+    /// Backbone runs this request caused: 0 when its features came from the cache.
     pub backbone_passes: u32,
     pub backbone_images: u32,
+    /// The backbone features came from the feature cache (or from a run of another request
+    /// for the same input), not from a run of this request.
+    pub features_cached: bool,
 }

@@ -25,6 +25,16 @@ pub const BATCH_SIZE: &str = "polyhead_batch_size";
 pub const QUEUE_DEPTH: &str = "polyhead_queue_depth";
 /// Backbone runs.
 pub const BACKBONE_PASSES: &str = "polyhead_backbone_passes_total";
+/// Image lookups whose backbone features came from the feature cache.
+pub const FEATURE_CACHE_HITS: &str = "polyhead_feature_cache_hits_total";
+/// Image lookups that ran the backbone and cached its features.
+pub const FEATURE_CACHE_MISSES: &str = "polyhead_feature_cache_misses_total";
+/// Feature cache entries evicted to stay within the byte budget.
+pub const FEATURE_CACHE_EVICTIONS: &str = "polyhead_feature_cache_evictions_total";
+/// Bytes of feature tensors the feature cache holds.
+pub const FEATURE_CACHE_BYTES: &str = "polyhead_feature_cache_bytes";
+/// Entries the feature cache holds.
+pub const FEATURE_CACHE_ENTRIES: &str = "polyhead_feature_cache_entries";
 /// Always 1; the labels describe each loaded model.
 pub const MODEL_INFO: &str = "polyhead_model_info";
 
@@ -59,6 +69,25 @@ pub(super) fn describe() {
     );
     describe_gauge!(QUEUE_DEPTH, "Runs waiting in a model's queue.");
     describe_counter!(BACKBONE_PASSES, "Backbone runs.");
+    describe_counter!(
+        FEATURE_CACHE_HITS,
+        "Image requests served backbone features from the cache (or from a run another request \
+         made while they waited)."
+    );
+    describe_counter!(
+        FEATURE_CACHE_MISSES,
+        "Image requests that ran the backbone and cached its features."
+    );
+    describe_counter!(
+        FEATURE_CACHE_EVICTIONS,
+        "Feature cache entries evicted to stay within the byte budget."
+    );
+    describe_gauge!(
+        FEATURE_CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes of feature tensors in the feature cache."
+    );
+    describe_gauge!(FEATURE_CACHE_ENTRIES, "Entries in the feature cache.");
     describe_gauge!(MODEL_INFO, "The loaded models; always 1.");
 }
 
@@ -103,6 +132,27 @@ pub fn record_request(timings: &Timings) {
 /// Counts one backbone run.
 pub fn record_backbone_pass() {
     counter!(BACKBONE_PASSES).increment(1);
+}
+
+/// Counts one feature cache lookup, a hit or a miss.
+pub fn record_feature_cache_lookup(hit: bool) {
+    let name = if hit {
+        FEATURE_CACHE_HITS
+    } else {
+        FEATURE_CACHE_MISSES
+    };
+    counter!(name).increment(1);
+}
+
+/// Counts one feature cache entry evicted for space.
+pub fn record_feature_cache_eviction() {
+    counter!(FEATURE_CACHE_EVICTIONS).increment(1);
+}
+
+/// Publishes the feature cache's size.
+pub fn set_feature_cache_size(bytes: u64, entries: u64) {
+    gauge!(FEATURE_CACHE_BYTES).set(bytes as f64);
+    gauge!(FEATURE_CACHE_ENTRIES).set(entries as f64);
 }
 
 /// Records the batch size of one run of `model`.
@@ -183,6 +233,7 @@ mod tests {
             total: ms(40),
             backbone_passes: 1,
             backbone_images: 1,
+            features_cached: false,
         };
         let samples = stage_samples(&timings);
         assert_eq!(samples.len(), 14);

@@ -73,9 +73,8 @@ pub enum TelemetryError {
     Otlp { endpoint: String, message: String },
 }
 
-/// What [`Telemetry::init`] started: the metrics endpoint and the trace exporter.
+/// What [`Telemetry::init`] started that needs stopping: the trace exporter.
 pub struct Telemetry {
-    metrics_addr: Option<SocketAddr>,
     tracer: Option<SdkTracerProvider>,
 }
 
@@ -93,36 +92,14 @@ impl Telemetry {
         let installed = logs::install(format, tracer.as_ref().ok().and_then(Option::as_ref));
         let tracer = tracer?;
         installed?;
-        let metrics_addr = if config.no_metrics {
-            None
-        } else {
-            Some(exporter::start(config.metrics_listen).await?)
-        };
-        if let Some(address) = metrics_addr {
+        if !config.no_metrics {
+            let address = exporter::start(config.metrics_listen).await?;
             tracing::info!(%address, "serving Prometheus metrics on /metrics");
         }
         if let Some(endpoint) = &config.otlp_endpoint {
             tracing::info!(%endpoint, service = %config.service_name, "exporting traces over OTLP");
         }
-        Ok(Self {
-            metrics_addr,
-            tracer,
-        })
-    }
-
-    /// The address the metrics endpoint listens on, when it runs.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_addr
-    }
-
-    /// Exports every finished span now.
-    pub async fn flush(&self) {
-        if let Some(tracer) = self.tracer.clone() {
-            let flushed = tokio::task::spawn_blocking(move || tracer.force_flush()).await;
-            if let Ok(Err(e)) = flushed {
-                tracing::warn!("flushing traces failed: {e}");
-            }
-        }
+        Ok(Self { tracer })
     }
 
     /// Flushes the last spans and stops the exporter; gives up after a few seconds when the

@@ -27,24 +27,26 @@ use tonic::{Request, Response, Status};
 
 use super::{MAX_RESPONSE_BYTES, deadline, status};
 use crate::error::Error;
+use crate::lifecycle::Lifecycle;
 use crate::pipeline::Pipeline;
 use models::Model;
 
 /// The name the server reports in its metadata.
 const SERVER_NAME: &str = "polyhead";
 
-/// The Open Inference Protocol over one pipeline.
+/// The Open Inference Protocol over the server's pipeline. It answers ServerLive, ServerReady
+/// and ModelReady from the start, so probes see "live, not ready" while the models load.
 pub struct OipService {
-    pipeline: Arc<Pipeline>,
+    lifecycle: Arc<Lifecycle>,
     next_id: AtomicU64,
 }
 
 /// The service with its message limits: requests up to `max_message_bytes` (decoded).
 pub fn service(
-    pipeline: Arc<Pipeline>,
+    lifecycle: Arc<Lifecycle>,
     max_message_bytes: usize,
 ) -> GrpcInferenceServiceServer<OipService> {
-    GrpcInferenceServiceServer::new(OipService::new(pipeline))
+    GrpcInferenceServiceServer::new(OipService::new(lifecycle))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(MAX_RESPONSE_BYTES)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -54,17 +56,24 @@ pub fn service(
 }
 
 impl OipService {
-    /// Serves `pipeline`.
-    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+    /// Serves the pipeline `lifecycle` holds once it is loaded.
+    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
         Self {
-            pipeline,
+            lifecycle,
             next_id: AtomicU64::new(1),
         }
     }
 
-    /// Whether the server (and so every model) is ready for inferences.
+    /// Whether the server (and so every model) is ready for inferences: loaded, not draining.
     fn ready(&self) -> bool {
-        true
+        self.lifecycle.pipeline().is_some() && !self.lifecycle.is_draining()
+    }
+
+    /// The pipeline, or UNAVAILABLE while the models load.
+    fn pipeline(&self) -> Result<&Arc<Pipeline>, Status> {
+        self.lifecycle
+            .pipeline()
+            .ok_or_else(|| Status::unavailable("the server is starting: models are loading"))
     }
 
     /// A request id for logs, distinct from the polyhead service's.
@@ -104,7 +113,10 @@ impl GrpcInferenceService for OipService {
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let ModelReadyRequest { name, version } = request.into_inner();
-        let known = Model::find(self.pipeline.models(), &name, &version).is_ok();
+        let known = self
+            .lifecycle
+            .pipeline()
+            .is_some_and(|p| Model::find(p.models(), &name, &version).is_ok());
         Ok(Response::new(ModelReadyResponse {
             ready: self.ready() && known,
         }))
@@ -126,7 +138,8 @@ impl GrpcInferenceService for OipService {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let ModelMetadataRequest { name, version } = request.into_inner();
-        self.answer(Model::find(self.pipeline.models(), &name, &version).and_then(|m| m.metadata()))
+        let pipeline = self.pipeline()?;
+        self.answer(Model::find(pipeline.models(), &name, &version).and_then(|m| m.metadata()))
     }
 
     async fn model_infer(
@@ -135,8 +148,9 @@ impl GrpcInferenceService for OipService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
         let request_id = self.request_id();
-        let default_timeout = self.pipeline.limits().default_timeout();
-        let work = infer(&self.pipeline, request);
+        let pipeline = self.pipeline()?;
+        let default_timeout = pipeline.limits().default_timeout();
+        let work = infer(pipeline, request);
         deadline::run(&metadata, "ModelInfer", &request_id, default_timeout, work).await
     }
 }

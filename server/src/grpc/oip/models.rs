@@ -3,14 +3,13 @@
 //! monolithic reference models), with their metadata and the run that serves them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use ndarray::ArrayD;
 use polyhead_proto::inference::ModelMetadataResponse;
 use polyhead_proto::inference::model_metadata_response::TensorMetadata;
 
 use crate::config::Limits;
-use crate::engine::{NamedTensors, TensorInfo};
+use crate::engine::{NamedTensors, Stage, TensorInfo};
 use crate::error::Error;
 use crate::manifest::HeadParams;
 use crate::model_set::{Head, ModelSet};
@@ -100,15 +99,17 @@ impl<'a> Model<'a> {
     }
 
     /// Runs the backbone ONCE on `input`, then the head (if any) on the features it consumes.
+    /// The runs are the `backbone` and `head` stages of the call, as on the request path.
     pub(super) async fn run(&self, input: ArrayD<f32>) -> Result<NamedTensors, Error> {
-        let backbone = &self.set.backbone;
-        let feed = vec![(backbone.spec.input.clone(), Arc::new(input))];
-        let (features, _) = backbone.worker.run(feed).await?;
+        let features = self.set.backbone.run(input).await?.outputs;
         let Some(head) = self.head else {
             return Ok(features);
         };
-        let (outputs, _) = head.worker.run(select(&features, head)?).await?;
-        Ok(outputs)
+        let run = head
+            .worker
+            .run_as(Stage::Head, select(&features, head)?)
+            .await?;
+        Ok(run.outputs)
     }
 
     /// The model's metadata: versions, platform, FP32 tensors (-1 = dynamic) and properties.
