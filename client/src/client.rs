@@ -1,9 +1,12 @@
-//! [`Client`]: a typed, deadline-aware wrapper over the generated `PolyheadClient`.
+//! [`Client`]: a typed, deadline-aware wrapper over the generated `PolyheadClient` that retries
+//! calls the server could not take (UNAVAILABLE, RESOURCE_EXHAUSTED) within the call's deadline.
 
 use std::fmt;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use polyhead_proto::v1::{self, polyhead_client::PolyheadClient};
+use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -25,6 +28,10 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Bearer token sent as `authorization: Bearer <token>` with every call.
     pub token: Option<String>,
+    /// How many times a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED is tried again
+    /// (0: never), waiting as long as the server's `grpc-retry-pushback-ms` hint asks, else
+    /// with jittered exponential backoff; retries never extend past `timeout`.
+    pub max_retries: u32,
 }
 
 impl Default for ClientOptions {
@@ -35,6 +42,7 @@ impl Default for ClientOptions {
             max_message_bytes: 64 * 1024 * 1024,
             tls: None,
             token: None,
+            max_retries: 3,
         }
     }
 }
@@ -47,6 +55,7 @@ impl fmt::Debug for ClientOptions {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_retries", &self.max_retries)
             .finish()
     }
 }
@@ -230,9 +239,10 @@ impl Client {
             options: Some(options),
             head: head.to_owned(),
         };
-        let timeout = self.options.timeout;
-        let mut inner = self.inner.clone();
-        finish(inner.detect(self.request(request)).await, timeout)
+        self.call(request, |mut inner, request| async move {
+            inner.detect(request).await
+        })
+        .await
     }
 
     /// Runs the segmentation head `head` (empty: the only one) on `image`.
@@ -247,9 +257,10 @@ impl Client {
             options: Some(options),
             head: head.to_owned(),
         };
-        let timeout = self.options.timeout;
-        let mut inner = self.inner.clone();
-        finish(inner.segment(self.request(request)).await, timeout)
+        self.call(request, |mut inner, request| async move {
+            inner.segment(request).await
+        })
+        .await
     }
 
     /// Recognises the action in a clip; see [`crate::video_clip`] and [`crate::frames_clip`].
@@ -257,9 +268,10 @@ impl Client {
         &self,
         request: v1::RecognizeActionRequest,
     ) -> Result<v1::RecognizeActionResponse> {
-        let timeout = self.options.timeout;
-        let mut inner = self.inner.clone();
-        finish(inner.recognize_action(self.request(request)).await, timeout)
+        self.call(request, |mut inner, request| async move {
+            inner.recognize_action(request).await
+        })
+        .await
     }
 
     /// Recognises the action in an encoded video file.
@@ -307,33 +319,51 @@ impl Client {
             detect_options: Some(detect_options),
             segment_options: Some(segment_options),
         };
-        let timeout = self.options.timeout;
-        let mut inner = self.inner.clone();
-        finish(inner.analyze(self.request(request)).await, timeout)
+        self.call(request, |mut inner, request| async move {
+            inner.analyze(request).await
+        })
+        .await
     }
 
     /// The loaded model set: backbone and heads.
     pub async fn list_models(&self) -> Result<v1::ListModelsResponse> {
-        let timeout = self.options.timeout;
-        let mut inner = self.inner.clone();
-        let request = self.request(v1::ListModelsRequest {});
-        finish(inner.list_models(request).await, timeout)
+        self.call(v1::ListModelsRequest {}, |mut inner, request| async move {
+            inner.list_models(request).await
+        })
+        .await
     }
 
     /// One model (the backbone or a head) by name.
     pub async fn get_model(&self, name: &str) -> Result<v1::ModelInfo> {
-        let timeout = self.options.timeout;
-        let mut inner = self.inner.clone();
-        let request = self.request(v1::GetModelRequest {
+        let request = v1::GetModelRequest {
             name: name.to_owned(),
-        });
-        finish(inner.get_model(request).await, timeout)
+        };
+        self.call(request, |mut inner, request| async move {
+            inner.get_model(request).await
+        })
+        .await
+    }
+
+    /// Runs the backbone on `image` and has the server keep its features under a handle; pass
+    /// [`crate::handle_image`] of it to [`Client::detect`], [`Client::segment`] or
+    /// [`Client::analyze`] until it expires.
+    pub async fn extract_features(&self, image: v1::Image) -> Result<v1::ExtractFeaturesResponse> {
+        let request = v1::ExtractFeaturesRequest { image: Some(image) };
+        self.call(request, |mut inner, request| async move {
+            inner.extract_features(request).await
+        })
+        .await
     }
 
     /// Wraps a message in a request carrying the call deadline and the bearer token.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        self.request_within(message, self.options.timeout)
+    }
+
+    /// Wraps a message in a request carrying the bearer token and the deadline `timeout`.
+    fn request_within<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request.set_timeout(self.options.timeout);
+        request.set_timeout(timeout);
         if let Some(value) = &self.authorization {
             request
                 .metadata_mut()
@@ -341,6 +371,79 @@ impl Client {
         }
         request
     }
+
+    /// Sends `message` through `rpc`, trying again (see [`ClientOptions::max_retries`]) while
+    /// the server refuses it for now and the call's overall deadline allows; each attempt's
+    /// deadline is what remains of it. The last failure is returned.
+    async fn call<M, T, F, Fut>(&self, message: M, rpc: F) -> Result<T>
+    where
+        M: Clone,
+        F: Fn(PolyheadClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let total = self.options.timeout;
+        let started = Instant::now();
+        let mut deadline = total;
+        let mut retries = 0;
+        loop {
+            let request = self.request_within(message.clone(), deadline);
+            let error = match rpc(self.inner.clone(), request).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => ClientError::from_call(status, total),
+            };
+            let wait = match retry_delay(&error, retries, self.options.max_retries) {
+                Some(wait) if started.elapsed() + wait < total => wait,
+                _ => return Err(error),
+            };
+            tokio::time::sleep(wait).await;
+            deadline = total.saturating_sub(started.elapsed());
+            retries += 1;
+        }
+    }
+}
+
+/// The server's retry hint: how long to wait before the next attempt, in milliseconds.
+const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// First backoff between attempts; it doubles after each retry up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Longest backoff between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How long to wait before retrying a call that failed with `error` after `retries` retries, or
+/// `None` when it must not be retried: its code is not UNAVAILABLE or RESOURCE_EXHAUSTED (a
+/// timeout, in particular, is never retried), the retries are spent, or the server's pushback
+/// hint is negative or malformed, which asks the client not to retry (gRPC retry design, A6).
+fn retry_delay(error: &ClientError, retries: u32, max_retries: u32) -> Option<Duration> {
+    let status = error.status()?;
+    let retryable = matches!(status.code(), Code::Unavailable | Code::ResourceExhausted);
+    if !retryable || retries >= max_retries {
+        return None;
+    }
+    match status.metadata().get(RETRY_PUSHBACK) {
+        Some(hint) => pushback(hint),
+        None => Some(backoff(retries)),
+    }
+}
+
+/// The wait a `grpc-retry-pushback-ms` value asks for; `None` unless it is a non-negative
+/// decimal number of milliseconds.
+fn pushback(hint: &AsciiMetadataValue) -> Option<Duration> {
+    let millis = hint.to_str().ok()?;
+    if millis.is_empty() || !millis.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    millis.parse().ok().map(Duration::from_millis)
+}
+
+/// Exponential backoff with full jitter: a random wait of up to 50 ms × 2^`retries`, at most
+/// 2 s, so that clients refused together do not come back together.
+fn backoff(retries: u32) -> Duration {
+    let ceiling = INITIAL_BACKOFF
+        .saturating_mul(2u32.saturating_pow(retries))
+        .min(MAX_BACKOFF);
+    ceiling.mul_f64(fastrand::f64())
 }
 
 /// The `authorization` value for `token`, marked sensitive so HTTP/2 never indexes it.
@@ -356,16 +459,6 @@ fn authorization(token: Option<&str>) -> Result<Option<AsciiMetadataValue>> {
         .map_err(|_| ClientError::InvalidToken)?;
     value.set_sensitive(true);
     Ok(Some(value))
-}
-
-/// Unwraps a call's response, classifying its failure.
-fn finish<T>(
-    result: std::result::Result<tonic::Response<T>, tonic::Status>,
-    timeout: Duration,
-) -> Result<T> {
-    result
-        .map(tonic::Response::into_inner)
-        .map_err(|status| ClientError::from_call(status, timeout))
 }
 
 #[cfg(test)]
@@ -448,6 +541,55 @@ mod tests {
         assert_eq!(options.timeout, Duration::from_secs(30));
         assert_eq!(options.connect_timeout, Duration::from_secs(5));
         assert_eq!(options.max_message_bytes, 64 << 20);
+        assert_eq!(options.max_retries, 3);
+    }
+
+    fn refused(code: Code, hint: Option<&'static str>) -> ClientError {
+        let mut status = tonic::Status::new(code, "refused");
+        if let Some(hint) = hint {
+            status
+                .metadata_mut()
+                .insert(RETRY_PUSHBACK, AsciiMetadataValue::from_static(hint));
+        }
+        ClientError::Status(status)
+    }
+
+    #[test]
+    fn only_unavailable_and_exhausted_are_retried() {
+        assert!(retry_delay(&refused(Code::Unavailable, None), 0, 3).is_some());
+        assert!(retry_delay(&refused(Code::ResourceExhausted, None), 2, 3).is_some());
+        assert_eq!(
+            retry_delay(&refused(Code::ResourceExhausted, None), 3, 3),
+            None
+        );
+        assert_eq!(retry_delay(&refused(Code::Unavailable, None), 0, 0), None);
+        for code in [Code::InvalidArgument, Code::Internal, Code::Cancelled] {
+            assert_eq!(retry_delay(&refused(code, None), 0, 3), None, "{code:?}");
+        }
+        let timeout = ClientError::Timeout {
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(retry_delay(&timeout, 0, 3), None);
+    }
+
+    #[test]
+    fn the_server_hint_is_honoured_exactly() {
+        let exhausted = |hint| retry_delay(&refused(Code::ResourceExhausted, Some(hint)), 0, 3);
+        assert_eq!(exhausted("30"), Some(Duration::from_millis(30)));
+        assert_eq!(exhausted("0"), Some(Duration::ZERO));
+        for bad in ["-1", "", "soon", "1.5", "+3", " 30"] {
+            assert_eq!(exhausted(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        for retries in 0..40 {
+            let ceiling = (INITIAL_BACKOFF * 2u32.saturating_pow(retries.min(20))).min(MAX_BACKOFF);
+            let wait = backoff(retries);
+            assert!(wait <= ceiling, "retry {retries}: {wait:?} > {ceiling:?}");
+        }
+        assert!(backoff(u32::MAX) <= MAX_BACKOFF);
     }
 
     #[tokio::test]

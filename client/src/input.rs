@@ -39,6 +39,14 @@ pub fn raw_image(width: u32, height: u32, rgb: impl Into<Vec<u8>>) -> v1::Image 
     }
 }
 
+/// An image named by a feature handle from [`crate::Client::extract_features`]: the heads run on
+/// the features the server kept, and the image is not sent again.
+pub fn handle_image(handle: impl Into<String>) -> v1::Image {
+    v1::Image {
+        source: Some(v1::image::Source::FeatureHandle(handle.into())),
+    }
+}
+
 /// A clip from an encoded video file's bytes.
 pub fn video_clip(video: impl Into<Vec<u8>>) -> Clip {
     Clip::Video(video.into())

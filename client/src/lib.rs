@@ -29,6 +29,8 @@ pub mod json;
 
 pub use client::{Client, ClientOptions, ClientTls, DEFAULT_SERVER, normalize_addr};
 pub use error::{ClientError, Result};
-pub use input::{frames_clip, image_from_bytes, image_from_path, raw_image, read_file, video_clip};
+pub use input::{
+    frames_clip, handle_image, image_from_bytes, image_from_path, raw_image, read_file, video_clip,
+};
 /// The generated `polyhead.v1` messages and stubs.
 pub use polyhead_proto::v1;

@@ -1,10 +1,12 @@
 //! The library and the `polyhead` binary against an in-process mock server with canned answers:
-//! deadlines, status mapping, connection errors, output formats and exit codes.
+//! deadlines, retries, status mapping, connection errors, output formats and exit codes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use polyhead_client::v1::polyhead_server::{Polyhead, PolyheadServer};
 use polyhead_client::{Client, ClientError, ClientOptions, image_from_bytes, v1};
@@ -13,12 +15,40 @@ use tonic::{Code, Request, Response, Status};
 
 type Reply<T> = Result<Response<T>, Status>;
 
-/// Answers from fixed data; the head name selects failure modes.
-struct Mock;
+/// Answers from fixed data; the head name selects failure modes. Counts the detect calls.
+#[derive(Default)]
+struct Mock {
+    detect_calls: Arc<AtomicUsize>,
+}
+
+/// The refusal a `flaky` head answers with: `flaky <failures> <code> [<pushback>]` fails the
+/// first `failures` detect calls with `code` (`exhausted`, `unavailable` or `invalid`),
+/// carrying `pushback` as the `grpc-retry-pushback-ms` hint when given.
+fn flaky(head: &str, call: usize) -> Option<Status> {
+    let mut words = head.strip_prefix("flaky ")?.split(' ');
+    let failures: usize = words.next()?.parse().ok()?;
+    let code = match words.next()? {
+        "exhausted" => Code::ResourceExhausted,
+        "unavailable" => Code::Unavailable,
+        _ => Code::InvalidArgument,
+    };
+    if call >= failures {
+        return None;
+    }
+    let mut status = Status::new(code, format!("refusal {}", call + 1));
+    if let Some(hint) = words.next().and_then(|hint| hint.parse().ok()) {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", hint);
+    }
+    Some(status)
+}
 
 #[tonic::async_trait]
 impl Polyhead for Mock {
     async fn detect(&self, request: Request<v1::DetectRequest>) -> Reply<v1::DetectResponse> {
+        let call = self.detect_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(refusal) = flaky(&request.get_ref().head, call) {
+            return Err(refusal);
+        }
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -115,6 +145,13 @@ impl Polyhead for Mock {
             request.get_ref().name
         )))
     }
+
+    async fn extract_features(
+        &self,
+        _: Request<v1::ExtractFeaturesRequest>,
+    ) -> Reply<v1::ExtractFeaturesResponse> {
+        Err(Status::unimplemented("the mock keeps no features"))
+    }
 }
 
 fn detections(label: &str) -> v1::Detections {
@@ -161,14 +198,43 @@ fn timings(passes: u32) -> v1::Timings {
 
 /// Serves [`Mock`] on a free local port.
 async fn serve() -> anyhow::Result<SocketAddr> {
+    Ok(serve_counting().await?.0)
+}
+
+/// Serves [`Mock`] on a free local port; the counter is the number of detect calls it received.
+async fn serve_counting() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let mock = Mock::default();
+    let calls = Arc::clone(&mock.detect_calls);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(PolyheadServer::new(Mock))
+            .add_service(PolyheadServer::new(mock))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    Ok(addr)
+    Ok((addr, calls))
+}
+
+/// A client of a fresh counting mock, with `timeout` and `max_retries`.
+async fn counting_client(
+    timeout: Duration,
+    max_retries: u32,
+) -> anyhow::Result<(Client, Arc<AtomicUsize>)> {
+    let (addr, calls) = serve_counting().await?;
+    let options = ClientOptions {
+        timeout,
+        max_retries,
+        ..ClientOptions::default()
+    };
+    Ok((Client::connect(&addr.to_string(), options).await?, calls))
+}
+
+/// A detect call on the `head` of the mock.
+async fn detect(client: &Client, head: &str) -> polyhead_client::Result<v1::DetectResponse> {
+    let image = image_from_bytes(b"jpeg".to_vec());
+    client
+        .detect(image, v1::DetectOptions::default(), head)
+        .await
 }
 
 /// Runs the `polyhead` binary with `args` off the async runtime.
@@ -178,6 +244,7 @@ async fn polyhead(args: Vec<String>) -> anyhow::Result<Output> {
             .args(args)
             .env_remove("POLYHEAD_SERVER")
             .env_remove("POLYHEAD_TIMEOUT")
+            .env_remove("POLYHEAD_RETRIES")
             .output()
     })
     .await??;
@@ -250,6 +317,93 @@ async fn library_calls_carry_deadlines_and_map_statuses() -> anyhow::Result<()> 
         .actions
         .map(|a| a.frame_timestamps);
     assert_eq!(actions, Some(vec![0.0, 0.5, 1.0]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_calls_are_retried_after_the_server_pushback() -> anyhow::Result<()> {
+    let (client, calls) = counting_client(Duration::from_secs(5), 3).await?;
+    let started = Instant::now();
+    let ok = detect(&client, "flaky 2 exhausted 30").await?;
+    let waited = started.elapsed();
+    assert!(ok.detections.is_some());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "two refusals, then success"
+    );
+    assert!(
+        waited >= Duration::from_millis(60),
+        "waited only {waited:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_is_retried_and_invalid_argument_is_not() -> anyhow::Result<()> {
+    let (client, calls) = counting_client(Duration::from_secs(5), 3).await?;
+    detect(&client, "flaky 1 unavailable").await?;
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 2);
+
+    let invalid = detect(&client, "flaky 1 invalid 1").await.err();
+    assert_eq!(invalid.and_then(|e| e.code()), Some(Code::InvalidArgument));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "never retried");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_max_retries_with_the_last_error() -> anyhow::Result<()> {
+    let (client, calls) = counting_client(Duration::from_secs(5), 2).await?;
+    let err = detect(&client, "flaky 100 exhausted 1").await.err();
+    assert_eq!(
+        err.map(|e| e.to_string()).as_deref(),
+        Some("server is at capacity: refusal 3; retry later")
+    );
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 3, "max_retries + 1 calls");
+
+    let once = ClientOptions {
+        max_retries: 0,
+        ..client.options().clone()
+    };
+    let client = Client::connect(client.addr(), once).await?;
+    assert!(detect(&client, "flaky 100 unavailable").await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "0 disables retries");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negative_or_malformed_pushback_stops_retrying() -> anyhow::Result<()> {
+    let (client, calls) = counting_client(Duration::from_secs(5), 3).await?;
+    for head in ["flaky 100 exhausted -1", "flaky 100 exhausted soon"] {
+        let err = detect(&client, head).await.err();
+        assert_eq!(err.and_then(|e| e.code()), Some(Code::ResourceExhausted));
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 1, "{head}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overall_timeout_bounds_the_retries() -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(200);
+    let (client, calls) = counting_client(timeout, 100).await?;
+    let started = Instant::now();
+    let err = detect(&client, "flaky 100 exhausted 40").await.err();
+    let took = started.elapsed();
+    assert_eq!(err.and_then(|e| e.code()), Some(Code::ResourceExhausted));
+    assert!(took < timeout, "retrying took {took:?}");
+    let made = calls.swap(0, Ordering::SeqCst);
+    assert!((2..=5).contains(&made), "{made} calls in {timeout:?}");
+
+    let late = detect(&client, "slow").await.err();
+    assert!(
+        matches!(late, Some(ClientError::Timeout { .. })),
+        "{late:?}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a timeout is never retried"
+    );
     Ok(())
 }
 

@@ -47,6 +47,17 @@ pub struct Cli {
         value_parser = parse_secs
     )]
     pub timeout: Duration,
+    /// How many times a call the server refuses for now (UNAVAILABLE, RESOURCE_EXHAUSTED) is
+    /// retried within its deadline; 0 disables retries.
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL,
+        env = "POLYHEAD_RETRIES",
+        default_value_t = 3,
+        value_name = "N"
+    )]
+    pub retries: u32,
     /// Print the response as JSON instead of text.
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
@@ -98,6 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             connect_timeout: cli.timeout.min(ClientOptions::default().connect_timeout),
             tls: cli.credentials.tls()?,
             token: cli.credentials.token,
+            max_retries: cli.retries,
             ..ClientOptions::default()
         },
     };
@@ -215,6 +227,8 @@ mod tests {
         assert!(cli.json);
         let cli = parse(&["--timeout", "2.5", "models"])?;
         assert_eq!(cli.timeout, Duration::from_millis(2500));
+        let cli = parse(&["models", "--retries", "0"])?;
+        assert_eq!(cli.retries, 0);
         Ok(())
     }
 
@@ -222,12 +236,14 @@ mod tests {
     fn defaults() -> Result<(), clap::Error> {
         if std::env::var_os("POLYHEAD_SERVER").is_some()
             || std::env::var_os("POLYHEAD_TIMEOUT").is_some()
+            || std::env::var_os("POLYHEAD_RETRIES").is_some()
         {
             return Ok(());
         }
         let cli = parse(&["models"])?;
         assert_eq!(cli.server, "127.0.0.1:50051");
         assert_eq!(cli.timeout, Duration::from_secs(30));
+        assert_eq!(cli.retries, 3);
         assert!(!cli.json);
         Ok(())
     }

@@ -9,26 +9,27 @@ use tonic::{Response, Status};
 use tracing::Instrument;
 
 use super::status;
+use crate::config::Limits;
 use crate::error::Error;
 
-/// Runs `work` for `rpc` under the deadline of `metadata`, or `default_timeout` when the call
-/// carries none. An error becomes its status through [`status::to_status`]; a passed deadline is
-/// DEADLINE_EXCEEDED.
+/// Runs `work` for `rpc` under the deadline of `metadata`, or the default timeout of `limits`
+/// when the call carries none. An error becomes its status through [`status::to_status`]; a
+/// passed deadline is DEADLINE_EXCEEDED.
 pub(super) async fn run<T, F>(
     metadata: &MetadataMap,
     rpc: &str,
     request_id: &str,
-    default_timeout: Duration,
+    limits: &Limits,
     work: F,
 ) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, Error>>,
 {
-    let timeout = deadline(metadata).unwrap_or(default_timeout);
+    let timeout = deadline(metadata).unwrap_or_else(|| limits.default_timeout());
     let span = crate::telemetry::rpc_span(metadata, rpc, request_id);
     match tokio::time::timeout(timeout, work).instrument(span).await {
         Ok(Ok(reply)) => Ok(Response::new(reply)),
-        Ok(Err(error)) => Err(status::to_status(error, request_id)),
+        Ok(Err(error)) => Err(status::to_status(error, request_id, limits)),
         Err(_) => Err(Status::deadline_exceeded(format!(
             "{rpc} did not finish within its deadline of {:.3} s",
             timeout.as_secs_f64()
@@ -73,7 +74,8 @@ mod tests {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "10m".parse().expect("ascii"));
         let never = std::future::pending::<Result<(), Error>>();
-        let status = run(&metadata, "Slow", "r1", Duration::from_secs(60), never)
+        let limits = crate::config::Config::for_models("m").limits;
+        let status = run(&metadata, "Slow", "r1", &limits, never)
             .await
             .expect_err("too slow");
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);

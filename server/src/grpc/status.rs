@@ -1,13 +1,19 @@
 //! The one place where errors become gRPC statuses.
 
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
+use crate::config::Limits;
 use crate::engine::EngineError;
 use crate::error::Error;
 
+/// The standard gRPC retry hint: how many milliseconds a client should wait before retrying.
+const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
 /// Maps a request's error to its status. Server-side failures are logged with the request id,
-/// which the caller also receives, so that the two can be matched.
-pub fn to_status(error: Error, request_id: &str) -> Status {
+/// which the caller also receives, so that the two can be matched. RESOURCE_EXHAUSTED carries
+/// the configured retry hint, so that clients back off for as long as the server asks.
+pub fn to_status(error: Error, request_id: &str, limits: &Limits) -> Status {
     let code = code(&error);
     let message = match code {
         Code::Internal => {
@@ -16,7 +22,14 @@ pub fn to_status(error: Error, request_id: &str) -> Status {
         }
         _ => error.to_string(),
     };
-    Status::new(code, message)
+    let mut metadata = MetadataMap::new();
+    if code == Code::ResourceExhausted {
+        metadata.insert(
+            RETRY_PUSHBACK,
+            MetadataValue::from(limits.retry_pushback_ms),
+        );
+    }
+    Status::with_metadata(code, message, metadata)
 }
 
 fn code(error: &Error) -> Code {
@@ -46,30 +59,61 @@ fn engine_code(error: &EngineError) -> Code {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn limits() -> Limits {
+        Config::for_models("m").limits
+    }
+
+    fn overloaded() -> Error {
+        Error::Engine(EngineError::Overloaded {
+            model: "backbone".into(),
+            capacity: 4,
+        })
+    }
 
     #[test]
     fn each_error_has_its_status() {
-        let overloaded = Error::Engine(EngineError::Overloaded {
-            model: "backbone".into(),
-            capacity: 4,
-        });
-        assert_eq!(to_status(overloaded, "r1").code(), Code::ResourceExhausted);
+        let limits = limits();
         assert_eq!(
-            to_status(Error::InvalidArgument("x".into()), "r1").code(),
+            to_status(overloaded(), "r1", &limits).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            to_status(Error::InvalidArgument("x".into()), "r1", &limits).code(),
             Code::InvalidArgument
         );
         assert_eq!(
-            to_status(Error::NotFound("x".into()), "r1").code(),
+            to_status(Error::NotFound("x".into()), "r1", &limits).code(),
             Code::NotFound
         );
         let stopped = Error::Engine(EngineError::Stopped("backbone".into()));
-        assert_eq!(to_status(stopped, "r1").code(), Code::Unavailable);
+        assert_eq!(to_status(stopped, "r1", &limits).code(), Code::Unavailable);
     }
 
     #[test]
     fn internal_errors_carry_the_request_id() {
-        let status = to_status(Error::Internal("boom".into()), "req-42");
+        let status = to_status(Error::Internal("boom".into()), "req-42", &limits());
         assert_eq!(status.code(), Code::Internal);
         assert!(status.message().contains("req-42"), "{}", status.message());
+    }
+
+    #[test]
+    fn overload_carries_the_configured_retry_pushback() {
+        let mut limits = limits();
+        let pushback = |status: &Status| {
+            status
+                .metadata()
+                .get(RETRY_PUSHBACK)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let default = to_status(overloaded(), "r1", &limits);
+        assert_eq!(pushback(&default).as_deref(), Some("100"));
+        limits.retry_pushback_ms = 250;
+        let configured = to_status(overloaded(), "r1", &limits);
+        assert_eq!(pushback(&configured).as_deref(), Some("250"));
+        let stopped = Error::Engine(EngineError::Stopped("backbone".into()));
+        assert_eq!(pushback(&to_status(stopped, "r1", &limits)), None);
     }
 }
