@@ -1,6 +1,8 @@
-//! ONNX Runtime: loading the shared library, choosing the execution provider, and the worker
-//! threads that each own one session.
+//! ONNX Runtime: loading the shared library, choosing the execution provider, the worker
+//! threads that each own one session, and the batcher that shares backbone runs between
+//! concurrent requests.
 
+mod batcher;
 mod runtime;
 mod worker;
 
@@ -8,6 +10,7 @@ use std::sync::Arc;
 
 use ndarray::ArrayD;
 
+pub use batcher::{BatchConfig, BatchRunner, Batcher, WorkerRunner};
 pub use runtime::{Device, Runtime};
 pub use worker::{Run, SessionWorker, Stage, TensorInfo};
 

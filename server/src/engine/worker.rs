@@ -115,13 +115,37 @@ impl SessionWorker {
     /// Runs the model on `inputs` as `stage` of the current request: the wait and the run are
     /// spans of the current span. Fails at once with `Overloaded` when the queue is full.
     pub async fn run_as(&self, stage: Stage, inputs: NamedTensors) -> Result<Run, EngineError> {
+        let queue_span = tracing::info_span!("queue", model = %self.name);
+        self.submit(stage, inputs, Span::current(), queue_span)
+            .await
+    }
+
+    /// Runs the model on `inputs` as `stage` of the request whose span is `parent`, for a
+    /// caller that traces the wait itself (the batcher). Fails at once with `Overloaded` when
+    /// the queue is full.
+    pub async fn run_in(
+        &self,
+        stage: Stage,
+        inputs: NamedTensors,
+        parent: Span,
+    ) -> Result<Run, EngineError> {
+        self.submit(stage, inputs, parent, Span::none()).await
+    }
+
+    async fn submit(
+        &self,
+        stage: Stage,
+        inputs: NamedTensors,
+        parent: Span,
+        queue_span: Span,
+    ) -> Result<Run, EngineError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             inputs,
             stage,
             enqueued: Instant::now(),
-            parent: Span::current(),
-            queue_span: tracing::info_span!("queue", model = %self.name),
+            parent,
+            queue_span,
             reply,
         };
         // Counted before sending so that the worker's decrement never comes first.

@@ -1,0 +1,378 @@
+//! Dynamic batching in front of the backbone's session worker. A task of its own collects
+//! pending requests until they hold `max_batch` images or `max_delay` has passed since the first,
+//! drops those whose caller has gone, runs every group of equal-shaped single images
+//! (`[1, 3, H, W]`) as ONE batch and splits each output back per request along axis 0. A
+//! request of several images (a clip's frames) runs on its own, unbatched.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use ndarray::{ArrayD, Axis, Slice};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Span;
+
+use super::{EngineError, NamedTensors, Run, SessionWorker, SharedTensor, Stage};
+use crate::telemetry::metrics;
+
+/// The backbone batcher's settings.
+#[derive(Debug, Clone, Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BatchConfig {
+    /// Most images one backbone run takes from concurrent requests; 1 turns batching off.
+    #[arg(
+        long,
+        env = "POLYHEAD_MAX_BATCH",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_batch: u32,
+
+    /// How long a backbone batch waits for more images after its first request, in
+    /// milliseconds.
+    #[arg(long, env = "POLYHEAD_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    pub max_batch_delay_ms: u64,
+}
+
+impl BatchConfig {
+    /// How long a batch waits for more images.
+    pub fn max_delay(&self) -> Duration {
+        Duration::from_millis(self.max_batch_delay_ms)
+    }
+}
+
+/// What runs a batch: the backbone's worker, or a stand-in in tests.
+pub trait BatchRunner: Send + Sync + 'static {
+    /// Runs `input` as one batch, its spans children of `parent`.
+    fn run(
+        &self,
+        input: SharedTensor,
+        parent: Span,
+    ) -> impl Future<Output = Result<Run, EngineError>> + Send;
+}
+
+/// A session worker fed its one input by name.
+pub struct WorkerRunner {
+    pub worker: SessionWorker,
+    pub input: String,
+}
+
+impl BatchRunner for WorkerRunner {
+    fn run(
+        &self,
+        input: SharedTensor,
+        parent: Span,
+    ) -> impl Future<Output = Result<Run, EngineError>> + Send {
+        let inputs = vec![(self.input.clone(), input)];
+        self.worker.run_in(Stage::Backbone, inputs, parent)
+    }
+}
+
+/// A request waiting for its batch.
+struct Pending {
+    input: ArrayD<f32>,
+    enqueued: Instant,
+    /// The caller's span, parent of the run's span when the request leads its batch.
+    parent: Span,
+    /// Open while the request waits; closed when its batch starts.
+    queue_span: Span,
+    reply: oneshot::Sender<Result<Run, EngineError>>,
+}
+
+impl Pending {
+    /// The images the request holds (its batch dimension).
+    fn images(&self) -> usize {
+        self.input.shape().first().copied().unwrap_or(1)
+    }
+}
+
+/// Runs and images the batcher has sent to its worker.
+#[derive(Default)]
+struct Counts {
+    runs: AtomicU64,
+    images: AtomicU64,
+}
+
+/// The handle to a batcher task. Cheap to share; the task stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct Batcher {
+    model: Arc<str>,
+    queue: mpsc::Sender<Pending>,
+    capacity: usize,
+    counts: Arc<Counts>,
+}
+
+impl Batcher {
+    /// Starts a batcher for `model` in front of `runner` on a thread of its own, holding at most
+    /// `capacity` waiting requests.
+    pub fn spawn<R: BatchRunner>(
+        model: &str,
+        runner: R,
+        config: &BatchConfig,
+        capacity: usize,
+    ) -> Result<Self, EngineError> {
+        let capacity = capacity.max(1);
+        let (queue, pending) = mpsc::channel(capacity);
+        let counts = Arc::new(Counts::default());
+        let task = Task {
+            model: model.to_string(),
+            runner,
+            max_images: config.max_batch.max(1) as usize,
+            max_delay: config.max_delay(),
+            counts: Arc::clone(&counts),
+        };
+        let start_error = |e: std::io::Error| EngineError::Run {
+            model: model.to_string(),
+            message: format!("cannot start the batcher: {e}"),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(start_error)?;
+        std::thread::Builder::new()
+            .name(format!("batch-{model}"))
+            .spawn(move || runtime.block_on(task.serve(pending)))
+            .map_err(start_error)?;
+        Ok(Self {
+            model: model.into(),
+            queue,
+            capacity,
+            counts,
+        })
+    }
+
+    /// Runs `input` (`[N, 3, H, W]`) as the backbone stage of the current request: a single
+    /// image may share its run with concurrent ones. Fails at once with `Overloaded` when the
+    /// queue is full. The outputs hold this request's items only, as an unbatched run's would.
+    pub async fn run(&self, input: ArrayD<f32>) -> Result<Run, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            input,
+            enqueued: Instant::now(),
+            parent: Span::current(),
+            queue_span: tracing::info_span!("queue", model = %self.model),
+            reply,
+        };
+        // Counted before sending so that the task's decrement never comes first.
+        metrics::add_queue_depth(&self.model, 1.0);
+        self.queue.try_send(pending).map_err(|e| {
+            metrics::add_queue_depth(&self.model, -1.0);
+            match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::Overloaded {
+                    model: self.model.to_string(),
+                    capacity: self.capacity,
+                },
+                mpsc::error::TrySendError::Closed(_) => {
+                    EngineError::Stopped(self.model.to_string())
+                }
+            }
+        })?;
+        answer
+            .await
+            .map_err(|_| EngineError::Stopped(self.model.to_string()))?
+    }
+
+    /// Runs made so far; a batch is one run.
+    pub fn runs(&self) -> u64 {
+        self.counts.runs.load(Ordering::Relaxed)
+    }
+
+    /// Images run so far, over all runs.
+    pub fn images(&self) -> u64 {
+        self.counts.images.load(Ordering::Relaxed)
+    }
+}
+
+/// The batcher task's state.
+struct Task<R> {
+    model: String,
+    runner: R,
+    max_images: usize,
+    max_delay: Duration,
+    counts: Arc<Counts>,
+}
+
+impl<R: BatchRunner> Task<R> {
+    /// Collects, groups and runs batches, one run at a time, until every handle is gone.
+    async fn serve(self, mut queue: mpsc::Receiver<Pending>) {
+        while let Some(first) = queue.recv().await {
+            let collected = self.collect(first, &mut queue).await;
+            for group in group_by_shape(collected, |p| p.input.shape()) {
+                self.run_group(group).await;
+            }
+        }
+        tracing::debug!(model = %self.model, "batcher stopped");
+    }
+
+    /// `first` and the requests that follow it until they hold `max_images` images or
+    /// `max_delay` has passed; requests whose caller has gone are dropped as they come.
+    async fn collect(&self, first: Pending, queue: &mut mpsc::Receiver<Pending>) -> Vec<Pending> {
+        let deadline = tokio::time::Instant::now() + self.max_delay;
+        let mut batch: Vec<Pending> = self.take(first).into_iter().collect();
+        let mut images: usize = batch.iter().map(Pending::images).sum();
+        while images < self.max_images {
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(next)) => {
+                    if let Some(next) = self.take(next) {
+                        images += next.images();
+                        batch.push(next);
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Takes `pending` off the queue: `None` when its caller has gone.
+    fn take(&self, pending: Pending) -> Option<Pending> {
+        metrics::add_queue_depth(&self.model, -1.0);
+        if pending.reply.is_closed() {
+            tracing::debug!(model = %self.model, "caller gone; request dropped before running");
+            return None;
+        }
+        Some(pending)
+    }
+
+    /// Runs the live requests of `group` (equal shapes) as one batch and answers each.
+    async fn run_group(&self, group: Vec<Pending>) {
+        let live: Vec<Pending> = group.into_iter().filter(|p| !p.reply.is_closed()).collect();
+        let Some(parent) = live.first().map(|p| p.parent.clone()) else {
+            return;
+        };
+        let started = Instant::now();
+        let mut inputs = Vec::with_capacity(live.len());
+        let mut waiting = Vec::with_capacity(live.len());
+        for pending in live {
+            drop(pending.queue_span);
+            drop(pending.parent);
+            waiting.push((
+                pending.reply,
+                started.saturating_duration_since(pending.enqueued),
+            ));
+            inputs.push(pending.input);
+        }
+        let sizes: Vec<usize> = inputs
+            .iter()
+            .map(|i| i.shape().first().copied().unwrap_or(1))
+            .collect();
+        let result = match concat(inputs) {
+            Ok(batch) => self.run_batch(batch, parent, &sizes).await,
+            Err(message) => {
+                drop(parent);
+                Err(EngineError::Run {
+                    model: self.model.clone(),
+                    message,
+                })
+            }
+        };
+        self.answer(waiting, result);
+    }
+
+    /// Runs one concatenated batch and splits its outputs per request, `sizes[i]` items each.
+    async fn run_batch(
+        &self,
+        batch: ArrayD<f32>,
+        parent: Span,
+        sizes: &[usize],
+    ) -> Result<(Vec<NamedTensors>, Run), EngineError> {
+        let images = batch.shape().first().copied().unwrap_or(1) as u64;
+        let run = self.runner.run(SharedTensor::new(batch), parent).await?;
+        self.counts.runs.fetch_add(1, Ordering::Relaxed);
+        self.counts.images.fetch_add(images, Ordering::Relaxed);
+        metrics::record_backbone_pass();
+        let parts = split(&run.outputs, sizes).map_err(|message| EngineError::Run {
+            model: self.model.clone(),
+            message,
+        })?;
+        Ok((parts, run))
+    }
+
+    /// Sends each waiting request its part of the run, or the run's error.
+    fn answer(
+        &self,
+        waiting: Vec<(oneshot::Sender<Result<Run, EngineError>>, Duration)>,
+        result: Result<(Vec<NamedTensors>, Run), EngineError>,
+    ) {
+        match result {
+            Ok((parts, run)) => {
+                for ((reply, waited), outputs) in waiting.into_iter().zip(parts) {
+                    // A caller gone while the batch ran simply misses its result.
+                    let _ = reply.send(Ok(Run {
+                        outputs,
+                        queued: waited + run.queued,
+                        elapsed: run.elapsed,
+                    }));
+                }
+            }
+            Err(error) => {
+                for (reply, _) in waiting {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Splits `items` into runs in arrival order: equal-shaped single items (batch dimension 1)
+/// together, every item of several (a clip) alone.
+fn group_by_shape<T>(items: Vec<T>, shape: impl Fn(&T) -> &[usize]) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        let key = shape(&item).to_vec();
+        let joins = (key.first() == Some(&1))
+            .then(|| {
+                groups
+                    .iter()
+                    .position(|g| g.first().map(&shape) == Some(key.as_slice()))
+            })
+            .flatten();
+        match joins {
+            Some(i) => groups[i].push(item),
+            None => groups.push(vec![item]),
+        }
+    }
+    groups
+}
+
+/// Concatenates equal-shaped inputs along axis 0; a lone input as it is.
+fn concat(mut inputs: Vec<ArrayD<f32>>) -> Result<ArrayD<f32>, String> {
+    if inputs.len() == 1 {
+        if let Some(input) = inputs.pop() {
+            return Ok(input);
+        }
+    }
+    let views: Vec<_> = inputs.iter().map(|i| i.view()).collect();
+    ndarray::concatenate(Axis(0), &views).map_err(|e| format!("cannot batch inputs: {e}"))
+}
+
+/// Splits every output of a run along axis 0 into one part per request, `sizes[i]` items each.
+/// A run of one request is its own part, shared as it is.
+fn split(outputs: &NamedTensors, sizes: &[usize]) -> Result<Vec<NamedTensors>, String> {
+    if sizes.len() == 1 {
+        return Ok(vec![outputs.clone()]);
+    }
+    let total: usize = sizes.iter().sum();
+    let mut parts = vec![Vec::with_capacity(outputs.len()); sizes.len()];
+    for (name, tensor) in outputs {
+        if tensor.shape().first() != Some(&total) {
+            return Err(format!(
+                "output {name} has shape {:?}; a batch of {total} was expected",
+                tensor.shape()
+            ));
+        }
+        let mut start = 0;
+        for (part, &n) in parts.iter_mut().zip(sizes) {
+            let item = tensor.slice_axis(Axis(0), Slice::from(start..start + n));
+            part.push((name.clone(), SharedTensor::new(item.to_owned())));
+            start += n;
+        }
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests;

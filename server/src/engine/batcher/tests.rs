@@ -1,0 +1,255 @@
+//! The batcher against a stand-in runner that records every batch it is given.
+
+use std::sync::Mutex;
+
+use futures_util::FutureExt;
+use futures_util::future::join_all;
+use ndarray::IxDyn;
+use tokio::sync::watch;
+
+use super::*;
+
+/// A runner that records each batch's shape, waits for its gate, and answers `double` (the
+/// input times two) and `sum` (each item's sum, `[N, 1]`).
+#[derive(Clone)]
+struct Fake {
+    shapes: Arc<Mutex<Vec<Vec<usize>>>>,
+    gate: watch::Receiver<bool>,
+    started: mpsc::UnboundedSender<()>,
+}
+
+impl BatchRunner for Fake {
+    fn run(
+        &self,
+        input: SharedTensor,
+        _parent: Span,
+    ) -> impl Future<Output = Result<Run, EngineError>> + Send {
+        let fake = self.clone();
+        async move {
+            fake.shapes
+                .lock()
+                .expect("shapes")
+                .push(input.shape().to_vec());
+            let _ = fake.started.send(());
+            let mut gate = fake.gate.clone();
+            let _ = gate.wait_for(|open| *open).await;
+            let double = input.mapv(|v| v * 2.0);
+            let sum = input
+                .sum_axis(Axis(3))
+                .sum_axis(Axis(2))
+                .sum_axis(Axis(1))
+                .insert_axis(Axis(1));
+            Ok(Run {
+                outputs: vec![
+                    ("double".into(), SharedTensor::new(double)),
+                    ("sum".into(), SharedTensor::new(sum)),
+                ],
+                queued: Duration::ZERO,
+                elapsed: Duration::from_millis(1),
+            })
+        }
+    }
+}
+
+struct Setup {
+    batcher: Batcher,
+    shapes: Arc<Mutex<Vec<Vec<usize>>>>,
+    gate: watch::Sender<bool>,
+    started: mpsc::UnboundedReceiver<()>,
+}
+
+impl Setup {
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        self.shapes.lock().expect("shapes").clone()
+    }
+}
+
+/// A batcher of `max_batch` images and `delay_ms`, its runner's gate open when `open`.
+fn setup(max_batch: u32, delay_ms: u64, capacity: usize, open: bool) -> Setup {
+    let shapes = Arc::new(Mutex::new(Vec::new()));
+    let (gate, gate_rx) = watch::channel(open);
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let fake = Fake {
+        shapes: Arc::clone(&shapes),
+        gate: gate_rx,
+        started: started_tx,
+    };
+    let config = BatchConfig {
+        max_batch,
+        max_batch_delay_ms: delay_ms,
+    };
+    let batcher = Batcher::spawn("backbone", fake, &config, capacity).expect("spawn");
+    Setup {
+        batcher,
+        shapes,
+        gate,
+        started,
+    }
+}
+
+/// `n` images of `side` x `side` pixels, every value `fill`.
+fn input(n: usize, side: usize, fill: f32) -> ArrayD<f32> {
+    ArrayD::from_elem(IxDyn(&[n, 1, side, side]), fill)
+}
+
+/// Checks that `run` is what an unbatched run of `input` would give.
+fn assert_own(run: &Run, input: &ArrayD<f32>) {
+    let (double, sum) = (&run.outputs[0].1, &run.outputs[1].1);
+    assert_eq!(**double, input.mapv(|v| v * 2.0));
+    let n = input.shape()[0];
+    assert_eq!(sum.shape(), [n, 1]);
+    let per_item = input.len() as f32 / n as f32 * input[[0, 0, 0, 0]];
+    assert!(sum.iter().all(|&s| s == per_item), "{sum:?}");
+}
+
+#[tokio::test]
+async fn a_full_batch_runs_without_waiting_for_the_delay() {
+    let setup = setup(4, 60_000, 16, true);
+    let inputs: Vec<_> = (0..4).map(|i| input(1, 2, i as f32)).collect();
+    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(i.clone()))).await;
+    assert_eq!(setup.shapes(), [[4, 1, 2, 2]]);
+    for (run, input) in runs.iter().zip(&inputs) {
+        assert_own(run.as_ref().expect("run"), input);
+    }
+    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (1, 4));
+}
+
+#[tokio::test]
+async fn requests_beyond_max_batch_go_in_the_next_batch() {
+    let setup = setup(4, 200, 16, true);
+    let inputs: Vec<_> = (0..5).map(|i| input(1, 2, i as f32)).collect();
+    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(i.clone()))).await;
+    assert_eq!(setup.shapes(), [[4, 1, 2, 2], [1, 1, 2, 2]]);
+    for (run, input) in runs.iter().zip(&inputs) {
+        assert_own(run.as_ref().expect("run"), input);
+    }
+    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (2, 5));
+}
+
+#[tokio::test]
+async fn max_delay_flushes_a_partial_batch() {
+    let setup = setup(8, 30, 16, true);
+    let started = Instant::now();
+    let runs = join_all((0..3).map(|i| setup.batcher.run(input(1, 2, i as f32)))).await;
+    assert!(started.elapsed() >= Duration::from_millis(30));
+    assert_eq!(setup.shapes(), [[3, 1, 2, 2]]);
+    assert!(runs.iter().all(Result::is_ok));
+    let run = runs[1].as_ref().expect("run");
+    assert!(run.queued >= Duration::from_millis(25), "{:?}", run.queued);
+}
+
+#[tokio::test]
+async fn with_max_batch_1_every_request_runs_alone() {
+    let setup = setup(1, 60_000, 16, true);
+    let runs = join_all((0..3).map(|i| setup.batcher.run(input(1, 2, i as f32)))).await;
+    assert!(runs.iter().all(Result::is_ok));
+    assert_eq!(setup.shapes(), [[1, 1, 2, 2]; 3]);
+}
+
+#[tokio::test]
+async fn cancelled_requests_never_reach_the_runner() {
+    let setup = setup(8, 100, 16, true);
+    // Polled once, so queued, then dropped: its caller is gone before the batch runs.
+    assert!(setup.batcher.run(input(1, 2, 1.0)).now_or_never().is_none());
+    let kept = input(1, 2, 2.0);
+    let run = setup.batcher.run(kept.clone()).await.expect("run");
+    assert_own(&run, &kept);
+    assert_eq!(setup.shapes(), [[1, 1, 2, 2]]);
+    assert!(setup.batcher.run(input(1, 2, 3.0)).now_or_never().is_none());
+    let last = setup.batcher.run(input(1, 2, 4.0)).await.expect("run");
+    assert_own(&last, &input(1, 2, 4.0));
+    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (2, 2));
+}
+
+#[tokio::test]
+async fn different_shapes_and_clips_run_apart() {
+    let setup = setup(8, 50, 16, true);
+    let inputs = [
+        input(1, 2, 1.0),
+        input(1, 3, 2.0),
+        input(1, 2, 3.0),
+        input(2, 2, 4.0),
+    ];
+    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(i.clone()))).await;
+    assert_eq!(
+        setup.shapes(),
+        [[2, 1, 2, 2], [1, 1, 3, 3], [2, 1, 2, 2]],
+        "the two 2x2 images together, the 3x3 image and the clip alone"
+    );
+    for (run, input) in runs.iter().zip(&inputs) {
+        assert_own(run.as_ref().expect("run"), input);
+    }
+    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (3, 5));
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once() {
+    let mut setup = setup(1, 0, 1, false);
+    let running = tokio::spawn({
+        let batcher = setup.batcher.clone();
+        async move { batcher.run(input(1, 2, 1.0)).await }
+    });
+    setup.started.recv().await.expect("the first run started");
+    let mut waiting = Box::pin(setup.batcher.run(input(1, 2, 2.0)));
+    assert!(futures_util::poll!(&mut waiting).is_pending());
+    let refused = setup.batcher.run(input(1, 2, 3.0)).await;
+    assert!(
+        matches!(refused, Err(EngineError::Overloaded { capacity: 1, .. })),
+        "{refused:?}"
+    );
+    setup.gate.send(true).expect("open the gate");
+    assert!(running.await.expect("join").is_ok());
+    assert!(waiting.await.is_ok());
+    assert_eq!(setup.batcher.runs(), 2);
+}
+
+#[test]
+fn grouping_keeps_arrival_order_and_never_batches_clips() {
+    let shapes: Vec<Vec<usize>> = vec![
+        vec![1, 3, 4, 4],
+        vec![3, 3, 4, 4],
+        vec![1, 3, 8, 4],
+        vec![1, 3, 4, 4],
+        vec![3, 3, 4, 4],
+        vec![1, 3, 8, 4],
+    ];
+    let items: Vec<(usize, &[usize])> = shapes.iter().map(Vec::as_slice).enumerate().collect();
+    let groups = group_by_shape(items, |(_, shape)| shape);
+    let ids: Vec<Vec<usize>> = groups
+        .iter()
+        .map(|g| g.iter().map(|(id, _)| *id).collect())
+        .collect();
+    assert_eq!(ids, [vec![0, 3], vec![1], vec![2, 5], vec![4]]);
+}
+
+#[test]
+fn split_gives_each_request_its_items() {
+    let batch =
+        ArrayD::from_shape_vec(IxDyn(&[3, 2]), vec![0., 1., 2., 3., 4., 5.]).expect("shape");
+    let outputs = vec![("out".to_string(), SharedTensor::new(batch))];
+    let parts = split(&outputs, &[1, 2]).expect("split");
+    assert_eq!(parts[0][0].1.as_slice(), Some(&[0., 1.][..]));
+    assert_eq!(parts[1][0].1.shape(), [2, 2]);
+    assert_eq!(parts[1][0].1.as_slice(), Some(&[2., 3., 4., 5.][..]));
+    let err = split(&outputs, &[1, 1]).expect_err("3 items for 2 requests");
+    assert!(err.contains("out"), "{err}");
+    let whole = split(&outputs, &[3]).expect("one request");
+    assert!(
+        Arc::ptr_eq(&whole[0][0].1, &outputs[0].1),
+        "shared, not copied"
+    );
+}
+
+#[test]
+fn flags_default_to_8_images_and_2_ms() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        batch: BatchConfig,
+    }
+    let flags = Flags::parse_from(["test"]);
+    assert_eq!(flags.batch.max_batch, 8);
+    assert_eq!(flags.batch.max_delay(), Duration::from_millis(2));
+    assert!(Flags::try_parse_from(["test", "--max-batch", "0"]).is_err());
+}
