@@ -51,6 +51,14 @@ pub struct Config {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub batch: crate::engine::BatchConfig,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub handles: crate::pipeline::HandleConfig,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub telemetry: crate::telemetry::TelemetryConfig,
 
     #[command(flatten)]
@@ -141,6 +149,11 @@ pub struct Limits {
     /// Deadline applied to requests that carry none, in seconds.
     #[arg(long, env = "POLYHEAD_DEFAULT_TIMEOUT_SECONDS", default_value_t = 60.0)]
     pub default_timeout_seconds: f64,
+
+    /// How long clients should wait before retrying a call refused with RESOURCE_EXHAUSTED, in
+    /// milliseconds; sent as the `grpc-retry-pushback-ms` trailer.
+    #[arg(long, env = "POLYHEAD_RETRY_PUSHBACK_MS", default_value_t = 100)]
+    pub retry_pushback_ms: u64,
 }
 
 impl Limits {

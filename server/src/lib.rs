@@ -40,7 +40,9 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
         heads = models.heads.len(),
         "model set loaded"
     );
-    let pipeline = Arc::new(Pipeline::new(models, config.limits.clone(), &config.cache));
+    let pipeline =
+        Pipeline::new(models, config.limits.clone(), &config.cache).with_handles(&config.handles);
+    let pipeline = Arc::new(pipeline);
     let took = pipeline
         .warm_up()
         .await

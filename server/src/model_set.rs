@@ -8,13 +8,13 @@ use ndarray::ArrayD;
 
 use crate::config::Config;
 use crate::engine::{
-    Device, EngineError, Run, Runtime, SessionWorker, SharedTensor, Stage, TensorInfo,
+    BatchConfig, Batcher, Device, EngineError, Run, Runtime, SessionWorker, TensorInfo,
+    WorkerRunner,
 };
 use crate::manifest::{
     BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
 };
 use crate::media::preprocess::{PreprocessSpec, ResizePolicy};
-use crate::telemetry::metrics;
 
 /// Why a model set could not be loaded. Every message names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -30,16 +30,26 @@ pub struct Backbone {
     pub spec: BackboneSpec,
     pub preprocess: PreprocessSpec,
     pub worker: SessionWorker,
+    batcher: Batcher,
 }
 
 impl Backbone {
     /// Runs the backbone on a batch `[N, 3, H, W]` as the backbone stage of the current request
-    /// (its spans are `queue` and `backbone`) and counts the pass.
+    /// (its spans are `queue` and `backbone`) through the batcher, which counts the pass: a
+    /// single image may share its pass with concurrent requests. The outputs hold this
+    /// request's items only.
     pub async fn run(&self, batch: ArrayD<f32>) -> Result<Run, EngineError> {
-        let input = vec![(self.spec.input.clone(), SharedTensor::new(batch))];
-        let run = self.worker.run_as(Stage::Backbone, input).await?;
-        metrics::record_backbone_pass();
-        Ok(run)
+        self.batcher.run(batch).await
+    }
+
+    /// Backbone runs made so far; a batch of several requests is one run.
+    pub fn runs(&self) -> u64 {
+        self.batcher.runs()
+    }
+
+    /// Images (and clip frames) that went through the backbone so far.
+    pub fn images(&self) -> u64 {
+        self.batcher.images()
     }
 }
 
@@ -81,7 +91,7 @@ impl ModelSet {
         let manifest = Manifest::load(dir)?;
         let runtime = Runtime::init(&config.runtime)?;
         let capacity = config.runtime.queue_capacity;
-        let backbone = load_backbone(&runtime, dir, &manifest.backbone, capacity)?;
+        let backbone = load_backbone(&runtime, dir, &manifest.backbone, config)?;
         let heads = manifest
             .heads
             .iter()
@@ -107,16 +117,32 @@ fn load_backbone(
     runtime: &Runtime,
     dir: &Path,
     spec: &BackboneSpec,
-    capacity: usize,
+    config: &Config,
 ) -> Result<Backbone, LoadError> {
     let path = dir.join(&spec.file);
+    let capacity = config.runtime.queue_capacity;
     let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
     check_backbone(spec, &worker).map_err(|m| ManifestError::new(&path, m))?;
+    let batcher = spawn_batcher(spec, &worker, &config.batch, capacity)?;
     Ok(Backbone {
         preprocess: preprocess_spec(spec),
         spec: spec.clone(),
         worker,
+        batcher,
     })
+}
+
+fn spawn_batcher(
+    spec: &BackboneSpec,
+    worker: &SessionWorker,
+    config: &BatchConfig,
+    capacity: usize,
+) -> Result<Batcher, EngineError> {
+    let runner = WorkerRunner {
+        worker: worker.clone(),
+        input: spec.input.clone(),
+    };
+    Batcher::spawn(&spec.name, runner, config, capacity)
 }
 
 fn load_head(

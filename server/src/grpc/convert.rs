@@ -12,7 +12,8 @@ use crate::heads::{BoxXyxy, ClassScore, Detection, RleMask};
 use crate::manifest::{HeadKind, HeadParams};
 use crate::model_set::{Head, ModelSet};
 use crate::pipeline::{
-    Actions, Detections, HeadOptions, HeadTask, HeadTiming, ImageInput, Segmentation, Timings,
+    Actions, Detections, ExtractedFeatures, HeadOptions, HeadTask, HeadTiming, ImageInput,
+    Segmentation, Timings,
 };
 
 fn invalid(message: impl Into<String>) -> Error {
@@ -21,9 +22,9 @@ fn invalid(message: impl Into<String>) -> Error {
 
 /// Validates the image of a request.
 pub fn image(image: Option<v1::Image>) -> Result<ImageInput, Error> {
-    let source = image
-        .and_then(|i| i.source)
-        .ok_or_else(|| invalid("image is required: set image.encoded or image.raw"))?;
+    let source = image.and_then(|i| i.source).ok_or_else(|| {
+        invalid("image is required: set image.encoded, image.raw or image.feature_handle")
+    })?;
     match source {
         v1::image::Source::Encoded(bytes) if bytes.is_empty() => {
             Err(invalid("image.encoded is empty"))
@@ -32,6 +33,31 @@ pub fn image(image: Option<v1::Image>) -> Result<ImageInput, Error> {
         v1::image::Source::Raw(v1::RawImage { width, height, rgb }) => {
             Ok(ImageInput::Raw { width, height, rgb })
         }
+        v1::image::Source::FeatureHandle(handle) if handle.is_empty() => {
+            Err(invalid("image.feature_handle is empty"))
+        }
+        v1::image::Source::FeatureHandle(handle) => Ok(ImageInput::Handle(handle)),
+    }
+}
+
+/// The response to ExtractFeatures.
+pub fn extracted_features(extracted: ExtractedFeatures) -> v1::ExtractFeaturesResponse {
+    let ExtractedFeatures {
+        handle,
+        expires_at,
+        image_width,
+        image_height,
+        timings: t,
+    } = extracted;
+    let since_epoch = expires_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    v1::ExtractFeaturesResponse {
+        handle,
+        expires_at_unix_ms: i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX),
+        image_width,
+        image_height,
+        timings: Some(timings(t)),
     }
 }
 

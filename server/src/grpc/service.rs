@@ -41,8 +41,7 @@ impl PolyheadService {
         F: Future<Output = Result<T, Error>>,
     {
         let request_id = format!("{:x}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        let default_timeout = self.pipeline.limits().default_timeout();
-        deadline::run(metadata, rpc, &request_id, default_timeout, work).await
+        deadline::run(metadata, rpc, &request_id, self.pipeline.limits(), work).await
     }
 }
 
@@ -172,6 +171,20 @@ impl Polyhead for PolyheadService {
             }
             info::find(models, &name)
                 .ok_or_else(|| Error::NotFound(format!("no model named '{name}'")))
+        })
+        .await
+    }
+
+    async fn extract_features(
+        &self,
+        request: Request<v1::ExtractFeaturesRequest>,
+    ) -> Result<Response<v1::ExtractFeaturesResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let pipeline = &self.pipeline;
+        self.call(&metadata, "ExtractFeatures", async move {
+            let image = convert::image(req.image)?;
+            let extracted = pipeline.extract_features(image).await?;
+            Ok(convert::extracted_features(extracted))
         })
         .await
     }

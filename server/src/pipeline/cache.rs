@@ -153,7 +153,7 @@ impl FeatureCache {
 }
 
 /// The bytes an entry holds: its tensors' values and names, capped to what the cache can weigh.
-fn weight(tensors: &NamedTensors) -> u32 {
+pub(super) fn weight(tensors: &NamedTensors) -> u32 {
     let bytes: usize = tensors
         .iter()
         .map(|(name, t)| name.len() + t.len() * size_of::<f32>())

@@ -1,5 +1,5 @@
-//! The image path: decode, preprocess, one backbone pass (or the feature cache), then every
-//! requested head.
+//! The image path: decode, preprocess, one backbone pass (or the feature cache, or the features
+//! a feature handle names), then every requested head.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,31 @@ struct Prepared {
     preprocess: Duration,
 }
 
+/// The backbone features of a request's image, its geometry and what getting them cost.
+pub(super) struct ImageFeatures {
+    pub(super) features: Features,
+    pub(super) geometry: Geometry,
+    decode: Duration,
+    preprocess: Duration,
+}
+
+impl ImageFeatures {
+    /// The request's timings up to the heads: no backbone pass for cached or kept features.
+    pub(super) fn timings(&self) -> Timings {
+        let passes = u32::from(!self.features.cached);
+        Timings {
+            decode: self.decode,
+            preprocess: self.preprocess,
+            queue: self.features.queued,
+            backbone: self.features.elapsed,
+            backbone_passes: passes,
+            backbone_images: passes,
+            features_cached: self.features.cached,
+            ..Timings::default()
+        }
+    }
+}
+
 impl Pipeline {
     /// Runs every head of `request` on its image from ONE backbone pass, or from cached
     /// features of an identical backbone input. Results come back in the order of
@@ -51,30 +76,13 @@ impl Pipeline {
         request: ImageRequest,
     ) -> Result<(Vec<(String, HeadOutput)>, Timings), Error> {
         let started = Instant::now();
-        let prepared = self.prepare(request.image).await?;
-        let geometry = prepared.geometry;
-        let batch = stack(
-            vec![prepared.chw],
-            geometry.input_height as usize,
-            geometry.input_width as usize,
-        )?;
-        let features = self.shared_features(prepared.key, batch).await?;
+        let found = self.features_of(request.image).await?;
         let runs = request
             .tasks
             .into_iter()
-            .map(|task| run_head(&features, task, geometry));
+            .map(|task| run_head(&found.features, task, found.geometry));
         let results = futures_util::future::try_join_all(runs).await?;
-        let passes = u32::from(!features.cached);
-        let mut timings = Timings {
-            decode: prepared.decode,
-            preprocess: prepared.preprocess,
-            queue: features.queued,
-            backbone: features.elapsed,
-            backbone_passes: passes,
-            backbone_images: passes,
-            features_cached: features.cached,
-            ..Timings::default()
-        };
+        let mut timings = found.timings();
         let mut outputs = Vec::with_capacity(results.len());
         for (name, out, timing) in results {
             timings.postprocess += timing.postprocess;
@@ -83,6 +91,40 @@ impl Pipeline {
         }
         timings.total = started.elapsed();
         Ok((outputs, timings))
+    }
+
+    /// The backbone features of `image`: kept under its feature handle, else from the feature
+    /// cache or ONE backbone pass after decoding and preprocessing.
+    pub(super) async fn features_of(&self, image: ImageInput) -> Result<ImageFeatures, Error> {
+        if let ImageInput::Handle(handle) = image {
+            let entry = self.handles.get(&handle).await?;
+            let features = Features {
+                tensors: entry.tensors,
+                queued: Duration::ZERO,
+                elapsed: Duration::ZERO,
+                cached: true,
+            };
+            return Ok(ImageFeatures {
+                features,
+                geometry: entry.geometry,
+                decode: Duration::ZERO,
+                preprocess: Duration::ZERO,
+            });
+        }
+        let prepared = self.prepare(image).await?;
+        let geometry = prepared.geometry;
+        let batch = stack(
+            vec![prepared.chw],
+            geometry.input_height as usize,
+            geometry.input_width as usize,
+        )?;
+        let features = self.shared_features(prepared.key, batch).await?;
+        Ok(ImageFeatures {
+            features,
+            geometry,
+            decode: prepared.decode,
+            preprocess: prepared.preprocess,
+        })
     }
 
     /// Decodes, preprocesses and (with the cache on) hashes on a blocking thread, in the
@@ -138,6 +180,11 @@ fn decode(image: ImageInput, limits: &ImageLimits) -> Result<RgbImage, Error> {
         ImageInput::Encoded(bytes) => media::image::decode(&bytes, limits)?,
         ImageInput::Raw { width, height, rgb } => {
             media::image::from_raw(width, height, rgb, limits)?
+        }
+        ImageInput::Handle(_) => {
+            return Err(Error::Internal(
+                "a feature handle was sent to the decoder".into(),
+            ));
         }
     })
 }

@@ -8,11 +8,11 @@
 
 mod action;
 pub mod cache;
+pub mod handles;
 mod image;
 pub mod types;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ndarray::{ArrayD, IxDyn};
@@ -26,16 +26,18 @@ use crate::model_set::{Head, ModelSet};
 use crate::telemetry::metrics;
 
 pub use cache::{CacheConfig, FeatureCache, FeatureKey};
+pub use handles::{HandleConfig, HandleStore};
 pub use types::*;
 
-/// The loaded model set, the limits requests are held to and the feature cache.
+/// The loaded model set, the limits requests are held to, the feature cache and the feature
+/// handles.
 pub struct Pipeline {
     models: ModelSet,
     image_limits: ImageLimits,
     video_limits: VideoLimits,
     limits: Limits,
     cache: FeatureCache,
-    backbone_runs: AtomicU64,
+    handles: HandleStore,
 }
 
 /// Backbone features of one batch of inputs, and what getting them cost.
@@ -73,8 +75,14 @@ impl Pipeline {
             video_limits,
             limits,
             cache: FeatureCache::new(cache),
-            backbone_runs: AtomicU64::new(0),
+            handles: HandleStore::new(&HandleConfig::default()),
         }
+    }
+
+    /// Keeps feature handles as `config` describes (default: [`HandleConfig::default`]).
+    pub fn with_handles(mut self, config: &HandleConfig) -> Self {
+        self.handles = HandleStore::new(config);
+        self
     }
 
     /// The loaded models.
@@ -87,9 +95,15 @@ impl Pipeline {
         &self.limits
     }
 
-    /// Backbone runs this pipeline has made, warm-up included.
+    /// Backbone runs made, warm-up and ModelInfer included; a batch that several concurrent
+    /// requests share is one run.
     pub fn backbone_runs(&self) -> u64 {
-        self.backbone_runs.load(Ordering::Relaxed)
+        self.models.backbone.runs()
+    }
+
+    /// Images and clip frames that went through the backbone, over all runs.
+    pub fn backbone_images(&self) -> u64 {
+        self.models.backbone.images()
     }
 
     /// Runs a blank image through the backbone and every head so that the first real request
@@ -124,7 +138,6 @@ impl Pipeline {
     /// Runs the backbone on a batch `[N, 3, H, W]`.
     async fn run_backbone(&self, batch: ArrayD<f32>) -> Result<Features, EngineError> {
         let run = self.models.backbone.run(batch).await?;
-        self.backbone_runs.fetch_add(1, Ordering::Relaxed);
         Ok(Features {
             tensors: run.outputs,
             queued: run.queued,

@@ -2,7 +2,7 @@
 //! gRPC layer converts to and from these; nothing here knows about protobuf.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::heads::detection::DetectOptions;
 use crate::heads::{ClassScore, Detection};
@@ -19,6 +19,9 @@ pub enum ImageInput {
         height: u32,
         rgb: Vec<u8>,
     },
+    /// A feature handle from [`crate::pipeline::Pipeline::extract_features`]: the image's
+    /// features are kept server-side.
+    Handle(String),
 }
 
 /// A clip as the caller sent it.
@@ -84,6 +87,17 @@ pub struct Segmentation {
 pub enum HeadOutput {
     Detections(Detections),
     Segmentation(Segmentation),
+}
+
+/// An image's backbone features kept under a handle.
+#[derive(Debug, Clone)]
+pub struct ExtractedFeatures {
+    pub handle: String,
+    pub expires_at: SystemTime,
+    /// Size of the original image.
+    pub image_width: u32,
+    pub image_height: u32,
+    pub timings: Timings,
 }
 
 /// The top actions of a clip and the frames they were computed from.

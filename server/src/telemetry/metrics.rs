@@ -19,7 +19,8 @@ pub const GRPC_HANDLING: &str = "grpc_server_handling_seconds";
 pub const INFLIGHT: &str = "polyhead_inflight_requests";
 /// Latency of each stage of a request, by stage and head.
 pub const STAGE: &str = "polyhead_stage_seconds";
-/// Inputs per model run (1 for an image, T for a clip of T frames), by model.
+/// Inputs per model run (the images batched into a backbone run, T for a clip of T frames), by
+/// model.
 pub const BATCH_SIZE: &str = "polyhead_batch_size";
 /// Runs waiting in a model's queue, by model.
 pub const QUEUE_DEPTH: &str = "polyhead_queue_depth";
@@ -65,10 +66,14 @@ pub(super) fn describe() {
     );
     describe_histogram!(
         BATCH_SIZE,
-        "Inputs per model run: 1 for an image, T for a T-frame clip."
+        "Inputs per model run: the images of concurrent requests batched into one backbone run, \
+         T for a T-frame clip."
     );
     describe_gauge!(QUEUE_DEPTH, "Runs waiting in a model's queue.");
-    describe_counter!(BACKBONE_PASSES, "Backbone runs.");
+    describe_counter!(
+        BACKBONE_PASSES,
+        "Backbone runs; a batch shared by concurrent requests is one run."
+    );
     describe_counter!(
         FEATURE_CACHE_HITS,
         "Image requests served backbone features from the cache (or from a run another request \

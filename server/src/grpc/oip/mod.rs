@@ -26,6 +26,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use super::{MAX_RESPONSE_BYTES, deadline, status};
+use crate::config::Limits;
 use crate::error::Error;
 use crate::lifecycle::Lifecycle;
 use crate::pipeline::Pipeline;
@@ -82,10 +83,10 @@ impl OipService {
     }
 
     /// Answers a quick call that needs no deadline, mapping its error like every other.
-    fn answer<T>(&self, result: Result<T, Error>) -> Result<Response<T>, Status> {
+    fn answer<T>(&self, limits: &Limits, result: Result<T, Error>) -> Result<Response<T>, Status> {
         result
             .map(Response::new)
-            .map_err(|error| status::to_status(error, &self.request_id()))
+            .map_err(|error| status::to_status(error, &self.request_id(), limits))
     }
 }
 
@@ -139,7 +140,10 @@ impl GrpcInferenceService for OipService {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let ModelMetadataRequest { name, version } = request.into_inner();
         let pipeline = self.pipeline()?;
-        self.answer(Model::find(pipeline.models(), &name, &version).and_then(|m| m.metadata()))
+        self.answer(
+            pipeline.limits(),
+            Model::find(pipeline.models(), &name, &version).and_then(|m| m.metadata()),
+        )
     }
 
     async fn model_infer(
@@ -149,9 +153,15 @@ impl GrpcInferenceService for OipService {
         let (metadata, _, request) = request.into_parts();
         let request_id = self.request_id();
         let pipeline = self.pipeline()?;
-        let default_timeout = pipeline.limits().default_timeout();
         let work = infer(pipeline, request);
-        deadline::run(&metadata, "ModelInfer", &request_id, default_timeout, work).await
+        deadline::run(
+            &metadata,
+            "ModelInfer",
+            &request_id,
+            pipeline.limits(),
+            work,
+        )
+        .await
     }
 }
 
