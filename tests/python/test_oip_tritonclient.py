@@ -1,12 +1,10 @@
 """Triton's own client (`tritonclient[grpc]`) against polyhead's Open Inference Protocol service.
 
-Through the shared `server` fixture (the release binary on a free port, see conftest.py): waits
-until ServerReady, checks liveness, readiness and model metadata, and checks that the
+Through the shared `server` fixture (the release binary on a free port, already SERVING on the
+health protocol, see conftest.py): checks liveness, readiness and model metadata, and checks that the
 `segmentation` model's raw `logits` equal those of the monolithic reference model run by
 onnxruntime on the same input.
 """
-
-import time
 
 import numpy as np
 import onnxruntime
@@ -16,26 +14,14 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import MODELS
 
-READY_SECONDS = 30
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def client(server):
     triton = grpcclient.InferenceServerClient(url=server.address)
-    deadline = time.monotonic() + READY_SECONDS
-    while not ready(triton):
-        assert time.monotonic() < deadline, f"not ready within {READY_SECONDS} s"
-        time.sleep(0.05)
     yield triton
     triton.close()
-
-
-def ready(triton):
-    try:
-        return triton.is_server_ready()
-    except InferenceServerException:
-        return False  # still loading: the service answers UNAVAILABLE
 
 
 def test_server_is_live_and_ready(client):
