@@ -150,6 +150,10 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_DEFAULT_TIMEOUT_SECONDS", default_value_t = 60.0)]
     pub default_timeout_seconds: f64,
 
+    /// Longest deadline any call gets, in seconds: a caller's longer `grpc-timeout` is cut to it.
+    #[arg(long, env = "POLYHEAD_MAX_TIMEOUT_SECONDS", default_value_t = 300.0)]
+    pub max_timeout_seconds: f64,
+
     /// How long clients should wait before retrying a call refused with RESOURCE_EXHAUSTED, in
     /// milliseconds; sent as the `grpc-retry-pushback-ms` trailer.
     #[arg(long, env = "POLYHEAD_RETRY_PUSHBACK_MS", default_value_t = 100)]
@@ -157,6 +161,11 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The longest deadline any call gets.
+    pub fn max_timeout(&self) -> Duration {
+        Duration::try_from_secs_f64(self.max_timeout_seconds).unwrap_or(Duration::from_secs(300))
+    }
+
     /// The deadline for requests that carry none.
     pub fn default_timeout(&self) -> Duration {
         Duration::try_from_secs_f64(self.default_timeout_seconds).unwrap_or(Duration::from_secs(60))
@@ -191,6 +200,11 @@ impl Config {
             (
                 "default-timeout-seconds",
                 self.limits.default_timeout_seconds,
+                false,
+            ),
+            (
+                "max-timeout-seconds",
+                self.limits.max_timeout_seconds,
                 false,
             ),
             ("max-clip-seconds", self.limits.max_clip_seconds, false),

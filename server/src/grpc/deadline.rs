@@ -1,5 +1,5 @@
 //! Runs one call's work under its deadline (the caller's `grpc-timeout`, else the configured
-//! default) inside a span carrying the request id, and maps its error to a status.
+//! default, capped at the configured maximum) inside a span carrying the request id, and maps its error to a status.
 
 use std::future::Future;
 use std::time::Duration;
@@ -25,7 +25,7 @@ pub(super) async fn run<T, F>(
 where
     F: Future<Output = Result<T, Error>>,
 {
-    let timeout = deadline(metadata).unwrap_or_else(|| limits.default_timeout());
+    let timeout = effective_timeout(metadata, limits);
     let span = crate::telemetry::rpc_span(metadata, rpc, request_id);
     match tokio::time::timeout(timeout, work).instrument(span).await {
         Ok(Ok(reply)) => Ok(Response::new(reply)),
@@ -35,6 +35,13 @@ where
             timeout.as_secs_f64()
         ))),
     }
+}
+
+/// The caller's deadline, else the default one, never longer than the configured maximum.
+fn effective_timeout(metadata: &MetadataMap, limits: &Limits) -> Duration {
+    deadline(metadata)
+        .unwrap_or_else(|| limits.default_timeout())
+        .min(limits.max_timeout())
 }
 
 /// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
@@ -67,6 +74,28 @@ mod tests {
         assert_eq!(deadline(&metadata), Some(Duration::from_secs(2)));
         metadata.insert("grpc-timeout", "xS".parse().expect("ascii"));
         assert_eq!(deadline(&metadata), None);
+    }
+
+    #[test]
+    fn deadlines_default_and_are_capped() {
+        let mut limits = crate::config::Config::for_models("m").limits;
+        limits.default_timeout_seconds = 7.0;
+        limits.max_timeout_seconds = 30.0;
+        let mut metadata = MetadataMap::new();
+        assert_eq!(
+            effective_timeout(&metadata, &limits),
+            Duration::from_secs(7)
+        );
+        metadata.insert("grpc-timeout", "10S".parse().expect("ascii"));
+        assert_eq!(
+            effective_timeout(&metadata, &limits),
+            Duration::from_secs(10)
+        );
+        metadata.insert("grpc-timeout", "2H".parse().expect("ascii"));
+        assert_eq!(
+            effective_timeout(&metadata, &limits),
+            Duration::from_secs(30)
+        );
     }
 
     #[tokio::test]
