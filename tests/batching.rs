@@ -2,10 +2,8 @@
 //! cache off: concurrent requests share backbone runs and each still gets its own image's
 //! result, as an unbatched server gives it; a request whose caller has gone is never computed.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use polyhead_client::{Client, ClientOptions};
 use polyhead_proto::v1;
 use polyhead_server::Config;
 use tonic::Code;
@@ -21,24 +19,10 @@ fn config(max_batch: u32, delay_ms: u64) -> Config {
     config
 }
 
-async fn connect(addr: SocketAddr) -> Client {
-    Client::connect(&addr.to_string(), ClientOptions::default())
-        .await
-        .expect("connect")
-}
-
 /// A raw image of noise that `seed` determines, its size varying with the seed.
 fn noise(seed: u64) -> v1::Image {
     let (width, height) = (96 + 8 * seed as u32, 80 + 4 * seed as u32);
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let rgb: Vec<u8> = (0..width * height * 3)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 56) as u8
-        })
-        .collect();
+    let rgb = crate::common::noise_rgb(seed, width, height);
     v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage { width, height, rgb })),
     }
@@ -79,7 +63,7 @@ async fn concurrent_calls_share_backbone_runs_and_get_their_own_results() {
     const CALLS: u64 = 8;
     let batched = start_server(config(8, 100));
     let unbatched = start_server(config(1, 0));
-    let client = connect(batched.addr).await;
+    let client = crate::common::connect(batched.addr).await;
     let runs_before = batched.pipeline.backbone_runs();
     let images_before = batched.pipeline.backbone_images();
     let calls = (0..CALLS).map(|seed| client.detect(noise(seed), options(), ""));
@@ -93,7 +77,7 @@ async fn concurrent_calls_share_backbone_runs_and_get_their_own_results() {
     );
     assert_eq!(batched.pipeline.backbone_images() - images_before, CALLS);
 
-    let reference = connect(unbatched.addr).await;
+    let reference = crate::common::connect(unbatched.addr).await;
     let mut found = 0;
     for (seed, response) in (0..CALLS).zip(&responses) {
         let t = response.timings.clone().expect("timings");
@@ -122,7 +106,7 @@ async fn concurrent_calls_share_backbone_runs_and_get_their_own_results() {
 #[tokio::test]
 async fn a_call_that_gives_up_before_its_batch_runs_is_not_computed() {
     let own = start_server(config(8, 1_000));
-    let client = connect(own.addr).await;
+    let client = crate::common::connect(own.addr).await;
     let runs_before = own.pipeline.backbone_runs();
     let images_before = own.pipeline.backbone_images();
     let mut request = tonic::Request::new(v1::DetectRequest {

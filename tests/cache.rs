@@ -1,10 +1,9 @@
 //! The backbone feature cache end to end, on servers of these tests' own with the cache on. The
 //! shared server runs with the cache off and gives the uncached results to compare with.
 
-use std::net::SocketAddr;
 use std::sync::OnceLock;
 
-use polyhead_client::{Client, ClientOptions};
+use polyhead_client::Client;
 use polyhead_proto::v1;
 use polyhead_server::Config;
 
@@ -20,28 +19,14 @@ fn cached_config() -> Config {
     config
 }
 
-async fn connect(addr: SocketAddr) -> Client {
-    Client::connect(&addr.to_string(), ClientOptions::default())
-        .await
-        .expect("connect")
-}
-
 async fn cached_client() -> Client {
-    connect(CACHED.get_or_init(|| start_server(cached_config())).addr).await
+    crate::common::connect(CACHED.get_or_init(|| start_server(cached_config())).addr).await
 }
 
 /// A raw image of `width` x `height` pixels of noise that `seed` determines, so that each test
 /// sends images no other test sends.
 fn noise(seed: u64, width: u32, height: u32) -> (v1::Image, image::RgbImage) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let rgb: Vec<u8> = (0..width * height * 3)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 56) as u8
-        })
-        .collect();
+    let rgb = crate::common::noise_rgb(seed, width, height);
     let image = v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width,
@@ -132,7 +117,7 @@ async fn segment_after_detect_reuses_the_features_and_gives_the_uncached_result(
 async fn concurrent_identical_requests_share_one_backbone_run() {
     const CALLS: usize = 8;
     let own = start_server(cached_config());
-    let client = connect(own.addr).await;
+    let client = crate::common::connect(own.addr).await;
     let (image, _) = noise(7, 160, 120);
     let runs_before = own.pipeline.backbone_runs();
     let calls = (0..CALLS).map(|_| client.detect(image.clone(), masks(), ""));

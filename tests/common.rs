@@ -77,10 +77,28 @@ pub fn start_server(config: Config) -> TestServer {
 
 /// A client connected to the shared server.
 pub async fn client() -> Client {
-    let addr = server().addr.to_string();
-    Client::connect(&addr, ClientOptions::default())
+    connect(server().addr).await
+}
+
+/// A client connected to the server at `addr`.
+pub async fn connect(addr: SocketAddr) -> Client {
+    Client::connect(&addr.to_string(), ClientOptions::default())
         .await
-        .expect("connect to the test server")
+        .unwrap_or_else(|e| panic!("connect to the test server at {addr}: {e}"))
+}
+
+/// `width * height * 3` bytes of noise that `seed` determines (xorshift), so that a test can
+/// send pixels no other test sends.
+pub fn noise_rgb(seed: u64, width: u32, height: u32) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..width * height * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect()
 }
 
 /// A real photo from `.cache/testdata` (extracted from the scikit-image wheel by `make setup`).

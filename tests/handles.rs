@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use polyhead_client::{Client, ClientError, ClientOptions, handle_image};
+use polyhead_client::{Client, ClientError, handle_image};
 use polyhead_proto::v1;
 use polyhead_server::Config;
 use tonic::Code;
@@ -118,9 +118,7 @@ async fn a_handle_expires_after_its_time_to_live() {
     config.cache.cache_bytes = 0;
     config.handles.handle_ttl_seconds = 1;
     let server = start_server(config);
-    let client = Client::connect(&server.addr.to_string(), ClientOptions::default())
-        .await
-        .expect("connect");
+    let client = crate::common::connect(server.addr).await;
     let extracted = extract(&client, encoded(photo("coffee.png"))).await;
     assert!(extracted.expires_at_unix_ms <= unix_ms_now() + 1_000);
     let handle = || handle_image(extracted.handle.clone());

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use polyhead_client::{Client, ClientOptions};
+use polyhead_client::Client;
 use polyhead_proto::v1;
 use polyhead_server::{Config, Lifecycle, grpc};
 use tokio::sync::oneshot;
@@ -91,9 +91,7 @@ async fn oip_probes(addr: SocketAddr) -> (bool, bool) {
 }
 
 async fn client(addr: SocketAddr) -> Client {
-    Client::connect(&addr.to_string(), ClientOptions::default())
-        .await
-        .expect("connect")
+    crate::common::connect(addr).await
 }
 
 /// Waits for a condition that other tasks make true.
