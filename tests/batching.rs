@@ -1,6 +1,7 @@
-//! Dynamic batching of backbone runs end to end, on servers of these tests' own with the feature
-//! cache off: concurrent requests share backbone runs and each still gets its own image's
-//! result, as an unbatched server gives it; a request whose caller has gone is never computed.
+//! Dynamic batching of backbone and head runs end to end, on servers of these tests' own with the
+//! feature cache off: concurrent requests share backbone runs and detection-head runs and each
+//! still gets its own image's result, as an unbatched server gives it; a request whose caller has
+//! gone is never computed.
 
 use std::time::Duration;
 
@@ -66,6 +67,12 @@ async fn concurrent_calls_share_backbone_runs_and_get_their_own_results() {
     let client = crate::common::connect(batched.addr).await;
     let runs_before = batched.pipeline.backbone_runs();
     let images_before = batched.pipeline.backbone_images();
+    let head = batched
+        .pipeline
+        .models()
+        .head("detection")
+        .expect("detection head");
+    let head_runs_before = head.runs().expect("the detection head batches");
     let calls = (0..CALLS).map(|seed| client.detect(noise(seed), options(), ""));
     let responses = futures_util::future::try_join_all(calls)
         .await
@@ -76,6 +83,11 @@ async fn concurrent_calls_share_backbone_runs_and_get_their_own_results() {
         "{CALLS} concurrent calls took {runs} backbone runs"
     );
     assert_eq!(batched.pipeline.backbone_images() - images_before, CALLS);
+    let head_runs = head.runs().expect("the detection head batches") - head_runs_before;
+    assert!(
+        head_runs < CALLS,
+        "{CALLS} concurrent calls took {head_runs} detection head runs"
+    );
 
     let reference = crate::common::connect(unbatched.addr).await;
     let mut found = 0;

@@ -305,6 +305,29 @@ impl Client {
         .await
     }
 
+    /// Recognises actions in a long video window by window: sends `video` in chunks of at most
+    /// `chunk_bytes` (the first with `options`) and returns the server's response stream, one
+    /// message per window as it completes, then the summary. The call's deadline covers the
+    /// whole stream; it is not retried.
+    pub async fn recognize_windows(
+        &self,
+        video: Vec<u8>,
+        options: v1::WindowOptions,
+        chunk_bytes: usize,
+    ) -> Result<tonic::Streaming<v1::RecognizeActionWindowsResponse>> {
+        let total = self.options.timeout;
+        let request = self.request(tokio_stream::iter(window_messages(
+            video,
+            options,
+            chunk_bytes,
+        )));
+        let mut inner = self.inner.clone();
+        match inner.recognize_action_windows(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(ClientError::from_call(status, total)),
+        }
+    }
+
     /// Runs several heads on `image` from one backbone pass.
     pub async fn analyze(
         &self,
@@ -400,6 +423,30 @@ impl Client {
             retries += 1;
         }
     }
+}
+
+/// The upload of a RecognizeActionWindows call: `options` and the first chunk, then the rest
+/// of `video` in chunks of at most `chunk_bytes` (at least 1).
+fn window_messages(
+    video: Vec<u8>,
+    options: v1::WindowOptions,
+    chunk_bytes: usize,
+) -> Vec<v1::RecognizeActionWindowsRequest> {
+    let mut options = Some(options);
+    let mut messages: Vec<_> = video
+        .chunks(chunk_bytes.max(1))
+        .map(|chunk| v1::RecognizeActionWindowsRequest {
+            options: options.take(),
+            chunk: chunk.to_vec(),
+        })
+        .collect();
+    if let Some(options) = options {
+        messages.push(v1::RecognizeActionWindowsRequest {
+            options: Some(options),
+            chunk: Vec::new(),
+        });
+    }
+    messages
 }
 
 /// The server's retry hint: how long to wait before the next attempt, in milliseconds.

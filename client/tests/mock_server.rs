@@ -152,6 +152,59 @@ impl Polyhead for Mock {
     ) -> Reply<v1::ExtractFeaturesResponse> {
         Err(Status::unimplemented("the mock keeps no features"))
     }
+
+    type RecognizeActionWindowsStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<v1::RecognizeActionWindowsResponse, Status>>>;
+
+    /// Reads the whole upload, then answers two windows of 2 frames and the totals.
+    async fn recognize_action_windows(
+        &self,
+        request: Request<tonic::Streaming<v1::RecognizeActionWindowsRequest>>,
+    ) -> Reply<Self::RecognizeActionWindowsStream> {
+        let mut upload = request.into_inner();
+        let mut video_bytes = 0;
+        while let Some(message) = upload.message().await? {
+            video_bytes += message.chunk.len() as u64;
+        }
+        let progress = |windows_done| v1::WindowProgress {
+            frames_sampled: 2 * u64::from(windows_done),
+            windows_done,
+            frames_estimated: 4,
+            windows_estimated: 2,
+            duration_s: 1.0,
+        };
+        let window = |index: u32| v1::RecognizeActionWindowsResponse {
+            event: Some(v1::recognize_action_windows_response::Event::Window(
+                v1::ActionWindow {
+                    index,
+                    first_frame: 2 * index,
+                    start_s: 0.5 * f64::from(index),
+                    end_s: 0.5 * f64::from(index) + 0.25,
+                    frame_timestamps: vec![0.5 * f64::from(index), 0.5 * f64::from(index) + 0.25],
+                    top: vec![v1::ActionScore {
+                        class_id: 7,
+                        label: "juggling".into(),
+                        score: 0.75,
+                    }],
+                    timings: Some(timings(1)),
+                },
+            )),
+            progress: Some(progress(index + 1)),
+        };
+        let summary = v1::RecognizeActionWindowsResponse {
+            event: Some(v1::recognize_action_windows_response::Event::Summary(
+                v1::WindowsSummary {
+                    windows: 2,
+                    frames_sampled: 4,
+                    video_bytes,
+                    timings: Some(timings(2)),
+                },
+            )),
+            progress: Some(progress(2)),
+        };
+        let messages = vec![Ok(window(0)), Ok(window(1)), Ok(summary)];
+        Ok(Response::new(tokio_stream::iter(messages)))
+    }
 }
 
 fn detections(label: &str) -> v1::Detections {
@@ -447,6 +500,28 @@ async fn cli_outputs_and_exit_codes() -> anyhow::Result<()> {
         stdout.contains("2 frames used, at 0.00, 0.25 s"),
         "{stdout}"
     );
+
+    let clip = temp_file("long.mp4", &[9u8; 3000])?;
+    let clip = clip.to_string_lossy().into_owned();
+    let windows = polyhead(args(addr, &["video", &clip, "--window", "2"])).await?;
+    assert_eq!(windows.status.code(), Some(0), "{}", text(&windows.stderr));
+    let stdout = text(&windows.stdout);
+    assert!(stdout.contains("window    1"), "{stdout}");
+    assert!(stdout.contains("juggling 0.750"), "{stdout}");
+    assert!(
+        stdout.contains("2 windows over 4 sampled frames"),
+        "{stdout}"
+    );
+    let lines = polyhead(args(addr, &["--json", "video", &clip, "--windows"])).await?;
+    let stdout = text(&lines.stdout);
+    let values: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(values.len(), 3, "{stdout}");
+    assert_eq!(values[1]["window"], 1);
+    assert_eq!(values[1]["actions"]["top"][0]["label"], "juggling");
+    assert_eq!(values[2]["video_bytes"], 3000);
 
     let busy = polyhead(args(addr, &["detect", &image, "--head", "busy"])).await?;
     assert_eq!(busy.status.code(), Some(1));

@@ -47,6 +47,10 @@ pub struct Config {
 
     #[command(flatten)]
     #[serde(flatten)]
+    pub admission: crate::admission::AdmissionConfig,
+
+    #[command(flatten)]
+    #[serde(flatten)]
     pub cache: crate::pipeline::CacheConfig,
 
     #[command(flatten)]
@@ -142,6 +146,23 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_FRAMES", default_value_t = 64)]
     pub max_frames: u32,
 
+    /// Most bytes one RecognizeActionWindows stream may upload (its video file, over all its
+    /// messages; each message is also held to --max-message-bytes).
+    #[arg(long, env = "POLYHEAD_MAX_VIDEO_BYTES", default_value_t = 512 << 20)]
+    pub max_video_bytes: u64,
+
+    /// Longest video RecognizeActionWindows accepts, in seconds.
+    #[arg(long, env = "POLYHEAD_MAX_VIDEO_SECONDS", default_value_t = 3600.0)]
+    pub max_video_seconds: f64,
+
+    /// Most frames one RecognizeActionWindows stream may sample.
+    #[arg(long, env = "POLYHEAD_MAX_VIDEO_FRAMES", default_value_t = 100_000)]
+    pub max_video_frames: u64,
+
+    /// Most windows one RecognizeActionWindows stream may answer.
+    #[arg(long, env = "POLYHEAD_MAX_VIDEO_WINDOWS", default_value_t = 20_000)]
+    pub max_video_windows: u64,
+
     /// Most labels one action request may ask for.
     #[arg(long, env = "POLYHEAD_MAX_TOP_K", default_value_t = 100)]
     pub max_top_k: u32,
@@ -188,6 +209,7 @@ impl Config {
         crate::grpc::ServeOptions {
             max_request_bytes: self.limits.max_message_bytes,
             reflection: self.reflection,
+            max_concurrent_streams: self.admission.max_concurrent_streams,
             drain_timeout: Duration::try_from_secs_f64(self.drain_timeout_seconds)
                 .unwrap_or_default(),
         }
@@ -208,6 +230,7 @@ impl Config {
                 false,
             ),
             ("max-clip-seconds", self.limits.max_clip_seconds, false),
+            ("max-video-seconds", self.limits.max_video_seconds, false),
         ];
         for (flag, value, zero_ok) in seconds {
             let ok = value.is_finite() && value < 1e9 && (value > 0.0 || (zero_ok && value == 0.0));
@@ -222,7 +245,18 @@ impl Config {
             ("max-image-pixels", self.limits.max_image_pixels),
             ("max-image-side", u64::from(self.limits.max_image_side)),
             ("max-frames", u64::from(self.limits.max_frames)),
+            ("max-video-bytes", self.limits.max_video_bytes),
+            ("max-video-frames", self.limits.max_video_frames),
+            ("max-video-windows", self.limits.max_video_windows),
             ("queue-capacity", self.runtime.queue_capacity as u64),
+            (
+                "max-concurrent-requests",
+                self.admission.max_concurrent_requests as u64,
+            ),
+            (
+                "max-concurrent-streams",
+                u64::from(self.admission.max_concurrent_streams),
+            ),
         ];
         match sizes.iter().find(|(_, v)| *v == 0) {
             Some((flag, _)) => Err(format!("--{flag} must be at least 1")),

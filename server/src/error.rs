@@ -17,6 +17,9 @@ pub enum Error {
     /// A named model does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// Every request slot is busy and the admission queue is full.
+    #[error(transparent)]
+    Full(#[from] crate::admission::Full),
     /// The engine refused or failed the work.
     #[error(transparent)]
     Engine(#[from] EngineError),

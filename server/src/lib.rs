@@ -3,6 +3,7 @@
 //! One process loads one model set: a frozen backbone and the heads that consume its features.
 //! Each image goes through the backbone once; every head a request names runs on those features.
 
+pub mod admission;
 pub mod config;
 pub mod config_layers;
 pub mod engine;
@@ -40,8 +41,9 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
         heads = models.heads.len(),
         "model set loaded"
     );
-    let pipeline =
-        Pipeline::new(models, config.limits.clone(), &config.cache).with_handles(&config.handles);
+    let pipeline = Pipeline::new(models, config.limits.clone(), &config.cache)
+        .with_handles(&config.handles)
+        .with_admission(&config.admission);
     let pipeline = Arc::new(pipeline);
     let took = pipeline
         .warm_up()

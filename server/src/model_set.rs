@@ -8,7 +8,7 @@ use ndarray::ArrayD;
 
 use crate::config::Config;
 use crate::engine::{
-    BatchConfig, Batcher, Device, EngineError, Run, Runtime, SessionWorker, TensorInfo,
+    Batcher, Device, EngineError, NamedTensors, Run, Runtime, SessionWorker, Stage, TensorInfo,
     WorkerRunner,
 };
 use crate::manifest::{
@@ -39,7 +39,8 @@ impl Backbone {
     /// single image may share its pass with concurrent requests. The outputs hold this
     /// request's items only.
     pub async fn run(&self, batch: ArrayD<f32>) -> Result<Run, EngineError> {
-        self.batcher.run(batch).await
+        let inputs = vec![(self.spec.input.clone(), Arc::new(batch))];
+        self.batcher.run(inputs).await
     }
 
     /// Backbone runs made so far; a batch of several requests is one run.
@@ -59,9 +60,27 @@ pub struct Head {
     pub params: HeadParams,
     pub labels: Vec<String>,
     pub worker: SessionWorker,
+    /// Batches the runs of concurrent requests; `None` for heads whose axis 0 is not a batch
+    /// (an action head's is time: one clip's frames).
+    batcher: Option<Batcher>,
 }
 
 impl Head {
+    /// Runs the head on one request's features as the head stage of the current request: an
+    /// image's run may share a batch with concurrent requests' (for the same head). The outputs
+    /// hold this request's items only.
+    pub async fn run(&self, inputs: NamedTensors) -> Result<Run, EngineError> {
+        match &self.batcher {
+            Some(batcher) => batcher.run(inputs).await,
+            None => self.worker.run_as(Stage::Head, inputs).await,
+        }
+    }
+
+    /// Runs made so far; a batch of several requests is one run.
+    pub fn runs(&self) -> Option<u64> {
+        self.batcher.as_ref().map(Batcher::runs)
+    }
+
     /// The head's name.
     pub fn name(&self) -> &str {
         &self.spec.name
@@ -90,12 +109,11 @@ impl ModelSet {
         let dir = config.models.as_path();
         let manifest = Manifest::load(dir)?;
         let runtime = Runtime::init(&config.runtime)?;
-        let capacity = config.runtime.queue_capacity;
         let backbone = load_backbone(&runtime, dir, &manifest.backbone, config)?;
         let heads = manifest
             .heads
             .iter()
-            .map(|spec| load_head(&runtime, dir, spec, &manifest.backbone, capacity).map(Arc::new))
+            .map(|spec| load_head(&runtime, dir, spec, &manifest.backbone, config).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             name: manifest.set_name(dir),
@@ -123,7 +141,7 @@ fn load_backbone(
     let capacity = config.runtime.queue_capacity;
     let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
     check_backbone(spec, &worker).map_err(|m| ManifestError::new(&path, m))?;
-    let batcher = spawn_batcher(spec, &worker, &config.batch, capacity)?;
+    let batcher = spawn_batcher(&spec.name, &worker, Stage::Backbone, config)?;
     Ok(Backbone {
         preprocess: preprocess_spec(spec),
         spec: spec.clone(),
@@ -133,16 +151,16 @@ fn load_backbone(
 }
 
 fn spawn_batcher(
-    spec: &BackboneSpec,
+    model: &str,
     worker: &SessionWorker,
-    config: &BatchConfig,
-    capacity: usize,
+    stage: Stage,
+    config: &Config,
 ) -> Result<Batcher, EngineError> {
     let runner = WorkerRunner {
         worker: worker.clone(),
-        input: spec.input.clone(),
+        stage,
     };
-    Batcher::spawn(&spec.name, runner, config, capacity)
+    Batcher::spawn(model, runner, &config.batch, config.runtime.queue_capacity)
 }
 
 fn load_head(
@@ -150,23 +168,32 @@ fn load_head(
     dir: &Path,
     spec: &HeadSpec,
     backbone: &BackboneSpec,
-    capacity: usize,
+    config: &Config,
 ) -> Result<Head, LoadError> {
     let path = dir.join(&spec.file);
     let labels = read_labels(&dir.join(&spec.labels))?;
+    let capacity = config.runtime.queue_capacity;
     let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
     check_head_inputs(spec, backbone, &worker).map_err(|m| ManifestError::new(&path, m))?;
     check_head_outputs(spec, labels.len(), &worker).map_err(|m| ManifestError::new(&path, m))?;
     let params = spec.params().map_err(|m| ManifestError::new(&path, m))?;
+    let batcher = match spec.kind {
+        HeadKind::Action => None,
+        HeadKind::Detection | HeadKind::Segmentation => {
+            Some(spawn_batcher(&spec.name, &worker, Stage::Head, config)?)
+        }
+    };
     Ok(Head {
         spec: spec.clone(),
         params,
         labels,
         worker,
+        batcher,
     })
 }
 
-fn preprocess_spec(spec: &BackboneSpec) -> PreprocessSpec {
+/// The preprocessing the backbone's manifest entry describes.
+pub fn preprocess_spec(spec: &BackboneSpec) -> PreprocessSpec {
     let [height, width] = spec.input_size.unwrap_or([0, 0]);
     let resize = match spec.resize {
         ResizeKind::Letterbox => ResizePolicy::Letterbox { width, height },

@@ -9,6 +9,7 @@ mod progress;
 mod render;
 mod segment;
 mod video;
+mod windows;
 
 use std::ffi::OsString;
 use std::io::{self, Write};

@@ -1,5 +1,5 @@
-//! Progress display on stderr for long-running commands: a byte bar while reading input files
-//! and a spinner while waiting for the server. Hidden unless stdout is a terminal.
+//! Progress display on stderr for long-running commands: a byte bar while reading input files,
+//! a spinner while waiting for the server and a counter of streamed results. Hidden unless stdout is a terminal.
 
 use std::fs::File;
 use std::future::Future;
@@ -58,6 +58,20 @@ impl Progress {
         let output = future.await;
         spinner.finish_and_clear();
         output
+    }
+
+    /// A bar counting `unit` done out of a length set as it becomes known.
+    pub(crate) fn counter(&self, unit: &str) -> ProgressBar {
+        let bar = self.bar(Some(0));
+        let template =
+            format!("{{spinner}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}} ({{eta}})");
+        bar.set_style(
+            ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
     }
 
     /// A bar drawn on stderr, or a hidden one.

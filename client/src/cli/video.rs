@@ -1,4 +1,5 @@
-//! `polyhead video`: action recognition on a video file or a sequence of frame images.
+//! `polyhead video`: action recognition on a video file or a sequence of frame images; long
+//! videos in sliding windows, streamed (see [`super::windows`]).
 
 use std::path::{Path, PathBuf};
 
@@ -33,9 +34,24 @@ pub struct VideoArgs {
     /// Number of frames to sample (default: the head's).
     #[arg(long, value_name = "N")]
     pub frames: Option<u32>,
-    /// Take every S-th frame from the start instead of spreading the samples over the clip.
+    /// Take every S-th frame from the start instead of spreading the samples over the clip
+    /// (with windows: sample every S-th decoded frame).
     #[arg(long, value_name = "S")]
     pub stride: Option<u32>,
+    /// Classify the video in sliding windows of T sampled frames, streamed with progress
+    /// (default T: the head's frame count). Implied by --window-stride, --sample-fps and by
+    /// videos larger than one request message.
+    #[arg(long, value_name = "T", conflicts_with_all = ["images", "frames_dir", "frames"])]
+    pub window: Option<u32>,
+    /// With windows: sampled frames between the starts of consecutive windows (default: T).
+    #[arg(long, value_name = "S", conflicts_with_all = ["images", "frames_dir", "frames"])]
+    pub window_stride: Option<u32>,
+    /// With windows: sample frames at this rate instead of every --stride-th frame.
+    #[arg(long, value_name = "FPS", conflicts_with_all = ["images", "frames_dir", "frames", "stride"])]
+    pub sample_fps: Option<f32>,
+    /// Classify the video in sliding windows with the defaults (see --window).
+    #[arg(long, conflicts_with_all = ["images", "frames_dir", "frames"])]
+    pub windows: bool,
     /// Number of labels to return (default: 5).
     #[arg(long, value_name = "K")]
     pub top_k: Option<u32>,
@@ -62,7 +78,33 @@ impl VideoArgs {
         if self.fps.is_some_and(|fps| !(fps.is_finite() && fps > 0.0)) {
             return usage("--fps must be a positive number");
         }
+        if self
+            .sample_fps
+            .is_some_and(|fps| !(fps.is_finite() && fps > 0.0))
+        {
+            return usage("--sample-fps must be a positive number");
+        }
         Ok(())
+    }
+
+    /// Whether a window flag asks for sliding windows.
+    fn windowed(&self) -> bool {
+        self.windows
+            || self.window.is_some()
+            || self.window_stride.is_some()
+            || self.sample_fps.is_some()
+    }
+
+    /// The settings of a sliding-window request.
+    fn window_options(&self) -> v1::WindowOptions {
+        v1::WindowOptions {
+            head: self.head.clone().unwrap_or_default(),
+            window_frames: self.window.unwrap_or(0),
+            window_stride: self.window_stride.unwrap_or(0),
+            frame_step: self.stride.unwrap_or(0),
+            sample_fps: self.sample_fps.unwrap_or(0.0),
+            top_k: self.top_k.unwrap_or(0),
+        }
     }
 
     /// The request options.
@@ -79,6 +121,26 @@ impl VideoArgs {
 pub(crate) async fn run(session: &Session, out: &Output, args: VideoArgs) -> anyhow::Result<()> {
     let progress = Progress::new(!out.json);
     let (clip, what) = load_clip(&args, &progress)?;
+    if let Clip::Video(video) = clip {
+        // A video too large for one request message can only go in chunks.
+        if args.windowed() || video.len() >= session.options.max_message_bytes {
+            let options = args.window_options();
+            return super::windows::run(session, out, &progress, video, options).await;
+        }
+        return recognize(session, out, &progress, args, Clip::Video(video), what).await;
+    }
+    recognize(session, out, &progress, args, clip, what).await
+}
+
+/// Sends the whole clip in one RecognizeAction call.
+async fn recognize(
+    session: &Session,
+    out: &Output,
+    progress: &Progress,
+    args: VideoArgs,
+    clip: Clip,
+    what: String,
+) -> anyhow::Result<()> {
     let request = v1::RecognizeActionRequest {
         clip: Some(clip),
         options: Some(args.options()),
@@ -184,6 +246,34 @@ mod tests {
             (16, 2, 3)
         );
         assert_eq!(args.head.as_deref(), Some("k400"));
+        Ok(())
+    }
+
+    #[test]
+    fn window_flags_ask_for_windows() -> Result<(), clap::Error> {
+        let args = video(&[
+            "long.mp4",
+            "--window",
+            "16",
+            "--window-stride",
+            "4",
+            "--stride",
+            "2",
+        ])?;
+        assert!(args.windowed());
+        let options = args.window_options();
+        assert_eq!(
+            (
+                options.window_frames,
+                options.window_stride,
+                options.frame_step
+            ),
+            (16, 4, 2)
+        );
+        assert!(!video(&["clip.mp4"])?.windowed());
+        assert!(video(&["long.mp4", "--windows"])?.windowed());
+        assert!(video(&["long.mp4", "--window", "8", "--frames", "8"]).is_err());
+        assert!(video(&["long.mp4", "--sample-fps", "2", "--stride", "2"]).is_err());
         Ok(())
     }
 

@@ -1,8 +1,9 @@
-//! Dynamic batching in front of the backbone's session worker. A task of its own collects
-//! pending requests until they hold `max_batch` images or `max_delay` has passed since the first,
-//! drops those whose caller has gone, runs every group of equal-shaped single images
-//! (`[1, 3, H, W]`) as ONE batch and splits each output back per request along axis 0. A
-//! request of several images (a clip's frames) runs on its own, unbatched.
+//! Dynamic batching in front of a session worker: the backbone's, and each per-image head's. A
+//! task of its own collects pending requests until they hold `max_batch` images or `max_delay`
+//! has passed since the first, drops those whose caller has gone, runs every group of requests
+//! whose inputs have equal shapes and one item each (`[1, ...]`) as ONE batch, every input
+//! concatenated along axis 0, and splits each output back per request along axis 0. A request of
+//! several items (a clip's frames) runs on its own, unbatched.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use ndarray::{ArrayD, Axis, Slice};
+use ndarray::{Axis, Slice};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -18,11 +19,12 @@ use tracing::Span;
 use super::{EngineError, NamedTensors, Run, SessionWorker, SharedTensor, Stage};
 use crate::telemetry::metrics;
 
-/// The backbone batcher's settings.
+/// The batchers' settings, shared by the backbone and the per-image heads.
 #[derive(Debug, Clone, Args, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BatchConfig {
-    /// Most images one backbone run takes from concurrent requests; 1 turns batching off.
+    /// Most images one backbone (or head) run takes from concurrent requests; 1 turns batching
+    /// off.
     #[arg(
         long,
         env = "POLYHEAD_MAX_BATCH",
@@ -31,9 +33,10 @@ pub struct BatchConfig {
     )]
     pub max_batch: u32,
 
-    /// How long a backbone batch waits for more images after its first request, in
-    /// milliseconds.
-    #[arg(long, env = "POLYHEAD_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    /// How long a batch waits for more images after its first request, in milliseconds. 0: no
+    /// waiting; a batch takes what queued up while the model ran the previous one, so a lone
+    /// request pays no delay and a busy model still batches.
+    #[arg(long, env = "POLYHEAD_MAX_BATCH_DELAY_MS", default_value_t = 0)]
     pub max_batch_delay_ms: u64,
 }
 
@@ -44,36 +47,44 @@ impl BatchConfig {
     }
 }
 
-/// What runs a batch: the backbone's worker, or a stand-in in tests.
+/// What runs a batch: a session worker, or a stand-in in tests.
 pub trait BatchRunner: Send + Sync + 'static {
-    /// Runs `input` as one batch, its spans children of `parent`.
+    /// Runs `inputs` as one batch, its spans children of `parent`.
     fn run(
         &self,
-        input: SharedTensor,
+        inputs: NamedTensors,
         parent: Span,
     ) -> impl Future<Output = Result<Run, EngineError>> + Send;
+
+    /// The stage its runs are; a backbone run counts as a backbone pass.
+    fn stage(&self) -> Stage {
+        Stage::Backbone
+    }
 }
 
-/// A session worker fed its one input by name.
+/// A session worker whose runs are `stage` of the requests they serve.
 pub struct WorkerRunner {
     pub worker: SessionWorker,
-    pub input: String,
+    pub stage: Stage,
 }
 
 impl BatchRunner for WorkerRunner {
     fn run(
         &self,
-        input: SharedTensor,
+        inputs: NamedTensors,
         parent: Span,
     ) -> impl Future<Output = Result<Run, EngineError>> + Send {
-        let inputs = vec![(self.input.clone(), input)];
-        self.worker.run_in(Stage::Backbone, inputs, parent)
+        self.worker.run_in(self.stage, inputs, parent)
+    }
+
+    fn stage(&self) -> Stage {
+        self.stage
     }
 }
 
 /// A request waiting for its batch.
 struct Pending {
-    input: ArrayD<f32>,
+    inputs: NamedTensors,
     enqueued: Instant,
     /// The caller's span, parent of the run's span when the request leads its batch.
     parent: Span,
@@ -85,7 +96,15 @@ struct Pending {
 impl Pending {
     /// The images the request holds (its batch dimension).
     fn images(&self) -> usize {
-        self.input.shape().first().copied().unwrap_or(1)
+        self.inputs
+            .first()
+            .and_then(|(_, t)| t.shape().first().copied())
+            .unwrap_or(1)
+    }
+
+    /// The shapes of its inputs, which a batch's requests share.
+    fn shapes(&self) -> Vec<&[usize]> {
+        self.inputs.iter().map(|(_, t)| t.shape()).collect()
     }
 }
 
@@ -144,13 +163,13 @@ impl Batcher {
         })
     }
 
-    /// Runs `input` (`[N, 3, H, W]`) as the backbone stage of the current request: a single
-    /// image may share its run with concurrent ones. Fails at once with `Overloaded` when the
-    /// queue is full. The outputs hold this request's items only, as an unbatched run's would.
-    pub async fn run(&self, input: ArrayD<f32>) -> Result<Run, EngineError> {
+    /// Runs `inputs` (each `[N, ...]`) as a stage of the current request: a single image may
+    /// share its run with concurrent ones. Fails at once with `Overloaded` when the queue is
+    /// full. The outputs hold this request's items only, as an unbatched run's would.
+    pub async fn run(&self, inputs: NamedTensors) -> Result<Run, EngineError> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
-            input,
+            inputs,
             enqueued: Instant::now(),
             parent: Span::current(),
             queue_span: tracing::info_span!("queue", model = %self.model),
@@ -200,7 +219,7 @@ impl<R: BatchRunner> Task<R> {
     async fn serve(self, mut queue: mpsc::Receiver<Pending>) {
         while let Some(first) = queue.recv().await {
             let collected = self.collect(first, &mut queue).await;
-            for group in group_by_shape(collected, |p| p.input.shape()) {
+            for group in group_by_shape(collected, Pending::shapes) {
                 self.run_group(group).await;
             }
         }
@@ -244,6 +263,7 @@ impl<R: BatchRunner> Task<R> {
             return;
         };
         let started = Instant::now();
+        let sizes: Vec<usize> = live.iter().map(Pending::images).collect();
         let mut inputs = Vec::with_capacity(live.len());
         let mut waiting = Vec::with_capacity(live.len());
         for pending in live {
@@ -253,12 +273,8 @@ impl<R: BatchRunner> Task<R> {
                 pending.reply,
                 started.saturating_duration_since(pending.enqueued),
             ));
-            inputs.push(pending.input);
+            inputs.push(pending.inputs);
         }
-        let sizes: Vec<usize> = inputs
-            .iter()
-            .map(|i| i.shape().first().copied().unwrap_or(1))
-            .collect();
         let result = match concat(inputs) {
             Ok(batch) => self.run_batch(batch, parent, &sizes).await,
             Err(message) => {
@@ -275,15 +291,17 @@ impl<R: BatchRunner> Task<R> {
     /// Runs one concatenated batch and splits its outputs per request, `sizes[i]` items each.
     async fn run_batch(
         &self,
-        batch: ArrayD<f32>,
+        batch: NamedTensors,
         parent: Span,
         sizes: &[usize],
     ) -> Result<(Vec<NamedTensors>, Run), EngineError> {
-        let images = batch.shape().first().copied().unwrap_or(1) as u64;
-        let run = self.runner.run(SharedTensor::new(batch), parent).await?;
+        let images = sizes.iter().sum::<usize>() as u64;
+        let run = self.runner.run(batch, parent).await?;
         self.counts.runs.fetch_add(1, Ordering::Relaxed);
         self.counts.images.fetch_add(images, Ordering::Relaxed);
-        metrics::record_backbone_pass();
+        if self.runner.stage() == Stage::Backbone {
+            metrics::record_backbone_pass();
+        }
         let parts = split(&run.outputs, sizes).map_err(|message| EngineError::Run {
             model: self.model.clone(),
             message,
@@ -317,17 +335,18 @@ impl<R: BatchRunner> Task<R> {
     }
 }
 
-/// Splits `items` into runs in arrival order: equal-shaped single items (batch dimension 1)
-/// together, every item of several (a clip) alone.
-fn group_by_shape<T>(items: Vec<T>, shape: impl Fn(&T) -> &[usize]) -> Vec<Vec<T>> {
+/// Splits `items` into runs in arrival order: single items (batch dimension 1) whose inputs have
+/// equal shapes together, every item of several (a clip) alone.
+fn group_by_shape<T>(items: Vec<T>, shapes: impl Fn(&T) -> Vec<&[usize]>) -> Vec<Vec<T>> {
     let mut groups: Vec<Vec<T>> = Vec::new();
     for item in items {
-        let key = shape(&item).to_vec();
-        let joins = (key.first() == Some(&1))
+        let key = shapes(&item);
+        let single = !key.is_empty() && key.iter().all(|s| s.first() == Some(&1));
+        let joins = single
             .then(|| {
                 groups
                     .iter()
-                    .position(|g| g.first().map(&shape) == Some(key.as_slice()))
+                    .position(|g| g.first().map(&shapes).as_ref() == Some(&key))
             })
             .flatten();
         match joins {
@@ -338,15 +357,28 @@ fn group_by_shape<T>(items: Vec<T>, shape: impl Fn(&T) -> &[usize]) -> Vec<Vec<T
     groups
 }
 
-/// Concatenates equal-shaped inputs along axis 0; a lone input as it is.
-fn concat(mut inputs: Vec<ArrayD<f32>>) -> Result<ArrayD<f32>, String> {
-    if inputs.len() == 1 {
-        if let Some(input) = inputs.pop() {
-            return Ok(input);
+/// Concatenates the requests' inputs of equal shapes along axis 0, input by input; a lone
+/// request's inputs as they are.
+fn concat(mut requests: Vec<NamedTensors>) -> Result<NamedTensors, String> {
+    if requests.len() == 1 {
+        if let Some(inputs) = requests.pop() {
+            return Ok(inputs);
         }
     }
-    let views: Vec<_> = inputs.iter().map(|i| i.view()).collect();
-    ndarray::concatenate(Axis(0), &views).map_err(|e| format!("cannot batch inputs: {e}"))
+    let first = requests.first().ok_or("an empty batch")?;
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let views = requests
+                .iter()
+                .map(|r| r.get(i).map(|(_, t)| t.view()).ok_or("inputs differ"))
+                .collect::<Result<Vec<_>, _>>()?;
+            let batch = ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| format!("cannot batch input {name}: {e}"))?;
+            Ok((name.clone(), SharedTensor::new(batch)))
+        })
+        .collect()
 }
 
 /// Splits every output of a run along axis 0 into one part per request, `sizes[i]` items each.

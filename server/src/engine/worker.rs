@@ -232,13 +232,31 @@ fn run_job(
         metrics::record_batch_size(model, first.shape().first().copied().unwrap_or(1));
     }
     let started = Instant::now();
-    std::panic::catch_unwind(AssertUnwindSafe(|| run_once(session, inputs)))
-        .unwrap_or_else(|_| Err("the run panicked".to_string()))
-        .map(|outputs| (outputs, started.elapsed()))
-        .map_err(|message| EngineError::Run {
-            model: model.to_string(),
-            message,
-        })
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        injected_fault(model)?;
+        run_once(session, inputs)
+    }))
+    .unwrap_or_else(|_| Err("the run panicked".to_string()))
+    .map(|outputs| (outputs, started.elapsed()))
+    .map_err(|message| EngineError::Run {
+        model: model.to_string(),
+        message,
+    })
+}
+
+/// The fault a test injected into `model`'s runs through the `session-run/<model>` failpoint:
+/// `return(message)` fails the run with `message`, `panic` panics inside it.
+#[cfg(feature = "failpoints")]
+fn injected_fault(model: &str) -> Result<(), String> {
+    let fault = |message: Option<String>| Err(message.unwrap_or_else(|| "injected fault".into()));
+    fail::fail_point!(&format!("session-run/{model}"), fault);
+    Ok(())
+}
+
+/// Without the `failpoints` feature no fault can be injected.
+#[cfg(not(feature = "failpoints"))]
+fn injected_fault(_model: &str) -> Result<(), String> {
+    Ok(())
 }
 
 fn run_once(session: &mut Session, inputs: &NamedTensors) -> Result<NamedTensors, String> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use polyhead_proto::v1;
 
 use crate::error::Error;
+use crate::heads::action::ActionParams;
 use crate::heads::detection::{DetectOptions, DetectionParams};
 use crate::heads::{BoxXyxy, ClassScore, Detection, RleMask};
 use crate::manifest::{HeadKind, HeadParams};
@@ -115,6 +116,15 @@ pub fn detect_options(
             head.name()
         )));
     };
+    detection_options(options, params, head.labels.len()).map(HeadOptions::Detection)
+}
+
+/// Validates detection options against a detection head's parameters and class count.
+pub(super) fn detection_options(
+    options: Option<v1::DetectOptions>,
+    params: &DetectionParams,
+    classes: usize,
+) -> Result<DetectOptions, Error> {
     let v1::DetectOptions {
         score_threshold,
         iou_threshold,
@@ -132,9 +142,9 @@ pub fn detect_options(
     if max_detections > 0 {
         out.max_detections = capped_max_detections(max_detections, params)?;
     }
-    out.class_filter = class_filter(class_ids, head.labels.len())?;
+    out.class_filter = class_filter(class_ids, classes)?;
     out.masks = masks;
-    Ok(HeadOptions::Detection(out))
+    Ok(out)
 }
 
 fn capped_max_detections(n: u32, params: &DetectionParams) -> Result<usize, Error> {
@@ -162,7 +172,7 @@ fn unit_interval(v: f32, field: &str, zero_ok: bool) -> Result<f32, Error> {
 }
 
 /// Checks class ids against the head's class count; an empty list means "all classes".
-fn class_filter(ids: Vec<u32>, classes: usize) -> Result<Option<Vec<u32>>, Error> {
+pub(super) fn class_filter(ids: Vec<u32>, classes: usize) -> Result<Option<Vec<u32>>, Error> {
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= classes) {
         return Err(invalid(format!(
             "class id {bad} does not exist (this head has classes 0..{})",
@@ -339,6 +349,33 @@ pub fn action_request(
             head.name()
         )));
     };
+    let ActionChoice {
+        num_frames,
+        frame_stride,
+        top_k,
+    } = action_options(options, params, limits)?;
+    Ok(crate::pipeline::ActionRequest {
+        clip: clip_input(clip)?,
+        head,
+        num_frames,
+        frame_stride,
+        top_k,
+    })
+}
+
+/// An action request's sampling and label count, validated.
+pub(super) struct ActionChoice {
+    pub num_frames: usize,
+    pub frame_stride: Option<usize>,
+    pub top_k: usize,
+}
+
+/// Validates action options against the head's parameters and the server's limits.
+pub(super) fn action_options(
+    options: Option<v1::ActionOptions>,
+    params: &ActionParams,
+    limits: &crate::config::Limits,
+) -> Result<ActionChoice, Error> {
     let v1::ActionOptions {
         num_frames,
         frame_stride,
@@ -362,16 +399,15 @@ pub fn action_request(
             limits.max_top_k
         )));
     }
-    Ok(crate::pipeline::ActionRequest {
-        clip: clip_input(clip)?,
-        head,
+    Ok(ActionChoice {
         num_frames: num_frames as usize,
         frame_stride: (frame_stride > 0).then_some(frame_stride as usize),
         top_k: top_k as usize,
     })
 }
 
-fn clip_input(
+/// Validates the clip of an action request.
+pub(super) fn clip_input(
     clip: Option<v1::recognize_action_request::Clip>,
 ) -> Result<crate::pipeline::ClipInput, Error> {
     use crate::pipeline::ClipInput;

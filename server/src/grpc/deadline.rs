@@ -1,11 +1,16 @@
 //! Runs one call's work under its deadline (the caller's `grpc-timeout`, else the configured
-//! default, capped at the configured maximum) inside a span carrying the request id, and maps its error to a status.
+//! default, capped at the configured maximum) inside a span carrying the request id, and maps
+//! its error to a status.
+//!
+//! The deadline counts from the call's arrival, stamped by [`stamp_arrival`] before the request
+//! body is read. tonic also enforces `grpc-timeout` from that moment, answering CANCELLED
+//! ("Timeout expired"); ending one timer tick earlier makes the caller get DEADLINE_EXCEEDED.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
-use tonic::{Response, Status};
+use tonic::{Extensions, Response, Status};
 use tracing::Instrument;
 
 use super::status;
@@ -17,6 +22,7 @@ use crate::error::Error;
 /// passed deadline is DEADLINE_EXCEEDED.
 pub(super) async fn run<T, F>(
     metadata: &MetadataMap,
+    extensions: &Extensions,
     rpc: &str,
     request_id: &str,
     limits: &Limits,
@@ -25,9 +31,10 @@ pub(super) async fn run<T, F>(
 where
     F: Future<Output = Result<T, Error>>,
 {
-    let timeout = effective_timeout(metadata, limits);
+    let (deadline, timeout) = call_deadline(metadata, extensions, limits);
     let span = crate::telemetry::rpc_span(metadata, rpc, request_id);
-    match tokio::time::timeout(timeout, work).instrument(span).await {
+    let work = tokio::time::timeout_at(deadline.into(), work);
+    match work.instrument(span).await {
         Ok(Ok(reply)) => Ok(Response::new(reply)),
         Ok(Err(error)) => Err(status::to_status(error, request_id, limits)),
         Err(_) => Err(Status::deadline_exceeded(format!(
@@ -35,6 +42,32 @@ where
             timeout.as_secs_f64()
         ))),
     }
+}
+
+/// When the call must be answered (its arrival plus its timeout, less one timer tick), and the
+/// timeout itself. Streaming calls, whose work outlives the handler, end at this instant too.
+pub(super) fn call_deadline(
+    metadata: &MetadataMap,
+    extensions: &Extensions,
+    limits: &Limits,
+) -> (Instant, Duration) {
+    let timeout = effective_timeout(metadata, limits);
+    let arrived = extensions
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |a| a.0);
+    (arrived + timeout.saturating_sub(TIMER_TICK), timeout)
+}
+
+/// The resolution of tokio's timers.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// When a call arrived, before its body was read.
+#[derive(Debug, Clone, Copy)]
+struct Arrival(Instant);
+
+/// Records that `request` arrives now; its deadline counts from here.
+pub(super) fn stamp_arrival<B>(request: &mut http::Request<B>) {
+    request.extensions_mut().insert(Arrival(Instant::now()));
 }
 
 /// The caller's deadline, else the default one, never longer than the configured maximum.
@@ -104,7 +137,7 @@ mod tests {
         metadata.insert("grpc-timeout", "10m".parse().expect("ascii"));
         let never = std::future::pending::<Result<(), Error>>();
         let limits = crate::config::Config::for_models("m").limits;
-        let status = run(&metadata, "Slow", "r1", &limits, never)
+        let status = run(&metadata, &Extensions::new(), "Slow", "r1", &limits, never)
             .await
             .expect_err("too slow");
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);

@@ -140,10 +140,13 @@ where
     }
 }
 
-/// Runs the call, keeping it counted in flight until its response is ready.
+/// Runs the call from its arrival (see [`super::deadline`]), keeping it counted in flight until
+/// its response body has ended (a streaming response's last message and trailers included), so
+/// that a drain waits for open streams too; a request message over the size limit is answered
+/// as [`super::status::message_limits`] says.
 fn counted<S>(
     mut service: S,
-    request: http::Request<Body>,
+    mut request: http::Request<Body>,
     guard: InflightGuard,
 ) -> BoxFuture<http::Response<Body>, Infallible>
 where
@@ -152,11 +155,46 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    super::deadline::stamp_arrival(&mut request);
     Box::pin(async move {
-        let response = service.call(request).await;
-        drop(guard);
-        response
+        let response = service
+            .call(request)
+            .await
+            .map(super::status::message_limits);
+        Ok(response?.map(|body| {
+            Body::new(Guarded {
+                body,
+                _guard: guard,
+            })
+        }))
     })
+}
+
+/// A response body that keeps its call counted in flight until it is dropped: hyper drops it
+/// once it has ended, or when the client goes away.
+struct Guarded {
+    body: Body,
+    _guard: InflightGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = tonic::codegen::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn refuse(message: &'static str) -> BoxFuture<http::Response<Body>, Infallible> {

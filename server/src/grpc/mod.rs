@@ -9,6 +9,9 @@ mod info;
 mod oip;
 mod service;
 mod status;
+#[doc(hidden)]
+pub mod validate;
+mod windows;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,6 +40,8 @@ pub struct ServeOptions {
     pub max_request_bytes: usize,
     /// Serve gRPC reflection (v1 and v1alpha).
     pub reflection: bool,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
     /// How long in-flight calls may take to finish once shutdown starts.
     pub drain_timeout: Duration,
 }
@@ -89,7 +94,7 @@ pub async fn serve_secured(
         .then(|| ok_or_log(reflection().build_v1alpha()))
         .flatten();
     let drain = drain(Arc::clone(&lifecycle), shutdown, options.drain_timeout);
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().max_concurrent_streams(options.max_concurrent_streams);
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls)?;
     }

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use polyhead_proto::v1;
 use polyhead_proto::v1::polyhead_server::Polyhead;
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status};
+use tonic::{Extensions, Request, Response, Status};
 
-use super::{convert, deadline, info};
+use super::{convert, deadline, info, windows};
 use crate::error::Error;
 use crate::manifest::HeadKind;
 use crate::pipeline::{HeadOutput, ImageRequest, Pipeline};
@@ -30,10 +30,28 @@ impl PolyheadService {
         }
     }
 
-    /// Runs `work` under the call's deadline (or the default one), with a request id for logs.
+    /// Runs `work` in an admission slot (waiting for one, within the deadline, when all are
+    /// busy), under the call's deadline (or the default one), with a request id for logs.
     async fn call<T, F>(
         &self,
         metadata: &MetadataMap,
+        extensions: &Extensions,
+        rpc: &str,
+        work: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        let admitted = self.pipeline.admission().run(work);
+        self.answer(metadata, extensions, rpc, admitted).await
+    }
+
+    /// Runs `work`, which needs no slot (it reads the loaded model set only), under the call's
+    /// deadline, with a request id for logs.
+    async fn answer<T, F>(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &Extensions,
         rpc: &str,
         work: F,
     ) -> Result<Response<T>, Status>
@@ -41,19 +59,22 @@ impl PolyheadService {
         F: Future<Output = Result<T, Error>>,
     {
         let request_id = format!("{:x}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        deadline::run(metadata, rpc, &request_id, self.pipeline.limits(), work).await
+        let limits = self.pipeline.limits();
+        deadline::run(metadata, extensions, rpc, &request_id, limits, work).await
     }
 }
 
 #[tonic::async_trait]
 impl Polyhead for PolyheadService {
+    type RecognizeActionWindowsStream = windows::WindowStream;
+
     async fn detect(
         &self,
         request: Request<v1::DetectRequest>,
     ) -> Result<Response<v1::DetectResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, "Detect", async move {
+        self.call(&metadata, &extensions, "Detect", async move {
             let models = pipeline.models();
             let head = convert::head(models, &req.head, HeadKind::Detection)?;
             let options = convert::detect_options(req.options, &head)?;
@@ -80,9 +101,9 @@ impl Polyhead for PolyheadService {
         &self,
         request: Request<v1::SegmentRequest>,
     ) -> Result<Response<v1::SegmentResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, "Segment", async move {
+        self.call(&metadata, &extensions, "Segment", async move {
             let models = pipeline.models();
             let head = convert::head(models, &req.head, HeadKind::Segmentation)?;
             let options = convert::segment_options(req.options, &head)?;
@@ -109,9 +130,9 @@ impl Polyhead for PolyheadService {
         &self,
         request: Request<v1::RecognizeActionRequest>,
     ) -> Result<Response<v1::RecognizeActionResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, "RecognizeAction", async move {
+        self.call(&metadata, &extensions, "RecognizeAction", async move {
             let req = convert::action_request(pipeline.models(), pipeline.limits(), req)?;
             let head = req.head.clone();
             let (actions, timings) = pipeline.run_action(req).await?;
@@ -123,13 +144,21 @@ impl Polyhead for PolyheadService {
         .await
     }
 
+    async fn recognize_action_windows(
+        &self,
+        request: Request<tonic::Streaming<v1::RecognizeActionWindowsRequest>>,
+    ) -> Result<Response<Self::RecognizeActionWindowsStream>, Status> {
+        let request_id = format!("{:x}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        windows::serve(Arc::clone(&self.pipeline), request, request_id).await
+    }
+
     async fn analyze(
         &self,
         request: Request<v1::AnalyzeRequest>,
     ) -> Result<Response<v1::AnalyzeResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, "Analyze", async move {
+        self.call(&metadata, &extensions, "Analyze", async move {
             let models = pipeline.models();
             let tasks =
                 convert::analyze_tasks(models, req.heads, req.detect_options, req.segment_options)?;
@@ -152,9 +181,12 @@ impl Polyhead for PolyheadService {
         request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
         let models = self.pipeline.models();
-        self.call(request.metadata(), "ListModels", async move {
-            Ok(info::list(models))
-        })
+        self.answer(
+            request.metadata(),
+            request.extensions(),
+            "ListModels",
+            async move { Ok(info::list(models)) },
+        )
         .await
     }
 
@@ -162,9 +194,9 @@ impl Polyhead for PolyheadService {
         &self,
         request: Request<v1::GetModelRequest>,
     ) -> Result<Response<v1::ModelInfo>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
         let models = self.pipeline.models();
-        self.call(&metadata, "GetModel", async move {
+        self.answer(&metadata, &extensions, "GetModel", async move {
             let name = req.name;
             if name.is_empty() {
                 return Err(Error::InvalidArgument("name is required".into()));
@@ -179,9 +211,9 @@ impl Polyhead for PolyheadService {
         &self,
         request: Request<v1::ExtractFeaturesRequest>,
     ) -> Result<Response<v1::ExtractFeaturesResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, "ExtractFeatures", async move {
+        self.call(&metadata, &extensions, "ExtractFeatures", async move {
             let image = convert::image(req.image)?;
             let extracted = pipeline.extract_features(image).await?;
             Ok(convert::extracted_features(extracted))

@@ -40,6 +40,7 @@ fn code(error: &Error) -> Code {
         Error::Media(e) if e.is_internal() => Code::Internal,
         Error::Media(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
+        Error::Full(_) => Code::ResourceExhausted,
         Error::Engine(e) => engine_code(e),
         Error::Head(_) | Error::Internal(_) => Code::Internal,
     }
@@ -54,6 +55,37 @@ fn engine_code(error: &EngineError) -> Code {
         | EngineError::Device(_)
         | EngineError::Run { .. } => Code::Internal,
     }
+}
+
+/// The start of tonic's refusal of a request message over `max_decoding_message_size`.
+const TOO_LARGE: &str = "Error, decoded message length too large";
+/// The start of tonic's refusal of a compressed message that inflates past the limit.
+const INFLATES_TOO_LARGE: &str = "Error decompressing: size limit";
+
+/// Answers a request message over the size limit the way gRPC's own implementations do:
+/// RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE, naming the limit's flag; a compressed message
+/// that inflates past the limit (a gzip bomb) is refused the same way. Both carry a negative
+/// `grpc-retry-pushback-ms`, which asks clients not to retry (gRPC retry design, A6): the same
+/// message would be refused again. Any other response passes unchanged.
+pub fn message_limits<B: Default>(response: http::Response<B>) -> http::Response<B> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let refused = match status.code() {
+        Code::OutOfRange => status.message().starts_with(TOO_LARGE),
+        Code::ResourceExhausted => status.message().starts_with(INFLATES_TOO_LARGE),
+        _ => false,
+    };
+    if !refused {
+        return response;
+    }
+    let mut metadata = MetadataMap::new();
+    metadata.insert(RETRY_PUSHBACK, MetadataValue::from(-1));
+    let message = format!(
+        "the request message is too large (--max-message-bytes): {}",
+        status.message()
+    );
+    Status::with_metadata(Code::ResourceExhausted, message, metadata).into_http()
 }
 
 #[cfg(test)]
@@ -115,5 +147,38 @@ mod tests {
         assert_eq!(pushback(&configured).as_deref(), Some("250"));
         let stopped = Error::Engine(EngineError::Stopped("backbone".into()));
         assert_eq!(pushback(&to_status(stopped, "r1", &limits)), None);
+    }
+
+    fn trailers_only(status: Status) -> Status {
+        let response: http::Response<()> = message_limits(status.into_http());
+        Status::from_header_map(response.headers()).expect("a status")
+    }
+
+    #[test]
+    fn oversized_messages_are_resource_exhausted_and_not_retried() {
+        let too_large = Status::out_of_range(format!(
+            "{TOO_LARGE}: found 70000000 bytes, the limit is: 67108864 bytes"
+        ));
+        let rewritten = trailers_only(too_large);
+        assert_eq!(rewritten.code(), Code::ResourceExhausted);
+        assert!(
+            rewritten.message().contains("67108864"),
+            "{}",
+            rewritten.message()
+        );
+        assert!(rewritten.message().contains("--max-message-bytes"));
+        let hint = rewritten.metadata().get(RETRY_PUSHBACK).expect("hint");
+        assert_eq!(hint.to_str().ok(), Some("-1"));
+
+        let bomb = Status::resource_exhausted(format!("{INFLATES_TOO_LARGE}, of 1 bytes"));
+        assert_eq!(trailers_only(bomb).code(), Code::ResourceExhausted);
+
+        let other = Status::out_of_range("page 9 of 3");
+        let kept = trailers_only(other);
+        assert_eq!(
+            (kept.code(), kept.message()),
+            (Code::OutOfRange, "page 9 of 3")
+        );
+        assert!(kept.metadata().get(RETRY_PUSHBACK).is_none());
     }
 }

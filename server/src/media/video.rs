@@ -9,7 +9,8 @@
 //! stream's frames and enforces the packet, error, frame and duration budgets. The frames to keep
 //! are then chosen from that count ([`Sampling`]), and the second pass decodes up to the last of
 //! them, converting only the chosen frames to RGB, so memory stays bounded by the sample size
-//! rather than the clip length.
+//! rather than the clip length. Long videos are decoded frame by frame instead
+//! ([`stream_frames`]), each sampled frame handed on as soon as it is decoded.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -23,6 +24,10 @@ use ffmpeg::{Dictionary, Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
 use super::MediaError;
+
+mod stream;
+
+pub use stream::{FrameSink, FrameStep, SampledFrame, VideoOutline, stream_frames};
 
 /// Bounds on the clips [`decode_clip`] accepts and the work it does.
 #[derive(Debug, Clone, PartialEq)]
@@ -761,29 +766,44 @@ impl<'a> Picker<'a> {
 
     /// The frame's presentation time in seconds, else its index over the frame rate.
     fn frame_time(&self, index: usize) -> f64 {
-        match self.frame.timestamp().or(self.frame.pts()) {
-            Some(ts) if self.info.time_base > 0.0 => self.info.seconds(ts).max(0.0),
-            _ if self.info.fps > 0.0 => index as f64 / self.info.fps,
-            _ => 0.0,
-        }
+        frame_time(&self.frame, self.info, index)
     }
 
     /// Converts the current frame to packed RGB8, dropping any row padding.
     fn convert_frame(&mut self) -> Result<RgbImage, MediaError> {
-        let (width, height) = (self.frame.width(), self.frame.height());
-        if width == 0 || height == 0 {
-            return Err(MediaError::CorruptVideo(format!(
-                "decoded a {width}x{height} frame"
-            )));
-        }
-        check_resolution(width, height, self.limits)?;
-        let scaler = scaler_for(&mut self.scaler, self.frame.format(), width, height)?;
-        let mut rgb = frame::Video::empty();
-        scaler
-            .run(&self.frame, &mut rgb)
-            .map_err(|e| MediaError::CorruptVideo(format!("colour conversion failed: {e}")))?;
-        packed_rgb(&rgb, width, height)
+        to_rgb(&self.frame, &mut self.scaler, self.limits)
     }
+}
+
+/// A decoded frame's presentation time in seconds, else its index over the frame rate.
+fn frame_time(frame: &frame::Video, info: &StreamInfo, index: usize) -> f64 {
+    match frame.timestamp().or(frame.pts()) {
+        Some(ts) if info.time_base > 0.0 => info.seconds(ts).max(0.0),
+        _ if info.fps > 0.0 => index as f64 / info.fps,
+        _ => 0.0,
+    }
+}
+
+/// Converts a decoded frame to packed RGB8, dropping any row padding; `scaler` is reused while
+/// the frame's format and size stay the same.
+fn to_rgb(
+    frame: &frame::Video,
+    scaler: &mut Option<scaling::Context>,
+    limits: &VideoLimits,
+) -> Result<RgbImage, MediaError> {
+    let (width, height) = (frame.width(), frame.height());
+    if width == 0 || height == 0 {
+        return Err(MediaError::CorruptVideo(format!(
+            "decoded a {width}x{height} frame"
+        )));
+    }
+    check_resolution(width, height, limits)?;
+    let scaler = scaler_for(scaler, frame.format(), width, height)?;
+    let mut rgb = frame::Video::empty();
+    scaler
+        .run(frame, &mut rgb)
+        .map_err(|e| MediaError::CorruptVideo(format!("colour conversion failed: {e}")))?;
+    packed_rgb(&rgb, width, height)
 }
 
 /// A scaler from `format` at `width` x `height` to RGB24, reusing `cached` while it fits.

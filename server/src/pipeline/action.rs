@@ -127,7 +127,11 @@ impl Pipeline {
 
 /// Softmax and top-k over the head's logits.
 #[tracing::instrument(skip_all, fields(head = %head))]
-fn postprocess(head: &str, outputs: &NamedTensors, top_k: usize) -> Result<Vec<ClassScore>, Error> {
+pub(super) fn postprocess(
+    head: &str,
+    outputs: &NamedTensors,
+    top_k: usize,
+) -> Result<Vec<ClassScore>, Error> {
     let logits = output(outputs, head, "logits")?
         .view()
         .into_dimensionality::<ndarray::Ix2>()

@@ -12,7 +12,7 @@ use super::types::{
     Segmentation, Timings,
 };
 use super::{FeatureKey, Features, Pipeline, output, stack};
-use crate::engine::{NamedTensors, Run, Stage};
+use crate::engine::{NamedTensors, Run};
 use crate::error::Error;
 use crate::geometry::Geometry;
 use crate::heads::{detection, segmentation};
@@ -209,7 +209,7 @@ async fn run_head(
         outputs,
         queued,
         elapsed,
-    } = task.head.worker.run_as(Stage::Head, inputs).await?;
+    } = task.head.run(inputs).await?;
     let name = task.head.name().to_string();
     let span = tracing::info_span!("postprocess", head = %name);
     let started = Instant::now();
@@ -232,6 +232,9 @@ fn postprocess(
     geometry: &Geometry,
 ) -> Result<HeadOutput, Error> {
     let head = task.head.name();
+    // Tests inject a panic here (`postprocess/<head>`), as a bug in post-processing would be.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(&format!("postprocess/{head}"));
     match (&task.head.params, &task.options) {
         (HeadParams::Detection(params), HeadOptions::Detection(options)) => {
             let items = detection::postprocess(

@@ -11,12 +11,14 @@ pub mod cache;
 pub mod handles;
 mod image;
 pub mod types;
+mod windows;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::{ArrayD, IxDyn};
 
+use crate::admission::{Admission, AdmissionConfig};
 use crate::config::Limits;
 use crate::engine::{EngineError, NamedTensors, SharedTensor};
 use crate::error::Error;
@@ -28,9 +30,10 @@ use crate::telemetry::metrics;
 pub use cache::{CacheConfig, FeatureCache, FeatureKey};
 pub use handles::{HandleConfig, HandleStore};
 pub use types::*;
+pub use windows::{ActionWindow, WindowEvent, WindowPlan, WindowProgress, WindowRequest};
 
-/// The loaded model set, the limits requests are held to, the feature cache and the feature
-/// handles.
+/// The loaded model set, the limits requests are held to, the feature cache, the feature
+/// handles and the admission control in front of them all.
 pub struct Pipeline {
     models: ModelSet,
     image_limits: ImageLimits,
@@ -38,6 +41,7 @@ pub struct Pipeline {
     limits: Limits,
     cache: FeatureCache,
     handles: HandleStore,
+    admission: Arc<Admission>,
 }
 
 /// Backbone features of one batch of inputs, and what getting them cost.
@@ -76,6 +80,7 @@ impl Pipeline {
             limits,
             cache: FeatureCache::new(cache),
             handles: HandleStore::new(&HandleConfig::default()),
+            admission: Admission::new(&AdmissionConfig::default()),
         }
     }
 
@@ -83,6 +88,17 @@ impl Pipeline {
     pub fn with_handles(mut self, config: &HandleConfig) -> Self {
         self.handles = HandleStore::new(config);
         self
+    }
+
+    /// Admits requests as `config` describes (default: [`AdmissionConfig::default`]).
+    pub fn with_admission(mut self, config: &AdmissionConfig) -> Self {
+        self.admission = Admission::new(config);
+        self
+    }
+
+    /// The request slots and the queue in front of them.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// The loaded models.

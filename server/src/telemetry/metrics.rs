@@ -17,6 +17,10 @@ pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
 pub const GRPC_HANDLING: &str = "grpc_server_handling_seconds";
 /// gRPC calls being served now, by method.
 pub const INFLIGHT: &str = "polyhead_inflight_requests";
+/// Requests holding an admission slot now.
+pub const REQUESTS_RUNNING: &str = "polyhead_requests_running";
+/// Requests waiting for an admission slot now.
+pub const REQUESTS_QUEUED: &str = "polyhead_requests_queued";
 /// Latency of each stage of a request, by stage and head.
 pub const STAGE: &str = "polyhead_stage_seconds";
 /// Inputs per model run (the images batched into a backbone run, T for a clip of T frames), by
@@ -57,6 +61,14 @@ pub(super) fn describe() {
         "gRPC call latency, to the last response byte."
     );
     describe_gauge!(INFLIGHT, "gRPC calls being served now.");
+    describe_gauge!(
+        REQUESTS_RUNNING,
+        "Requests holding one of the --max-concurrent-requests slots."
+    );
+    describe_gauge!(
+        REQUESTS_QUEUED,
+        "Requests waiting for a slot (at most --max-queued-requests)."
+    );
     describe_histogram!(
         STAGE,
         Unit::Seconds,
@@ -168,6 +180,12 @@ pub fn record_batch_size(model: &str, size: usize) {
 /// Moves the queue depth of `model` by `delta` runs.
 pub fn add_queue_depth(model: &str, delta: f64) {
     gauge!(QUEUE_DEPTH, "model" => model.to_string()).increment(delta);
+}
+
+/// Publishes how many requests hold an admission slot and how many wait for one.
+pub fn set_admission(running: usize, queued: usize) {
+    gauge!(REQUESTS_RUNNING).set(running as f64);
+    gauge!(REQUESTS_QUEUED).set(queued as f64);
 }
 
 /// Moves the number of calls of `rpc` being served by `delta`.

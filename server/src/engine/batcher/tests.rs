@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use futures_util::FutureExt;
 use futures_util::future::join_all;
-use ndarray::IxDyn;
+use ndarray::{ArrayD, IxDyn};
 use tokio::sync::watch;
 
 use super::*;
@@ -21,11 +21,12 @@ struct Fake {
 impl BatchRunner for Fake {
     fn run(
         &self,
-        input: SharedTensor,
+        inputs: NamedTensors,
         _parent: Span,
     ) -> impl Future<Output = Result<Run, EngineError>> + Send {
         let fake = self.clone();
         async move {
+            let input = &inputs[0].1;
             fake.shapes
                 .lock()
                 .expect("shapes")
@@ -92,6 +93,11 @@ fn input(n: usize, side: usize, fill: f32) -> ArrayD<f32> {
     ArrayD::from_elem(IxDyn(&[n, 1, side, side]), fill)
 }
 
+/// `input` as the runner's one named input.
+fn named(input: ArrayD<f32>) -> NamedTensors {
+    vec![("pixels".to_string(), SharedTensor::new(input))]
+}
+
 /// Checks that `run` is what an unbatched run of `input` would give.
 fn assert_own(run: &Run, input: &ArrayD<f32>) {
     let (double, sum) = (&run.outputs[0].1, &run.outputs[1].1);
@@ -106,7 +112,7 @@ fn assert_own(run: &Run, input: &ArrayD<f32>) {
 async fn a_full_batch_runs_without_waiting_for_the_delay() {
     let setup = setup(4, 60_000, 16, true);
     let inputs: Vec<_> = (0..4).map(|i| input(1, 2, i as f32)).collect();
-    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(i.clone()))).await;
+    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(named(i.clone())))).await;
     assert_eq!(setup.shapes(), [[4, 1, 2, 2]]);
     for (run, input) in runs.iter().zip(&inputs) {
         assert_own(run.as_ref().expect("run"), input);
@@ -118,7 +124,7 @@ async fn a_full_batch_runs_without_waiting_for_the_delay() {
 async fn requests_beyond_max_batch_go_in_the_next_batch() {
     let setup = setup(4, 200, 16, true);
     let inputs: Vec<_> = (0..5).map(|i| input(1, 2, i as f32)).collect();
-    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(i.clone()))).await;
+    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(named(i.clone())))).await;
     assert_eq!(setup.shapes(), [[4, 1, 2, 2], [1, 1, 2, 2]]);
     for (run, input) in runs.iter().zip(&inputs) {
         assert_own(run.as_ref().expect("run"), input);
@@ -130,7 +136,7 @@ async fn requests_beyond_max_batch_go_in_the_next_batch() {
 async fn max_delay_flushes_a_partial_batch() {
     let setup = setup(8, 30, 16, true);
     let started = Instant::now();
-    let runs = join_all((0..3).map(|i| setup.batcher.run(input(1, 2, i as f32)))).await;
+    let runs = join_all((0..3).map(|i| setup.batcher.run(named(input(1, 2, i as f32))))).await;
     assert!(started.elapsed() >= Duration::from_millis(30));
     assert_eq!(setup.shapes(), [[3, 1, 2, 2]]);
     assert!(runs.iter().all(Result::is_ok));
@@ -141,7 +147,7 @@ async fn max_delay_flushes_a_partial_batch() {
 #[tokio::test]
 async fn with_max_batch_1_every_request_runs_alone() {
     let setup = setup(1, 60_000, 16, true);
-    let runs = join_all((0..3).map(|i| setup.batcher.run(input(1, 2, i as f32)))).await;
+    let runs = join_all((0..3).map(|i| setup.batcher.run(named(input(1, 2, i as f32))))).await;
     assert!(runs.iter().all(Result::is_ok));
     assert_eq!(setup.shapes(), [[1, 1, 2, 2]; 3]);
 }
@@ -150,13 +156,29 @@ async fn with_max_batch_1_every_request_runs_alone() {
 async fn cancelled_requests_never_reach_the_runner() {
     let setup = setup(8, 100, 16, true);
     // Polled once, so queued, then dropped: its caller is gone before the batch runs.
-    assert!(setup.batcher.run(input(1, 2, 1.0)).now_or_never().is_none());
+    assert!(
+        setup
+            .batcher
+            .run(named(input(1, 2, 1.0)))
+            .now_or_never()
+            .is_none()
+    );
     let kept = input(1, 2, 2.0);
-    let run = setup.batcher.run(kept.clone()).await.expect("run");
+    let run = setup.batcher.run(named(kept.clone())).await.expect("run");
     assert_own(&run, &kept);
     assert_eq!(setup.shapes(), [[1, 1, 2, 2]]);
-    assert!(setup.batcher.run(input(1, 2, 3.0)).now_or_never().is_none());
-    let last = setup.batcher.run(input(1, 2, 4.0)).await.expect("run");
+    assert!(
+        setup
+            .batcher
+            .run(named(input(1, 2, 3.0)))
+            .now_or_never()
+            .is_none()
+    );
+    let last = setup
+        .batcher
+        .run(named(input(1, 2, 4.0)))
+        .await
+        .expect("run");
     assert_own(&last, &input(1, 2, 4.0));
     assert_eq!((setup.batcher.runs(), setup.batcher.images()), (2, 2));
 }
@@ -170,7 +192,7 @@ async fn different_shapes_and_clips_run_apart() {
         input(1, 2, 3.0),
         input(2, 2, 4.0),
     ];
-    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(i.clone()))).await;
+    let runs = join_all(inputs.iter().map(|i| setup.batcher.run(named(i.clone())))).await;
     assert_eq!(
         setup.shapes(),
         [[2, 1, 2, 2], [1, 1, 3, 3], [2, 1, 2, 2]],
@@ -187,12 +209,12 @@ async fn a_full_queue_refuses_at_once() {
     let mut setup = setup(1, 0, 1, false);
     let running = tokio::spawn({
         let batcher = setup.batcher.clone();
-        async move { batcher.run(input(1, 2, 1.0)).await }
+        async move { batcher.run(named(input(1, 2, 1.0))).await }
     });
     setup.started.recv().await.expect("the first run started");
-    let mut waiting = Box::pin(setup.batcher.run(input(1, 2, 2.0)));
+    let mut waiting = Box::pin(setup.batcher.run(named(input(1, 2, 2.0))));
     assert!(futures_util::poll!(&mut waiting).is_pending());
-    let refused = setup.batcher.run(input(1, 2, 3.0)).await;
+    let refused = setup.batcher.run(named(input(1, 2, 3.0))).await;
     assert!(
         matches!(refused, Err(EngineError::Overloaded { capacity: 1, .. })),
         "{refused:?}"
@@ -214,12 +236,33 @@ fn grouping_keeps_arrival_order_and_never_batches_clips() {
         vec![1, 3, 8, 4],
     ];
     let items: Vec<(usize, &[usize])> = shapes.iter().map(Vec::as_slice).enumerate().collect();
-    let groups = group_by_shape(items, |(_, shape)| shape);
+    let groups = group_by_shape(items, |(_, shape)| vec![*shape]);
     let ids: Vec<Vec<usize>> = groups
         .iter()
         .map(|g| g.iter().map(|(id, _)| *id).collect())
         .collect();
     assert_eq!(ids, [vec![0, 3], vec![1], vec![2, 5], vec![4]]);
+}
+
+#[test]
+fn requests_of_several_inputs_batch_input_by_input() {
+    let request = |fill: f32| {
+        vec![
+            ("a".to_string(), SharedTensor::new(input(1, 2, fill))),
+            ("b".to_string(), SharedTensor::new(input(1, 3, -fill))),
+        ]
+    };
+    let batch = concat(vec![request(1.0), request(2.0)]).expect("concat");
+    let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(batch[0].1.shape(), [2, 1, 2, 2]);
+    assert_eq!(batch[1].1.shape(), [2, 1, 3, 3]);
+    assert_eq!(batch[1].1[[1, 0, 0, 0]], -2.0);
+    let pending = [request(1.0), request(2.0), vec![request(3.0)[0].clone()]];
+    let groups = group_by_shape(pending.to_vec(), |r| {
+        r.iter().map(|(_, t)| t.shape()).collect()
+    });
+    assert_eq!(groups.len(), 2, "a request with other inputs runs apart");
 }
 
 #[test]
@@ -241,7 +284,7 @@ fn split_gives_each_request_its_items() {
 }
 
 #[test]
-fn flags_default_to_8_images_and_2_ms() {
+fn flags_default_to_8_images_and_no_delay() {
     use clap::Parser;
     #[derive(Parser)]
     struct Flags {
@@ -250,6 +293,6 @@ fn flags_default_to_8_images_and_2_ms() {
     }
     let flags = Flags::parse_from(["test"]);
     assert_eq!(flags.batch.max_batch, 8);
-    assert_eq!(flags.batch.max_delay(), Duration::from_millis(2));
+    assert_eq!(flags.batch.max_delay(), Duration::ZERO);
     assert!(Flags::try_parse_from(["test", "--max-batch", "0"]).is_err());
 }

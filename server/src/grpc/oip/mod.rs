@@ -150,12 +150,13 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
+        let (metadata, extensions, request) = request.into_parts();
         let request_id = self.request_id();
         let pipeline = self.pipeline()?;
-        let work = infer(pipeline, request);
+        let work = pipeline.admission().run(infer(pipeline, request));
         deadline::run(
             &metadata,
+            &extensions,
             "ModelInfer",
             &request_id,
             pipeline.limits(),

@@ -1,0 +1,198 @@
+//! The gRPC variants: closed-loop load on a running server over loopback, `concurrency` calls in
+//! flight at once on one HTTP/2 connection, with the passes per request read from the server's
+//! Prometheus counter around the measured part.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use polyhead_client::{Client, ClientOptions, v1};
+use v1::recognize_action_windows_response::Event;
+
+use crate::raw::Timing;
+use crate::rss;
+use crate::server::Server;
+use crate::stats::{Row, Samples};
+
+/// A client for benchmarking: no retries (a refused call is an error), generous deadline.
+pub async fn connect(server: &Server) -> Result<Client> {
+    let options = ClientOptions {
+        timeout: Duration::from_secs(300),
+        max_retries: 0,
+        ..ClientOptions::default()
+    };
+    Client::connect(&server.addr.to_string(), options)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// Warms up, then measures `call` at `concurrency` for `timing.seconds`. `call(n)` gets a number
+/// unique within the run and answers the backbone passes its response reported.
+pub async fn measure<F, Fut>(
+    server: &Server,
+    variant: &str,
+    concurrency: usize,
+    items_per_request: u32,
+    timing: Timing,
+    call: F,
+) -> Result<Row>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u32>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let counter = Arc::new(AtomicU64::new(0));
+    closed_loop(
+        &call,
+        &counter,
+        concurrency,
+        timing.warmup,
+        items_per_request,
+    )
+    .await?;
+    let before = server.backbone_passes()?;
+    let samples = closed_loop(
+        &call,
+        &counter,
+        concurrency,
+        timing.seconds,
+        items_per_request,
+    )
+    .await?;
+    let passes = server.backbone_passes()? - before;
+    let mut row = Row::new(variant, "grpc", concurrency, &samples);
+    if row.requests > 0 {
+        row.backbone_passes_per_request = Some(passes / row.requests as f64);
+    }
+    row.peak_rss_mb = rss::peak_mb(server.pid());
+    Ok(row)
+}
+
+async fn closed_loop<F, Fut>(
+    call: &Arc<F>,
+    counter: &Arc<AtomicU64>,
+    concurrency: usize,
+    seconds: Duration,
+    items_per_request: u32,
+) -> Result<Samples>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u32>> + Send + 'static,
+{
+    let start = Instant::now();
+    let deadline = start + seconds;
+    let tasks: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (call, counter) = (Arc::clone(call), Arc::clone(counter));
+            tokio::spawn(async move {
+                let mut samples = Samples {
+                    items_per_request,
+                    ..Samples::default()
+                };
+                while samples.latencies.is_empty() || Instant::now() < deadline {
+                    let t = Instant::now();
+                    let passes = call(counter.fetch_add(1, Ordering::Relaxed)).await?;
+                    samples.latencies.push(t.elapsed());
+                    samples.reported_passes += u64::from(passes);
+                }
+                Ok::<_, anyhow::Error>(samples)
+            })
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        parts.push(task.await.context("a load task panicked")??);
+    }
+    Ok(Samples::merge(parts, start.elapsed()))
+}
+
+fn passes(timings: Option<v1::Timings>) -> u32 {
+    timings.map_or(0, |t| t.backbone_passes)
+}
+
+/// One Detect call (no masks).
+pub async fn detect(client: Client, image: v1::Image) -> Result<u32> {
+    let response = client
+        .detect(image, v1::DetectOptions::default(), "")
+        .await
+        .map_err(|e| anyhow!("Detect: {e}"))?;
+    Ok(passes(response.timings))
+}
+
+/// One Segment call.
+pub async fn segment(client: Client, image: v1::Image) -> Result<u32> {
+    let response = client
+        .segment(image, v1::SegmentOptions::default(), "")
+        .await
+        .map_err(|e| anyhow!("Segment: {e}"))?;
+    Ok(passes(response.timings))
+}
+
+/// One Analyze call running the detection and segmentation heads.
+pub async fn analyze(client: Client, image: v1::Image) -> Result<u32> {
+    let heads = vec!["detection".to_owned(), "segmentation".to_owned()];
+    let response = client
+        .analyze(image, heads, Default::default(), Default::default())
+        .await
+        .map_err(|e| anyhow!("Analyze: {e}"))?;
+    Ok(passes(response.timings))
+}
+
+/// One RecognizeAction call on an encoded clip, `frames` frames sampled uniformly.
+pub async fn action(client: Client, clip: Arc<Vec<u8>>, frames: u32) -> Result<u32> {
+    let options = v1::ActionOptions {
+        num_frames: frames,
+        ..Default::default()
+    };
+    let response = client
+        .recognize_video(clip.to_vec(), options, "")
+        .await
+        .map_err(|e| anyhow!("RecognizeAction: {e}"))?;
+    Ok(passes(response.timings))
+}
+
+/// What one RecognizeActionWindows call answered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WindowsCall {
+    pub windows: u32,
+    pub backbone_images: u32,
+    pub backbone_passes: u32,
+}
+
+/// One RecognizeActionWindows call over `video` in windows of `frames` frames, `stride` apart.
+pub async fn windows(
+    client: Client,
+    video: Arc<Vec<u8>>,
+    frames: u32,
+    stride: u32,
+) -> Result<WindowsCall> {
+    let message = v1::RecognizeActionWindowsRequest {
+        options: Some(v1::WindowOptions {
+            window_frames: frames,
+            window_stride: stride,
+            ..Default::default()
+        }),
+        chunk: video.to_vec(),
+    };
+    let request = client.request(tokio_stream::iter(vec![message]));
+    let mut stream = client
+        .raw()
+        .recognize_action_windows(request)
+        .await?
+        .into_inner();
+    let mut answer = WindowsCall::default();
+    while let Some(message) = stream.message().await? {
+        match message.event {
+            Some(Event::Window(_)) => answer.windows += 1,
+            Some(Event::Summary(summary)) => {
+                let timings = summary.timings.unwrap_or_default();
+                answer.backbone_images = timings.backbone_images;
+                answer.backbone_passes = timings.backbone_passes;
+            }
+            None => {}
+        }
+    }
+    Ok(answer)
+}

@@ -1,0 +1,224 @@
+//! The in-process variants: ONNX Runtime sessions of the model set driven directly, with the
+//! server's own runtime set-up (library search, optimisation level, intra-op threads).
+//!
+//! Every variant here starts from the already preprocessed input tensor: decoding, resizing and
+//! post-processing are excluded, so these rows are the ONNX Runtime cost alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use ort::session::Session;
+use ort::value::TensorRef;
+use polyhead_server::config::RuntimeConfig;
+use polyhead_server::engine::{Device, Runtime};
+use polyhead_server::manifest::Manifest;
+
+use crate::rss;
+use crate::stats::{Row, Samples};
+
+/// One preprocessed input: `shape` is `[N, 3, H, W]`.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub shape: [usize; 4],
+    pub data: Vec<f32>,
+}
+
+/// Loads sessions of one model set with the server's runtime settings.
+pub struct Models {
+    runtime: Runtime,
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+/// Timing of one in-process loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub warmup: Duration,
+    pub seconds: Duration,
+}
+
+impl Models {
+    /// Initialises ONNX Runtime as the server does, with `intra_threads` per session.
+    pub fn new(dir: &Path, intra_threads: usize) -> Result<Self> {
+        let config = RuntimeConfig {
+            device: Device::Cpu,
+            allow_cpu_fallback: false,
+            ort_dylib: None,
+            intra_threads,
+            queue_capacity: 1,
+        };
+        let runtime = Runtime::init(&config).map_err(|e| anyhow!("{e}"))?;
+        let manifest = Manifest::load(dir).map_err(|e| anyhow!("{e}"))?;
+        Ok(Self {
+            runtime,
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    fn session(&self, file: &Path) -> Result<Session> {
+        self.runtime
+            .load(&self.dir.join(file))
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    /// The backbone followed by the heads called `heads`, each fed the backbone's outputs.
+    pub fn shared(&self, heads: &[&str]) -> Result<Shared> {
+        let backbone = &self.manifest.backbone;
+        let heads = heads
+            .iter()
+            .map(|name| {
+                let spec = self
+                    .manifest
+                    .heads
+                    .iter()
+                    .find(|h| h.name == *name)
+                    .with_context(|| format!("no head called {name} in the manifest"))?;
+                Ok((self.session(&spec.file)?, spec.inputs.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Shared {
+            backbone: self.session(&backbone.file)?,
+            input: backbone.input.clone(),
+            heads,
+        })
+    }
+
+    /// The monolithic reference models (backbone and head fused), one per named file.
+    pub fn monolithic(&self, files: &[&str]) -> Result<Vec<Session>> {
+        files.iter().map(|f| self.session(Path::new(f))).collect()
+    }
+
+    /// Name of the backbone's input tensor.
+    pub fn input_name(&self) -> &str {
+        &self.manifest.backbone.input
+    }
+}
+
+/// A backbone session and head sessions, run one after the other on one input.
+pub struct Shared {
+    backbone: Session,
+    input: String,
+    heads: Vec<(Session, Vec<String>)>,
+}
+
+impl Shared {
+    /// One backbone pass, then every head on its outputs (outputs discarded).
+    pub fn run(&mut self, tensor: &Tensor) -> Result<()> {
+        let input = TensorRef::from_array_view((tensor.shape, &tensor.data[..])).map_err(err)?;
+        let outputs = self
+            .backbone
+            .run(vec![(self.input.as_str(), input)])
+            .map_err(err)?;
+        for (head, names) in &mut self.heads {
+            let mut values = Vec::with_capacity(names.len());
+            for name in names.iter() {
+                let value = outputs
+                    .get(name.as_str())
+                    .with_context(|| format!("the backbone has no output {name}"))?;
+                let view = value.try_extract_array::<f32>().map_err(err)?;
+                values.push((
+                    name.as_str(),
+                    TensorRef::from_array_view(view).map_err(err)?,
+                ));
+            }
+            head.run(values).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every monolithic model on `tensor`, one after the other.
+pub fn run_monolithic(models: &mut [Session], input: &str, tensor: &Tensor) -> Result<()> {
+    for model in models {
+        let value = TensorRef::from_array_view((tensor.shape, &tensor.data[..])).map_err(err)?;
+        model.run(vec![(input, value)]).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+/// Runs one worker per thread (each owning its sessions), all started together, for the warm-up
+/// and then for the measured time; the row's peak RSS is this process's, reset before the
+/// workers were built by `build`.
+pub fn measure<W>(
+    variant: &str,
+    kind: &'static str,
+    items_per_request: u32,
+    timing: Timing,
+    build: impl FnOnce() -> Result<Vec<W>>,
+) -> Result<Row>
+where
+    W: FnMut() -> Result<()> + Send,
+{
+    rss::reset_own_peak();
+    let workers = build()?;
+    let threads = workers.len();
+    let samples = run_threads(workers, timing, items_per_request)?;
+    let mut row = Row::new(variant, kind, threads, &samples);
+    row.peak_rss_mb = rss::own_peak_mb();
+    Ok(row)
+}
+
+fn run_threads<W>(workers: Vec<W>, timing: Timing, items_per_request: u32) -> Result<Samples>
+where
+    W: FnMut() -> Result<()> + Send,
+{
+    let barrier = Barrier::new(workers.len());
+    let started = std::sync::OnceLock::new();
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .into_iter()
+            .map(|mut work| {
+                let (barrier, started) = (&barrier, &started);
+                scope.spawn(move || {
+                    let warm_until = Instant::now() + timing.warmup;
+                    while Instant::now() < warm_until {
+                        work()?;
+                    }
+                    barrier.wait();
+                    let start = *started.get_or_init(Instant::now);
+                    timed_loop(&mut work, start + timing.seconds, items_per_request)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("a benchmark thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let start = started.get().copied().unwrap_or_else(Instant::now);
+    let end = parts.iter().map(|(_, end)| *end).max().unwrap_or(start);
+    let parts = parts.into_iter().map(|(s, _)| s).collect();
+    Ok(Samples::merge(parts, end.duration_since(start)))
+}
+
+/// Calls `work` until `deadline` (at least once); returns the samples and when the last call ended.
+fn timed_loop(
+    work: &mut impl FnMut() -> Result<()>,
+    deadline: Instant,
+    items_per_request: u32,
+) -> Result<(Samples, Instant)> {
+    let mut samples = Samples {
+        items_per_request,
+        ..Samples::default()
+    };
+    let mut end = Instant::now();
+    while samples.latencies.is_empty() || end < deadline {
+        let t = Instant::now();
+        work()?;
+        end = Instant::now();
+        samples.latencies.push(end - t);
+        // Every in-process request runs exactly one backbone pass.
+        samples.reported_passes += 1;
+    }
+    Ok((samples, end))
+}

@@ -1,0 +1,135 @@
+//! What one variant measured: request latencies, throughput, backbone passes per request and the
+//! peak resident memory of the process that did the work.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The raw observations of one timed loop.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    /// Latency of every completed request.
+    pub latencies: Vec<Duration>,
+    /// Wall time from the start of the loop to the end of its last request.
+    pub wall: Duration,
+    /// Backbone passes the responses reported, summed.
+    pub reported_passes: u64,
+    /// Items each request carried (1 per image, T per clip): throughput is also given per item.
+    pub items_per_request: u32,
+}
+
+impl Samples {
+    /// Merges the samples of loops that ran at the same time (one per worker).
+    pub fn merge(parts: Vec<Samples>, wall: Duration) -> Samples {
+        let items_per_request = parts.first().map_or(1, |p| p.items_per_request);
+        let mut merged = Samples {
+            wall,
+            items_per_request,
+            ..Samples::default()
+        };
+        for part in parts {
+            merged.latencies.extend(part.latencies);
+            merged.reported_passes += part.reported_passes;
+        }
+        merged
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// What ran, e.g. `grpc detect c=8`.
+    pub variant: String,
+    /// `raw`, `grpc` or `naive`.
+    pub kind: &'static str,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    pub requests: usize,
+    pub seconds: f64,
+    pub requests_per_s: f64,
+    /// Frames (or images) per second: requests/s times the items each request carried.
+    pub items_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+    /// Backbone runs per request: from the server's `polyhead_backbone_passes_total` when it was
+    /// scraped (batched runs shared by concurrent requests count once), else from the responses.
+    pub backbone_passes_per_request: Option<f64>,
+    /// Peak resident memory (VmHWM) of the process that did the work, in MB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+impl Row {
+    /// Summarises `samples`; passes and memory are filled in by the caller.
+    pub fn new(
+        variant: impl Into<String>,
+        kind: &'static str,
+        concurrency: usize,
+        s: &Samples,
+    ) -> Row {
+        let mut sorted = s.latencies.clone();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        let seconds = s.wall.as_secs_f64().max(1e-9);
+        let rps = n as f64 / seconds;
+        let mean = sorted.iter().map(Duration::as_secs_f64).sum::<f64>() / n.max(1) as f64;
+        Row {
+            variant: variant.into(),
+            kind,
+            concurrency,
+            requests: n,
+            seconds,
+            requests_per_s: rps,
+            items_per_s: rps * f64::from(s.items_per_request.max(1)),
+            p50_ms: percentile(&sorted, 0.50),
+            p99_ms: percentile(&sorted, 0.99),
+            mean_ms: mean * 1e3,
+            backbone_passes_per_request: (n > 0).then(|| s.reported_passes as f64 / n as f64),
+            peak_rss_mb: None,
+        }
+    }
+}
+
+/// The nearest-rank percentile `q` (0..=1) of sorted latencies, in milliseconds (0 when empty).
+pub fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let sorted = ms(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(percentile(&sorted, 0.5), 5.0);
+        assert_eq!(percentile(&sorted, 0.99), 10.0);
+        assert_eq!(percentile(&sorted, 0.0), 1.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn rows_summarise_samples() {
+        let samples = Samples {
+            latencies: ms(&[10, 30, 20, 40]),
+            wall: Duration::from_secs(2),
+            reported_passes: 4,
+            items_per_request: 16,
+        };
+        let row = Row::new("x", "raw", 1, &samples);
+        assert_eq!(row.requests, 4);
+        assert_eq!(row.requests_per_s, 2.0);
+        assert_eq!(row.items_per_s, 32.0);
+        assert_eq!(row.p50_ms, 20.0);
+        assert_eq!(row.mean_ms, 25.0);
+        assert_eq!(row.backbone_passes_per_request, Some(1.0));
+    }
+}

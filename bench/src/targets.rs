@@ -1,0 +1,160 @@
+//! The targets the measured rows are held against, as ratios so that they carry over between
+//! machines of the same shape.
+
+use crate::report::{Report, Target};
+
+/// Variant names shared by the runner and the targets.
+pub mod names {
+    pub const RAW_DETECT: &str = "raw detect (backbone+detection)";
+    pub const RAW_SHARED: &str = "raw backbone+detection+segmentation";
+    pub const NAIVE_PAIR: &str = "naive reference_detection+segmentation";
+    pub const RAW_FRAMES: &str = "raw backbone on the clip's frames";
+    pub const GRPC_DETECT: &str = "grpc Detect";
+    pub const GRPC_DETECT_C1: &str = "grpc Detect c=1";
+    pub const GRPC_SEGMENT: &str = "grpc Segment c=1";
+    pub const GRPC_ANALYZE: &str = "grpc Analyze(detection+segmentation) c=1";
+    pub const GRPC_CLIP: &str = "grpc RecognizeAction clip c=1";
+    pub const GRPC_WINDOWS: &str = "grpc RecognizeActionWindows";
+    pub const SEGMENT_COLD: &str = "grpc Segment cold (new image) c=1";
+    pub const SEGMENT_WARM: &str = "grpc Segment seen image (cached) c=1";
+}
+
+use names::*;
+
+/// What the window target needs besides the rows: the rows' names and the frames each window
+/// sent through the backbone in either mode.
+pub struct WindowRows {
+    pub overlapping: String,
+    pub disjoint: String,
+    pub stride: u32,
+    pub frames: u32,
+    /// Backbone images per window: overlapping / disjoint (the best reuse can do on this video).
+    pub frame_bound: f64,
+}
+
+/// Evaluates every target against `report`'s rows.
+pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64) -> Vec<Target> {
+    let p50 = |name: &str| report.row(name).map(|r| r.p50_ms);
+    let raw_best = report.best(RAW_DETECT);
+    let detect_best = report.best(GRPC_DETECT);
+    let mut targets = vec![
+        Target::new(
+            "serving: Detect at saturation / raw req/s",
+            ratio(
+                detect_best.map(|r| r.requests_per_s),
+                raw_best.map(|r| r.requests_per_s),
+            ),
+            0.95,
+            false,
+            format!(
+                "best: {} vs {}",
+                detect_best.map_or("-", |r| &r.variant),
+                raw_best.map_or("-", |r| &r.variant)
+            ),
+        ),
+        Target::new(
+            "serving: Detect p50 at c=1 minus raw p50 (ms)",
+            diff(p50(GRPC_DETECT_C1), p50(&format!("{RAW_DETECT} c=1"))),
+            2.0,
+            true,
+            "gRPC adds decode, preprocess, post-processing, transport".into(),
+        ),
+        Target::new(
+            "sharing: Analyze(det+seg) / Detect p50 at c=1",
+            ratio(p50(GRPC_ANALYZE), p50(GRPC_DETECT_C1)),
+            1.15,
+            true,
+            format!(
+                "in-process: shared {} x, naive pair {} x raw detect",
+                fmt(ratio(
+                    p50(&format!("{RAW_SHARED} c=1")),
+                    p50(&format!("{RAW_DETECT} c=1"))
+                )),
+                fmt(ratio(
+                    p50(&format!("{NAIVE_PAIR} c=1")),
+                    p50(&format!("{RAW_DETECT} c=1"))
+                )),
+            ),
+        ),
+        Target::new(
+            "cache: Segment on a seen image / cold Segment p50",
+            ratio(p50(SEGMENT_WARM), p50(SEGMENT_COLD)),
+            0.2,
+            true,
+            String::new(),
+        ),
+        Target::new(
+            "video: clip frames/s end to end / raw backbone frames/s",
+            ratio(
+                report.row(GRPC_CLIP).map(|r| r.items_per_s),
+                report
+                    .row(&format!("{RAW_FRAMES} c=1"))
+                    .map(|r| r.items_per_s),
+            ),
+            0.9,
+            false,
+            String::new(),
+        ),
+    ];
+    targets.push(window_target(report, windows));
+    targets.push(memory_target(report, cache_bytes));
+    targets
+}
+
+fn window_target(report: &Report, windows: Option<&WindowRows>) -> Target {
+    let name = "video: per-window cost, stride s / stride T";
+    let Some(w) = windows else {
+        return Target::new(
+            name,
+            None,
+            0.0,
+            true,
+            "RecognizeActionWindows not measured".into(),
+        );
+    };
+    // items are windows, so windows/s; the cost of a window is its inverse.
+    let per_window = |variant: &str| report.row(variant).map(|r| 1.0 / r.items_per_s.max(1e-12));
+    let value = ratio(per_window(&w.overlapping), per_window(&w.disjoint));
+    let s_over_t = f64::from(w.stride) / f64::from(w.frames.max(1));
+    Target::new(
+        name,
+        value,
+        1.2 * w.frame_bound,
+        true,
+        format!(
+            "s/T = {s_over_t:.3}; on this video the frames per window give {:.3} (limit: 1.2x that)",
+            w.frame_bound
+        ),
+    )
+}
+
+fn memory_target(report: &Report, cache_bytes: u64) -> Target {
+    let budget_mb = (report.weights_bytes + cache_bytes) as f64 / (1024.0 * 1024.0);
+    let peak = report
+        .phases
+        .iter()
+        .find(|p| p.cache_bytes == cache_bytes)
+        .and_then(|p| p.peak_rss_mb);
+    Target::new(
+        "memory: server peak RSS / (weights + cache budget)",
+        peak.map(|p| p / budget_mb),
+        1.3,
+        true,
+        format!("weights + cache = {budget_mb:.0} MB"),
+    )
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(a? - b?)
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+}

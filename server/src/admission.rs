@@ -1,0 +1,232 @@
+//! Request-level admission control: at most N requests run at once, at most Q more wait for a
+//! slot in arrival order, and a request that finds both full is refused at once (the caller gets
+//! RESOURCE_EXHAUSTED with a retry hint) instead of waiting without bound. A waiting request
+//! whose deadline passes or whose caller goes away leaves the queue without ever running.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::telemetry::metrics;
+
+/// How many requests run and wait, and how many HTTP/2 streams one connection may open.
+#[derive(Debug, Clone, Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AdmissionConfig {
+    /// Requests (Detect, Segment, Analyze, RecognizeAction, ExtractFeatures, ModelInfer) that
+    /// run at once; more wait for a slot.
+    #[arg(long, env = "POLYHEAD_MAX_CONCURRENT_REQUESTS", default_value_t = 32)]
+    pub max_concurrent_requests: usize,
+
+    /// Requests that may wait for a slot; a request arriving when this many wait is refused at
+    /// once with RESOURCE_EXHAUSTED. 0: never wait.
+    #[arg(long, env = "POLYHEAD_MAX_QUEUED_REQUESTS", default_value_t = 128)]
+    pub max_queued_requests: usize,
+
+    /// HTTP/2 streams (concurrent calls) one client connection may have open; the server
+    /// advertises it in its SETTINGS and the client holds further calls back.
+    #[arg(long, env = "POLYHEAD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 32,
+            max_queued_requests: 128,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// Refusal of a request that found every slot busy and the queue full.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the server is at capacity: {running} requests running and {queued} waiting \
+     (--max-concurrent-requests, --max-queued-requests)"
+)]
+pub struct Full {
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// The slots and the queue in front of them.
+pub struct Admission {
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    max_queued: usize,
+    queued: AtomicUsize,
+}
+
+/// A running request's slot, given back when dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    admission: Arc<Admission>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // The permit is released after this body runs; report the count it is about to reach.
+        metrics::set_admission(
+            self.admission.running().saturating_sub(1),
+            self.admission.queued(),
+        );
+    }
+}
+
+/// Counts one request as waiting until dropped (admitted, expired or abandoned alike).
+struct Waiting<'a>(&'a Admission);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+        self.0.publish();
+    }
+}
+
+impl Admission {
+    /// Slots and a queue as `config` sets them (at least one slot).
+    pub fn new(config: &AdmissionConfig) -> Arc<Self> {
+        let capacity = config.max_concurrent_requests.max(1);
+        let admission = Arc::new(Self {
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            max_queued: config.max_queued_requests,
+            queued: AtomicUsize::new(0),
+        });
+        admission.publish();
+        admission
+    }
+
+    /// Takes a free slot, or waits in the queue for one; refuses at once when the queue is
+    /// full. Dropping the returned future leaves the queue.
+    pub async fn admit(self: &Arc<Self>) -> Result<Slot, Full> {
+        let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let waiting = self.enqueue()?;
+                let permit = Arc::clone(&self.slots)
+                    .acquire_owned()
+                    .await
+                    .expect("the admission semaphore is never closed: this is a bug");
+                drop(waiting);
+                permit
+            }
+        };
+        let slot = Slot {
+            _permit: permit,
+            admission: Arc::clone(self),
+        };
+        self.publish();
+        Ok(slot)
+    }
+
+    /// Runs `work` in a slot (see [`Admission::admit`]).
+    pub async fn run<T, E>(
+        self: &Arc<Self>,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E>
+    where
+        E: From<Full>,
+    {
+        let _slot = self.admit().await?;
+        work.await
+    }
+
+    /// Requests holding a slot now.
+    pub fn running(&self) -> usize {
+        self.capacity - self.slots.available_permits()
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Joins the queue unless it is full.
+    fn enqueue(&self) -> Result<Waiting<'_>, Full> {
+        let joined = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued < self.max_queued).then_some(queued + 1)
+            });
+        match joined {
+            Ok(_) => {
+                self.publish();
+                Ok(Waiting(self))
+            }
+            Err(queued) => Err(Full {
+                running: self.running(),
+                queued,
+            }),
+        }
+    }
+
+    fn publish(&self) {
+        metrics::set_admission(self.running(), self.queued());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn admission(slots: usize, queue: usize) -> Arc<Admission> {
+        Admission::new(&AdmissionConfig {
+            max_concurrent_requests: slots,
+            max_queued_requests: queue,
+            ..AdmissionConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn slots_then_queue_then_refusal() {
+        let admission = admission(2, 1);
+        let first = admission.admit().await.expect("slot 1");
+        let _second = admission.admit().await.expect("slot 2");
+        assert_eq!(admission.running(), 2);
+        let waiter = {
+            let admission = Arc::clone(&admission);
+            tokio::spawn(async move { admission.admit().await.map(|_| ()) })
+        };
+        while admission.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = admission.admit().await.err().expect("queue full");
+        assert_eq!((refused.running, refused.queued), (2, 1));
+        drop(first);
+        waiter
+            .await
+            .expect("join")
+            .expect("admitted after a slot freed");
+        assert_eq!(admission.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn abandoned_waiters_leave_the_queue() {
+        let admission = admission(1, 4);
+        let held = admission.admit().await.expect("slot");
+        let expired = tokio::time::timeout(Duration::from_millis(20), admission.admit()).await;
+        assert!(expired.is_err(), "a full server makes the waiter wait");
+        assert_eq!(admission.queued(), 0, "the expired waiter left the queue");
+        drop(held);
+        assert_eq!(admission.running(), 0);
+        let _again = admission
+            .admit()
+            .await
+            .expect("the freed slot is taken at once");
+        assert_eq!(admission.running(), 1);
+    }
+
+    #[tokio::test]
+    async fn zero_queue_refuses_as_soon_as_slots_are_busy() {
+        let admission = admission(1, 0);
+        let _held = admission.admit().await.expect("slot");
+        assert!(admission.admit().await.is_err());
+    }
+}

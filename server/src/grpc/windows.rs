@@ -1,0 +1,293 @@
+//! RecognizeActionWindows: receives the video upload (the settings first, then chunks, within
+//! the video size limit), takes an admission slot, then streams the pipeline's window results
+//! back until the video ends, the call's deadline passes or the client goes away. Errors end the
+//! stream with the status [`status::to_status`] gives them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polyhead_proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::{convert, deadline, status};
+use crate::admission::Slot;
+use crate::config::Limits;
+use crate::error::Error;
+use crate::manifest::{HeadKind, HeadParams};
+use crate::media::video::FrameStep;
+use crate::model_set::ModelSet;
+use crate::pipeline::{
+    ActionWindow, Actions, Pipeline, WindowEvent, WindowPlan, WindowProgress, WindowRequest,
+};
+
+/// The response stream.
+pub(super) type WindowStream = ReceiverStream<Result<v1::RecognizeActionWindowsResponse, Status>>;
+
+const RPC: &str = "RecognizeActionWindows";
+
+/// Results waiting to be sent to a slow reader before the windows stop being computed.
+const RESPONSE_QUEUE: usize = 4;
+
+/// One call, from its arrival to the end of its response stream.
+struct Call {
+    pipeline: Arc<Pipeline>,
+    request_id: String,
+    limits: Limits,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Call {
+    fn status(&self, error: Error) -> Status {
+        status::to_status(error, &self.request_id, &self.limits)
+    }
+
+    fn expired(&self) -> Status {
+        Status::deadline_exceeded(format!(
+            "{RPC} did not finish within its deadline of {:.3} s",
+            self.timeout.as_secs_f64()
+        ))
+    }
+}
+
+/// Receives the upload and admits the call within its deadline, then returns the response
+/// stream that a task of its own fills.
+pub(super) async fn serve(
+    pipeline: Arc<Pipeline>,
+    request: Request<Streaming<v1::RecognizeActionWindowsRequest>>,
+    request_id: String,
+) -> Result<Response<WindowStream>, Status> {
+    let (metadata, extensions, mut incoming) = request.into_parts();
+    let limits = pipeline.limits().clone();
+    let (deadline, timeout) = deadline::call_deadline(&metadata, &extensions, &limits);
+    let span = crate::telemetry::rpc_span(&metadata, RPC, &request_id);
+    let call = Call {
+        pipeline,
+        request_id,
+        limits,
+        deadline,
+        timeout,
+    };
+    let start = async {
+        let request = receive(&call, &mut incoming).await?;
+        let slot = call.pipeline.admission().admit().await;
+        Ok::<_, Status>((request, slot.map_err(|e| call.status(e.into()))?))
+    };
+    let started = tokio::time::timeout_at(deadline.into(), start).instrument(span.clone());
+    let (request, slot) = started.await.map_err(|_| call.expired())??;
+    let (out, rx) = mpsc::channel(RESPONSE_QUEUE);
+    tokio::spawn(respond(call, request, slot, out).instrument(span));
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+/// Reads the settings and every chunk until the client half-closes.
+async fn receive(
+    call: &Call,
+    incoming: &mut Streaming<v1::RecognizeActionWindowsRequest>,
+) -> Result<WindowRequest, Status> {
+    let invalid = |m: &str| call.status(Error::InvalidArgument(m.to_string()));
+    let first = incoming
+        .message()
+        .await?
+        .ok_or_else(|| invalid("the request stream ended before its first message"))?;
+    let options = first
+        .options
+        .ok_or_else(|| invalid("the first message must carry options"))?;
+    let settings = settings(call.pipeline.models(), &call.limits, options);
+    let (head, plan, step, top_k) = settings.map_err(|e| call.status(e))?;
+    let mut video = first.chunk;
+    check_size(video.len(), &call.limits).map_err(|e| call.status(e))?;
+    while let Some(next) = incoming.message().await? {
+        check_size(video.len() + next.chunk.len(), &call.limits).map_err(|e| call.status(e))?;
+        video.extend_from_slice(&next.chunk);
+    }
+    if video.is_empty() {
+        return Err(invalid("the video is empty: send it in chunk"));
+    }
+    Ok(WindowRequest {
+        video: Arc::from(video),
+        head,
+        plan,
+        step,
+        top_k,
+    })
+}
+
+/// Refuses an upload past the video size limit.
+fn check_size(len: usize, limits: &Limits) -> Result<(), Error> {
+    if len as u64 > limits.max_video_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "the video is over {} bytes (--max-video-bytes)",
+            limits.max_video_bytes
+        )));
+    }
+    Ok(())
+}
+
+type Settings = (Arc<crate::model_set::Head>, WindowPlan, FrameStep, usize);
+
+/// Validates the options against the head's parameters and the server's limits.
+fn settings(
+    models: &ModelSet,
+    limits: &Limits,
+    options: v1::WindowOptions,
+) -> Result<Settings, Error> {
+    let v1::WindowOptions {
+        head,
+        window_frames,
+        window_stride,
+        frame_step,
+        sample_fps,
+        top_k,
+    } = options;
+    let head = convert::head(models, &head, HeadKind::Action)?;
+    let HeadParams::Action(params) = &head.params else {
+        return Err(Error::Internal(format!(
+            "head '{}' is not an action head",
+            head.name()
+        )));
+    };
+    let max_frames = limits.max_frames.min(params.max_frames);
+    if window_frames > max_frames {
+        return Err(Error::InvalidArgument(format!(
+            "window_frames is {window_frames}; the limit is {max_frames} (--max-frames and the \
+             head's max_frames)"
+        )));
+    }
+    let action = v1::ActionOptions {
+        num_frames: window_frames,
+        frame_stride: 0,
+        top_k,
+    };
+    let choice = convert::action_options(Some(action), params, limits)?;
+    let length = choice.num_frames;
+    let stride = if window_stride == 0 {
+        length
+    } else {
+        window_stride as usize
+    };
+    let step = match (frame_step, sample_fps) {
+        (_, fps) if !(fps.is_finite() && fps >= 0.0) => {
+            return Err(Error::InvalidArgument(format!(
+                "sample_fps is {fps}; it must be a positive number"
+            )));
+        }
+        (0, fps) if fps > 0.0 => FrameStep::Rate(f64::from(fps)),
+        (n, 0.0) => FrameStep::Every(n.max(1) as usize),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "set frame_step or sample_fps, not both".into(),
+            ));
+        }
+    };
+    Ok((head, WindowPlan { length, stride }, step, choice.top_k))
+}
+
+/// Runs the windows in the call's slot and sends their results; ends the stream with the
+/// error's status, or DEADLINE_EXCEEDED. Stops as soon as the client goes away.
+async fn respond(
+    call: Call,
+    request: WindowRequest,
+    slot: Slot,
+    out: mpsc::Sender<Result<v1::RecognizeActionWindowsResponse, Status>>,
+) {
+    let _slot = slot;
+    let video_bytes = request.video.len() as u64;
+    let head = Arc::clone(&request.head);
+    let (events, mut results) = mpsc::channel(1);
+    let work = call.pipeline.run_windows(request, events);
+    let forward = async {
+        while let Some(event) = results.recv().await {
+            let message = response(event, &head.labels, video_bytes);
+            if out.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+    };
+    let both = async { tokio::join!(work, forward).0 };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(call.deadline.into(), both) => outcome,
+        () = out.closed() => return,
+    };
+    let status = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(error)) => call.status(error),
+        Err(_) => call.expired(),
+    };
+    let _ = out.send(Err(status)).await;
+}
+
+/// A pipeline event as sent on the wire.
+fn response(
+    event: WindowEvent,
+    labels: &[String],
+    video_bytes: u64,
+) -> v1::RecognizeActionWindowsResponse {
+    use v1::recognize_action_windows_response::Event;
+    let (event, progress) = match event {
+        WindowEvent::Window(window, progress) => {
+            (Event::Window(action_window(window, labels)), progress)
+        }
+        WindowEvent::Done(timings, progress) => {
+            let summary = v1::WindowsSummary {
+                windows: progress.windows_done as u32,
+                frames_sampled: progress.frames_sampled as u64,
+                video_bytes,
+                timings: Some(convert::timings(timings)),
+            };
+            (Event::Summary(summary), progress)
+        }
+    };
+    v1::RecognizeActionWindowsResponse {
+        event: Some(event),
+        progress: Some(window_progress(progress)),
+    }
+}
+
+fn action_window(window: ActionWindow, labels: &[String]) -> v1::ActionWindow {
+    let ActionWindow {
+        index,
+        first_frame,
+        frame_timestamps,
+        top,
+        timings,
+    } = window;
+    let start_s = frame_timestamps.first().copied().unwrap_or_default();
+    let end_s = frame_timestamps.last().copied().unwrap_or_default();
+    let actions = convert::actions(
+        Actions {
+            top,
+            frame_timestamps,
+        },
+        labels,
+    );
+    v1::ActionWindow {
+        index: index as u32,
+        first_frame: first_frame as u32,
+        start_s,
+        end_s,
+        frame_timestamps: actions.frame_timestamps,
+        top: actions.top,
+        timings: Some(convert::timings(timings)),
+    }
+}
+
+fn window_progress(p: WindowProgress) -> v1::WindowProgress {
+    let WindowProgress {
+        frames_sampled,
+        windows_done,
+        frames_estimated,
+        windows_estimated,
+        duration_s,
+    } = p;
+    v1::WindowProgress {
+        frames_sampled: frames_sampled as u64,
+        windows_done: windows_done as u32,
+        frames_estimated: frames_estimated as u64,
+        windows_estimated: windows_estimated as u32,
+        duration_s,
+    }
+}

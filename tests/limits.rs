@@ -1,0 +1,370 @@
+//! Overload and message limits on servers of their own: exact admission accounting (N slots, a
+//! queue of Q, the rest RESOURCE_EXHAUSTED at once), queued calls that expire or are cancelled
+//! never reaching the backbone, the per-connection stream limit, and oversized or
+//! decompression-bomb messages refused with RESOURCE_EXHAUSTED.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polyhead_client::{Client, ClientOptions};
+use polyhead_proto::v1;
+use polyhead_server::Config;
+use polyhead_server::admission::Admission;
+use prost::Message;
+use tonic::Code;
+use tonic::codec::CompressionEncoding;
+
+use crate::common::{TestServer, encoded, models_dir, noise_rgb, start_server};
+
+/// A server with `slots` request slots and a queue of `queue`, the feature cache off.
+fn server(slots: usize, queue: usize, configure: impl FnOnce(&mut Config)) -> TestServer {
+    let mut config = Config::for_models(models_dir());
+    config.cache.cache_bytes = 0;
+    config.admission.max_concurrent_requests = slots;
+    config.admission.max_queued_requests = queue;
+    configure(&mut config);
+    start_server(config)
+}
+
+/// A client on its own connection that never retries, so that every refusal is seen.
+async fn no_retries(server: &TestServer) -> Client {
+    let options = ClientOptions {
+        max_retries: 0,
+        ..ClientOptions::default()
+    };
+    Client::connect(&server.addr.to_string(), options)
+        .await
+        .expect("connect")
+}
+
+fn noise_image(seed: u64) -> v1::Image {
+    v1::Image {
+        source: Some(v1::image::Source::Raw(v1::RawImage {
+            width: 96,
+            height: 64,
+            rgb: noise_rgb(seed, 96, 64),
+        })),
+    }
+}
+
+async fn detect(client: &Client, seed: u64) -> Result<v1::DetectResponse, tonic::Status> {
+    client
+        .detect(noise_image(seed), v1::DetectOptions::default(), "")
+        .await
+        .map_err(|e| {
+            e.status()
+                .cloned()
+                .unwrap_or_else(|| panic!("no status: {e}"))
+        })
+}
+
+/// Waits (bounded) until `admission` shows `queued` waiting calls.
+async fn until_queued(admission: &Admission, queued: usize) {
+    let started = Instant::now();
+    while admission.queued() != queued {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "expected {queued} queued calls, have {}",
+            admission.queued()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn pushback(status: &tonic::Status) -> Option<&str> {
+    status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn overload_is_accounted_exactly() {
+    const SLOTS: usize = 2;
+    const QUEUE: usize = 3;
+    const EXTRA: usize = 4;
+    let server = server(SLOTS, QUEUE, |_| {});
+    let admission = Arc::clone(server.pipeline.admission());
+    let client = no_retries(&server).await;
+    let images_before = server.pipeline.backbone_images();
+
+    // The slots are taken as running calls would take them, so the rest is deterministic.
+    let mut held = Vec::new();
+    for _ in 0..SLOTS {
+        held.push(admission.admit().await.expect("a free slot"));
+    }
+    let queued: Vec<_> = (0..QUEUE as u64)
+        .map(|seed| {
+            let client = client.clone();
+            tokio::spawn(async move { detect(&client, seed).await })
+        })
+        .collect();
+    until_queued(&admission, QUEUE).await;
+
+    let mut rejected = 0;
+    for seed in 0..EXTRA as u64 {
+        let started = Instant::now();
+        let status = detect(&client, 100 + seed)
+            .await
+            .expect_err("queue is full");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("at capacity"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(pushback(&status), Some("100"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refused at once"
+        );
+        rejected += 1;
+    }
+    assert_eq!(server.pipeline.backbone_images(), images_before);
+
+    drop(held);
+    let mut ok = 0;
+    for call in queued {
+        call.await
+            .expect("join")
+            .expect("a queued call runs once a slot frees");
+        ok += 1;
+    }
+    assert_eq!((ok, rejected), (QUEUE, EXTRA));
+    assert_eq!(ok + rejected, QUEUE + EXTRA, "every call answered once");
+    assert_eq!(
+        server.pipeline.backbone_images() - images_before,
+        QUEUE as u64,
+        "refused calls never reach the backbone"
+    );
+    assert_eq!((admission.running(), admission.queued()), (0, 0));
+}
+
+#[tokio::test]
+async fn a_flood_of_callers_is_served_or_refused_and_nothing_else() {
+    const CALLERS: u64 = 16;
+    let server = server(2, 3, |_| {});
+    let admission = Arc::clone(server.pipeline.admission());
+    let client = no_retries(&server).await;
+    let calls: Vec<_> = (0..CALLERS)
+        .map(|seed| {
+            let client = client.clone();
+            tokio::spawn(async move { detect(&client, 1000 + seed).await })
+        })
+        .collect();
+    let (mut ok, mut rejected) = (0, 0);
+    for call in calls {
+        match call.await.expect("join") {
+            Ok(response) => {
+                assert!(response.detections.is_some());
+                ok += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(pushback(&status), Some("100"));
+                rejected += 1;
+            }
+        }
+    }
+    assert_eq!(ok + rejected, CALLERS);
+    assert!(
+        ok >= 5,
+        "two slots and three queue places are always served: {ok}"
+    );
+    assert_eq!((admission.running(), admission.queued()), (0, 0));
+}
+
+#[tokio::test]
+async fn queued_calls_that_expire_or_are_cancelled_never_run() {
+    // A call that carries no deadline gets the server's default one: the server, not the
+    // client, ends it.
+    let server = server(1, 4, |config| config.limits.default_timeout_seconds = 0.3);
+    let admission = Arc::clone(server.pipeline.admission());
+    let client = no_retries(&server).await;
+    let images_before = server.pipeline.backbone_images();
+    let held = admission.admit().await.expect("the only slot");
+
+    let no_deadline = tonic::Request::new(v1::DetectRequest {
+        image: Some(noise_image(7)),
+        ..Default::default()
+    });
+    let status = client
+        .raw()
+        .detect(no_deadline)
+        .await
+        .expect_err("no slot frees in time");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("deadline"),
+        "{}",
+        status.message()
+    );
+    until_queued(&admission, 0).await;
+
+    let abandoned = {
+        let client = client.clone();
+        tokio::spawn(async move { detect(&client, 8).await })
+    };
+    until_queued(&admission, 1).await;
+    abandoned.abort();
+    until_queued(&admission, 0).await;
+
+    drop(held);
+    assert_eq!(
+        server.pipeline.backbone_images(),
+        images_before,
+        "neither the expired nor the cancelled call reached the backbone"
+    );
+    detect(&client, 9).await.expect("the server serves on");
+    assert_eq!(server.pipeline.backbone_images() - images_before, 1);
+}
+
+#[tokio::test]
+async fn one_connection_is_held_to_its_stream_limit() {
+    // Two slots and no queue: a third call running at once would be refused. The server lets
+    // a connection open two streams at a time, so the client holds its other calls back and
+    // every one of them is served.
+    let server = server(2, 0, |config| config.admission.max_concurrent_streams = 2);
+    let client = no_retries(&server).await;
+    // A client may open streams before the server's SETTINGS reach it (HTTP/2 refuses those
+    // with REFUSED_STREAM); one call first, then the limit is known.
+    detect(&client, 1999).await.expect("first call");
+    let calls: Vec<_> = (0..8)
+        .map(|seed| {
+            let client = client.clone();
+            tokio::spawn(async move { detect(&client, 2000 + seed).await })
+        })
+        .collect();
+    for call in calls {
+        call.await
+            .expect("join")
+            .expect("the stream limit keeps the connection within the slots");
+    }
+}
+
+#[tokio::test]
+async fn oversized_messages_are_resource_exhausted_and_not_retried() {
+    let server = server(4, 4, |config| config.limits.max_message_bytes = 256 << 10);
+    let client = Client::connect(&server.addr.to_string(), ClientOptions::default())
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let status = client
+        .detect(
+            encoded(vec![0xAB; 300 << 10]),
+            v1::DetectOptions::default(),
+            "",
+        )
+        .await
+        .expect_err("over the limit")
+        .status()
+        .cloned()
+        .expect("a status");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-message-bytes"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("262144"), "{}", status.message());
+    assert_eq!(
+        pushback(&status),
+        Some("-1"),
+        "a retry would be refused again"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    detect(&client, 3).await.expect("the connection serves on");
+}
+
+#[tokio::test]
+async fn a_gzip_bomb_is_refused_while_inflating() {
+    let server = server(4, 4, |config| config.limits.max_message_bytes = 1 << 20);
+    // 256 MiB of zeros travel as about 256 KiB of gzip; they must not be inflated whole.
+    let bomb = v1::DetectRequest {
+        image: Some(encoded(vec![0; 256 << 20])),
+        ..Default::default()
+    };
+    let client = no_retries(&server).await;
+    let mut raw = client
+        .raw()
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_encoding_message_size(usize::MAX);
+    let started = Instant::now();
+    let status = raw
+        .detect(client.request(bomb))
+        .await
+        .expect_err("inflates past the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("decompressing"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(pushback(&status), Some("-1"));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    detect(&client, 4).await.expect("the server serves on");
+}
+
+/// Sends a Detect of `image` with `grpc-timeout: <timeout_ms>m` over a bare HTTP/2 connection
+/// (no gRPC client, so no client-side timer races the server's answer) and returns the
+/// `grpc-status` the server answered with.
+async fn raw_detect_status(
+    addr: std::net::SocketAddr,
+    image: v1::Image,
+    timeout_ms: u64,
+) -> String {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.expect("ready");
+    let request = http::Request::post(format!("http://{addr}/polyhead.v1.Polyhead/Detect"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", format!("{timeout_ms}m"))
+        .body(())
+        .expect("request");
+    let message = v1::DetectRequest {
+        image: Some(image),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let (response, mut body) = h2.send_request(request, false).expect("send");
+    body.send_data(frame.into(), true).expect("send body");
+    let response = response.await.expect("response");
+    let from_headers = response.headers().get("grpc-status").cloned();
+    let status = match from_headers {
+        Some(status) => status,
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            let trailers = body
+                .trailers()
+                .await
+                .expect("trailers")
+                .expect("some trailers");
+            trailers.get("grpc-status").cloned().expect("grpc-status")
+        }
+    };
+    status.to_str().expect("ascii").to_owned()
+}
+
+#[tokio::test]
+async fn a_passed_deadline_is_deadline_exceeded_never_cancelled() {
+    // tonic also times calls out from their `grpc-timeout`, answering CANCELLED; the server's
+    // own deadline must always answer first.
+    let server = server(1, 64, |_| {});
+    let admission = Arc::clone(server.pipeline.admission());
+    let held = admission.admit().await.expect("the only slot");
+    for (seed, timeout_ms) in (0..12).zip([5, 10, 20, 40].into_iter().cycle()) {
+        let status = raw_detect_status(server.addr, noise_image(5000 + seed), timeout_ms).await;
+        assert_eq!(
+            status, "4",
+            "grpc-timeout {timeout_ms}m: DEADLINE_EXCEEDED is 4"
+        );
+    }
+    drop(held);
+    until_queued(&admission, 0).await;
+}
