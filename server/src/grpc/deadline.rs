@@ -2,9 +2,10 @@
 //! default, capped at the configured maximum) inside a span carrying the request id, and maps
 //! its error to a status.
 //!
-//! The deadline counts from the call's arrival, stamped by [`stamp_arrival`] before the request
-//! body is read. tonic also enforces `grpc-timeout` from that moment, answering CANCELLED
-//! ("Timeout expired"); ending one timer tick earlier makes the caller get DEADLINE_EXCEEDED.
+//! The deadline counts from the call's arrival, stamped by [`ArrivalLayer`] synchronously as
+//! tonic hands the request over, before its body is read or its task is first polled. tonic also
+//! enforces `grpc-timeout` from that moment, answering CANCELLED ("Timeout expired"); ending one
+//! timer tick earlier makes the caller get DEADLINE_EXCEEDED.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -65,9 +66,41 @@ const TIMER_TICK: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, Copy)]
 struct Arrival(Instant);
 
-/// Records that `request` arrives now; its deadline counts from here.
-pub(super) fn stamp_arrival<B>(request: &mut http::Request<B>) {
-    request.extensions_mut().insert(Arrival(Instant::now()));
+/// The outermost layer: stamps every request with the moment it arrives.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArrivalLayer;
+
+impl<S> tower::Layer<S> for ArrivalLayer {
+    type Service = StampArrival<S>;
+
+    fn layer(&self, inner: S) -> StampArrival<S> {
+        StampArrival(inner)
+    }
+}
+
+/// See [`ArrivalLayer`].
+#[derive(Debug, Clone)]
+pub struct StampArrival<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for StampArrival<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(Arrival(Instant::now()));
+        self.0.call(request)
+    }
 }
 
 /// The caller's deadline, else the default one, never longer than the configured maximum.

@@ -140,13 +140,13 @@ where
     }
 }
 
-/// Runs the call from its arrival (see [`super::deadline`]), keeping it counted in flight until
+/// Runs the call, keeping it counted in flight until
 /// its response body has ended (a streaming response's last message and trailers included), so
 /// that a drain waits for open streams too; a request message over the size limit is answered
 /// as [`super::status::message_limits`] says.
 fn counted<S>(
     mut service: S,
-    mut request: http::Request<Body>,
+    request: http::Request<Body>,
     guard: InflightGuard,
 ) -> BoxFuture<http::Response<Body>, Infallible>
 where
@@ -155,7 +155,6 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    super::deadline::stamp_arrival(&mut request);
     Box::pin(async move {
         let response = service
             .call(request)

@@ -99,6 +99,7 @@ pub async fn serve_secured(
         builder = builder.tls_config(tls)?;
     }
     builder
+        .layer(deadline::ArrivalLayer)
         .layer(crate::telemetry::grpc_metrics_layer())
         .layer(AuthLayer::new(security.tokens))
         .add_service(lifecycle.health_service())
