@@ -60,14 +60,15 @@ async fn detect(client: &Client, seed: u64) -> Result<v1::DetectResponse, tonic:
 
 /// Waits (bounded) until `admission` shows `queued` waiting calls.
 async fn until_queued(admission: &Admission, queued: usize) {
-    let started = Instant::now();
-    while admission.queued() != queued {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
+    let reached = admission.wait_until(|_, now| now == queued);
+    if tokio::time::timeout(Duration::from_secs(20), reached)
+        .await
+        .is_err()
+    {
+        panic!(
             "expected {queued} queued calls, have {}",
             admission.queued()
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

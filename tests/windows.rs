@@ -3,7 +3,7 @@
 //! RecognizeAction does on exactly its frames, and uploads, errors and cancellations behave.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use polyhead_client::v1;
 use polyhead_client::v1::recognize_action_windows_response::Event;
@@ -300,24 +300,34 @@ async fn a_client_that_goes_away_stops_the_work() {
     assert!(matches!(first.event, Some(Event::Window(_))));
     drop(stream);
     // The call gives its admission slot back when its work has stopped.
-    let waited = Instant::now();
-    while server.pipeline.admission().running() > 0 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(30),
-            "the work did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // A backbone run already under way when the client left still finishes and is counted;
-    // none starts after it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let stopped_at = server.pipeline.backbone_images() - before;
+    let idle = server
+        .pipeline
+        .admission()
+        .wait_until(|running, _| running == 0);
+    tokio::time::timeout(Duration::from_secs(30), idle)
+        .await
+        .expect("the work did not stop");
+    // A backbone run already under way when the client left still finishes and is counted.
+    // The backbone runs its queue in order, so once a Detect sent now has its answer, that run
+    // is counted; a second Detect then shows that no window work started in between.
+    let detect = |seed: u64| {
+        let image = v1::Image {
+            source: Some(v1::image::Source::Raw(v1::RawImage {
+                width: 64,
+                height: 48,
+                rgb: common::noise_rgb(seed, 64, 48),
+            })),
+        };
+        client.detect(image, v1::DetectOptions::default(), "")
+    };
+    detect(1).await.expect("detect after the stream");
+    let stopped_at = server.pipeline.backbone_images() - before - 1;
     assert!(
         stopped_at < 100,
         "{stopped_at} of 600 frames went through the backbone"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(server.pipeline.backbone_images() - before, stopped_at);
+    detect(2).await.expect("detect after the stream");
+    assert_eq!(server.pipeline.backbone_images() - before - 2, stopped_at);
 }
 
 #[tokio::test]

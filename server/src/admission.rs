@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Args;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::telemetry::metrics;
 
@@ -17,8 +17,8 @@ use crate::telemetry::metrics;
 #[derive(Debug, Clone, Args, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct AdmissionConfig {
-    /// Requests (Detect, Segment, Analyze, RecognizeAction, ExtractFeatures, ModelInfer) that
-    /// run at once; more wait for a slot.
+    /// Requests (Detect, Segment, Analyze, RecognizeAction, RecognizeActionWindows once its
+    /// upload is complete, ExtractFeatures, ModelInfer) that run at once; more wait for a slot.
     #[arg(long, env = "POLYHEAD_MAX_CONCURRENT_REQUESTS", default_value_t = 32)]
     pub max_concurrent_requests: usize,
 
@@ -60,21 +60,20 @@ pub struct Admission {
     capacity: usize,
     max_queued: usize,
     queued: AtomicUsize,
+    /// Woken whenever the running or queued count changes.
+    changed: Notify,
 }
 
 /// A running request's slot, given back when dropped.
 pub struct Slot {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     admission: Arc<Admission>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // The permit is released after this body runs; report the count it is about to reach.
-        metrics::set_admission(
-            self.admission.running().saturating_sub(1),
-            self.admission.queued(),
-        );
+        drop(self.permit.take());
+        self.admission.publish();
     }
 }
 
@@ -97,6 +96,7 @@ impl Admission {
             capacity,
             max_queued: config.max_queued_requests,
             queued: AtomicUsize::new(0),
+            changed: Notify::new(),
         });
         admission.publish();
         admission
@@ -118,7 +118,7 @@ impl Admission {
             }
         };
         let slot = Slot {
-            _permit: permit,
+            permit: Some(permit),
             admission: Arc::clone(self),
         };
         self.publish();
@@ -147,6 +147,21 @@ impl Admission {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// Waits until `condition(running, queued)` holds; it is checked now and after every change
+    /// of either count. Operators see the same counts as gauges; tests wait on them.
+    pub async fn wait_until(&self, condition: impl Fn(usize, usize) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so that a change between the two is not missed.
+            changed.as_mut().enable();
+            if condition(self.running(), self.queued()) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Joins the queue unless it is full.
     fn enqueue(&self) -> Result<Waiting<'_>, Full> {
         let joined = self
@@ -168,6 +183,7 @@ impl Admission {
 
     fn publish(&self) {
         metrics::set_admission(self.running(), self.queued());
+        self.changed.notify_waiters();
     }
 }
 
@@ -194,9 +210,7 @@ mod tests {
             let admission = Arc::clone(&admission);
             tokio::spawn(async move { admission.admit().await.map(|_| ()) })
         };
-        while admission.queued() == 0 {
-            tokio::task::yield_now().await;
-        }
+        admission.wait_until(|_, queued| queued == 1).await;
         let refused = admission.admit().await.err().expect("queue full");
         assert_eq!((refused.running, refused.queued), (2, 1));
         drop(first);

@@ -13,7 +13,10 @@ use tonic::{Extensions, Request, Response, Status};
 use super::{convert, deadline, info, windows};
 use crate::error::Error;
 use crate::manifest::HeadKind;
-use crate::pipeline::{HeadOutput, ImageRequest, Pipeline};
+use crate::model_set::Head;
+use crate::pipeline::{
+    HeadOptions, HeadOutput, HeadTask, ImageInput, ImageRequest, Pipeline, Timings,
+};
 
 /// The service implementation over one pipeline.
 pub struct PolyheadService {
@@ -79,12 +82,8 @@ impl Polyhead for PolyheadService {
             let head = convert::head(models, &req.head, HeadKind::Detection)?;
             let options = convert::detect_options(req.options, &head)?;
             let image = convert::image(req.image)?;
-            let tasks = vec![crate::pipeline::HeadTask {
-                head: head.clone(),
-                options,
-            }];
-            let (mut outputs, timings) = pipeline.run_image(ImageRequest { image, tasks }).await?;
-            let Some((_, HeadOutput::Detections(d))) = outputs.pop() else {
+            let (output, timings) = run_one(pipeline, &head, options, image).await?;
+            let HeadOutput::Detections(d) = output else {
                 return Err(Error::Internal(
                     "the detection head returned no detections".into(),
                 ));
@@ -108,12 +107,8 @@ impl Polyhead for PolyheadService {
             let head = convert::head(models, &req.head, HeadKind::Segmentation)?;
             let options = convert::segment_options(req.options, &head)?;
             let image = convert::image(req.image)?;
-            let tasks = vec![crate::pipeline::HeadTask {
-                head: head.clone(),
-                options,
-            }];
-            let (mut outputs, timings) = pipeline.run_image(ImageRequest { image, tasks }).await?;
-            let Some((_, HeadOutput::Segmentation(s))) = outputs.pop() else {
+            let (output, timings) = run_one(pipeline, &head, options, image).await?;
+            let HeadOutput::Segmentation(s) = output else {
                 return Err(Error::Internal(
                     "the segmentation head returned no label map".into(),
                 ));
@@ -220,6 +215,24 @@ impl Polyhead for PolyheadService {
         })
         .await
     }
+}
+
+/// Runs `head` alone on `image`: its output and the request's timings.
+async fn run_one(
+    pipeline: &Pipeline,
+    head: &Arc<Head>,
+    options: HeadOptions,
+    image: ImageInput,
+) -> Result<(HeadOutput, Timings), Error> {
+    let tasks = vec![HeadTask {
+        head: Arc::clone(head),
+        options,
+    }];
+    let (mut outputs, timings) = pipeline.run_image(ImageRequest { image, tasks }).await?;
+    let (_, output) = outputs
+        .pop()
+        .ok_or_else(|| Error::Internal(format!("head '{}' returned nothing", head.name())))?;
+    Ok((output, timings))
 }
 
 fn head_result(pipeline: &Pipeline, name: String, output: HeadOutput) -> v1::HeadResult {
