@@ -65,10 +65,36 @@ pub fn extracted_features(extracted: ExtractedFeatures) -> v1::ExtractFeaturesRe
 /// Finds the head a request names, of the kind the RPC serves. An empty name picks the set's
 /// only head of that kind.
 pub fn head(models: &ModelSet, name: &str, kind: HeadKind) -> Result<Arc<Head>, Error> {
-    let of_kind: Vec<_> = models.heads.iter().filter(|h| h.kind() == kind).collect();
+    pick(&models.heads, name, kind).map(Arc::clone)
+}
+
+/// What choosing a head needs to know of it: a loaded head, or a manifest's description of one.
+pub(super) trait HeadEntry {
+    fn name(&self) -> &str;
+    fn kind(&self) -> HeadKind;
+}
+
+impl HeadEntry for Arc<Head> {
+    fn name(&self) -> &str {
+        Head::name(self)
+    }
+
+    fn kind(&self) -> HeadKind {
+        Head::kind(self)
+    }
+}
+
+/// The head of `kind` called `name` among `heads`; an empty name picks the only head of that
+/// kind.
+pub(super) fn pick<'a, H: HeadEntry>(
+    heads: &'a [H],
+    name: &str,
+    kind: HeadKind,
+) -> Result<&'a H, Error> {
+    let of_kind: Vec<&H> = heads.iter().filter(|h| h.kind() == kind).collect();
     if name.is_empty() {
         return match of_kind.as_slice() {
-            [only] => Ok(Arc::clone(only)),
+            [only] => Ok(only),
             [] => Err(invalid(format!(
                 "the model set has no {} head",
                 kind.as_str()
@@ -81,9 +107,7 @@ pub fn head(models: &ModelSet, name: &str, kind: HeadKind) -> Result<Arc<Head>, 
             ))),
         };
     }
-    let head = models
-        .head(name)
-        .ok_or_else(|| unknown_head(models, name))?;
+    let head = find(heads, name)?;
     if head.kind() != kind {
         return Err(invalid(format!(
             "head '{name}' is a {} head; this call needs a {} head",
@@ -91,17 +115,20 @@ pub fn head(models: &ModelSet, name: &str, kind: HeadKind) -> Result<Arc<Head>, 
             kind.as_str()
         )));
     }
-    Ok(Arc::clone(head))
+    Ok(head)
 }
 
-fn unknown_head(models: &ModelSet, name: &str) -> Error {
-    invalid(format!(
-        "unknown head '{name}' (heads: {})",
-        names(models.heads.iter())
-    ))
+/// The head called `name` among `heads`.
+pub(super) fn find<'a, H: HeadEntry>(heads: &'a [H], name: &str) -> Result<&'a H, Error> {
+    heads.iter().find(|h| h.name() == name).ok_or_else(|| {
+        invalid(format!(
+            "unknown head '{name}' (heads: {})",
+            names(heads.iter())
+        ))
+    })
 }
 
-fn names<'a>(heads: impl Iterator<Item = &'a Arc<Head>>) -> String {
+fn names<'a, H: HeadEntry + 'a>(heads: impl Iterator<Item = &'a H>) -> String {
     heads.map(|h| h.name()).collect::<Vec<_>>().join(", ")
 }
 
@@ -211,9 +238,7 @@ pub fn analyze_tasks(
         if tasks.iter().any(|t| t.head.name() == name) {
             return Err(invalid(format!("head '{name}' is listed twice")));
         }
-        let head = models
-            .head(&name)
-            .ok_or_else(|| unknown_head(models, &name))?;
+        let head = find(&models.heads, &name)?;
         let options = match head.kind() {
             HeadKind::Detection => detect_options(detect.clone(), head)?,
             HeadKind::Segmentation => segment_options(segment.clone(), head)?,

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use polyhead_proto::v1;
 
-use super::convert;
+use super::convert::{self, HeadEntry};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::manifest::{HeadKind, HeadParams, Manifest, read_labels};
@@ -26,7 +26,11 @@ pub struct HeadInfo {
     pub classes: usize,
 }
 
-impl HeadInfo {
+impl convert::HeadEntry for HeadInfo {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     fn kind(&self) -> HeadKind {
         match self.params {
             HeadParams::Detection(_) => HeadKind::Detection,
@@ -139,30 +143,10 @@ impl Validator {
     }
 
     fn head(&self, name: &str, kind: HeadKind) -> Result<&HeadInfo, Error> {
-        if !name.is_empty() {
-            let head = self.named(name)?;
-            if head.kind() != kind {
-                return Err(Error::InvalidArgument(format!(
-                    "head '{name}' is not a {} head",
-                    kind.as_str()
-                )));
-            }
-            return Ok(head);
-        }
-        let mut of_kind = self.heads.iter().filter(|h| h.kind() == kind);
-        match (of_kind.next(), of_kind.next()) {
-            (Some(only), None) => Ok(only),
-            _ => Err(Error::InvalidArgument(format!(
-                "name one {} head",
-                kind.as_str()
-            ))),
-        }
+        convert::pick(&self.heads, name, kind)
     }
 
     fn named(&self, name: &str) -> Result<&HeadInfo, Error> {
-        self.heads
-            .iter()
-            .find(|h| h.name == name)
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown head '{name}'")))
+        convert::find(&self.heads, name)
     }
 }
