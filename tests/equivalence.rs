@@ -1,10 +1,8 @@
 //! Serving the split model set gives the same numbers as the monolithic reference models
 //! (backbone and head fused in one graph), for every head, through the server's own engine.
 
-use std::sync::Arc;
-
 use ndarray::{ArrayD, IxDyn};
-use polyhead_server::engine::{NamedTensors, Runtime, SessionWorker, SharedTensor};
+use polyhead_server::engine::{NamedTensors, Runtime, SessionWorker, Tensor};
 use polyhead_server::media::preprocess::preprocess;
 use polyhead_server::{Config, media};
 
@@ -13,7 +11,7 @@ use crate::common::{models_dir, photo, server};
 const TOLERANCE: f32 = 1e-4;
 
 /// Preprocessed real photos as one `[N, 3, H, W]` batch.
-pub(crate) fn batch(names: &[&str]) -> SharedTensor {
+pub(crate) fn batch(names: &[&str]) -> Tensor {
     let spec = &server().pipeline.models().backbone.preprocess;
     let mut data = Vec::new();
     let mut dims = (0, 0);
@@ -27,7 +25,7 @@ pub(crate) fn batch(names: &[&str]) -> SharedTensor {
         data.extend(chw);
     }
     let shape = IxDyn(&[names.len(), 3, dims.0, dims.1]);
-    Arc::new(ArrayD::from_shape_vec(shape, data).expect("batch shape"))
+    Tensor::from(ArrayD::from_shape_vec(shape, data).expect("batch shape"))
 }
 
 /// The monolithic reference model `reference_<kind>.onnx` (backbone and head fused), on its own
@@ -42,7 +40,7 @@ pub(crate) fn reference(kind: &str) -> SessionWorker {
 
 /// Runs the served path (backbone, then the head on the features it consumes) and the
 /// reference on `input`, and returns both outputs.
-async fn both(head: &str, kind: &str, input: SharedTensor) -> (NamedTensors, NamedTensors) {
+async fn both(head: &str, kind: &str, input: Tensor) -> (NamedTensors, NamedTensors) {
     let models = server().pipeline.models();
     let backbone = &models.backbone;
     let head = models.head(head).expect("head exists");
@@ -75,11 +73,14 @@ async fn both(head: &str, kind: &str, input: SharedTensor) -> (NamedTensors, Nam
 pub(crate) fn assert_close(served: &NamedTensors, expected: &NamedTensors) {
     assert_eq!(served.len(), expected.len(), "same outputs");
     for (name, want) in expected {
-        let got = &served
+        let got = served
             .iter()
             .find(|(n, _)| n == name)
             .expect("output served")
-            .1;
+            .1
+            .array()
+            .expect("host-readable");
+        let want = want.array().expect("host-readable");
         assert_eq!(got.shape(), want.shape(), "{name} shape");
         let diff = got
             .iter()
@@ -139,7 +140,9 @@ fn item<'a, D: ndarray::Dimension>(
 ) -> ndarray::ArrayView<'a, f32, D> {
     let tensor = &outputs.iter().find(|(n, _)| n == name).expect("output").1;
     tensor
-        .index_axis(ndarray::Axis(0), 0)
+        .array()
+        .expect("host-readable")
+        .index_axis_move(ndarray::Axis(0), 0)
         .into_dimensionality::<D>()
         .expect("rank")
 }

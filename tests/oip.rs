@@ -2,8 +2,6 @@
 //! metadata, ModelInfer on the backbone against the backbone worker and on every head against
 //! the monolithic reference models, and the statuses of bad requests.
 
-use std::sync::Arc;
-
 use ndarray::{ArrayD, IxDyn};
 use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use polyhead_proto::inference::model_infer_request::{
@@ -13,7 +11,7 @@ use polyhead_proto::inference::{
     InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
     ModelReadyRequest, ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
 };
-use polyhead_server::engine::{NamedTensors, SharedTensor};
+use polyhead_server::engine::{NamedTensors, Tensor};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -30,7 +28,8 @@ async fn client() -> Client {
 }
 
 /// A request for `model` carrying `input` as raw little-endian bytes.
-fn request(model: &str, input: &ArrayD<f32>) -> ModelInferRequest {
+fn request(model: &str, input: &Tensor) -> ModelInferRequest {
+    let input = input.array().expect("a host array");
     let raw = input.iter().flat_map(|v| v.to_le_bytes()).collect();
     ModelInferRequest {
         model_name: model.into(),
@@ -65,7 +64,7 @@ fn tensors(response: &ModelInferResponse) -> NamedTensors {
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
             let array = ArrayD::from_shape_vec(IxDyn(&shape), values).expect("shape and bytes");
-            (output.name.clone(), Arc::new(array))
+            (output.name.clone(), Tensor::from(array))
         })
         .collect()
 }
@@ -80,7 +79,7 @@ async fn infer(request: ModelInferRequest) -> ModelInferResponse {
 }
 
 /// `model`'s outputs over OIP and `reference`'s on the same input.
-async fn infer_and_reference(model: &str, input: SharedTensor) -> (NamedTensors, NamedTensors) {
+async fn infer_and_reference(model: &str, input: Tensor) -> (NamedTensors, NamedTensors) {
     let response = infer(request(model, &input)).await;
     assert_eq!(response.model_name, model);
     assert_eq!(response.model_version, "1");
@@ -228,7 +227,7 @@ async fn oip_fp32_contents_and_requested_outputs_are_honoured() {
     let mut request = request("detection", &input);
     request.raw_input_contents.clear();
     request.inputs[0].contents = Some(InferTensorContents {
-        fp32_contents: input.iter().copied().collect(),
+        fp32_contents: input.array().expect("host").iter().copied().collect(),
         ..Default::default()
     });
     request.outputs = vec![InferRequestedOutputTensor {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use ort::session::Session;
 use ort::value::TensorRef;
 use polyhead_server::config::RuntimeConfig;
-use polyhead_server::engine::{Device, Runtime};
+use polyhead_server::engine::{Device, Placement, Runtime};
 use polyhead_server::manifest::Manifest;
 
 use crate::rss;
@@ -45,6 +45,7 @@ impl Models {
         let config = RuntimeConfig {
             device: Device::Cpu,
             allow_cpu_fallback: false,
+            feature_placement: Placement::Device,
             ort_dylib: None,
             intra_threads,
             queue_capacity: 1,

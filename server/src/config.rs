@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, ValueEnum};
 use serde::Serialize;
 
-use crate::engine::Device;
+use crate::engine::{Device, Placement};
 
 /// polyhead: one frozen vision backbone, many task heads, served over gRPC.
 ///
@@ -96,6 +96,17 @@ pub struct RuntimeConfig {
     /// start.
     #[arg(long, env = "POLYHEAD_ALLOW_CPU_FALLBACK")]
     pub allow_cpu_fallback: bool,
+
+    /// Where backbone features are kept: `device`, the execution provider's memory (GPU memory
+    /// under CUDA; the heads read them from there, with no copy through the host), or `host`,
+    /// copied to host memory after every backbone run.
+    #[arg(
+        long,
+        env = "POLYHEAD_FEATURE_PLACEMENT",
+        value_enum,
+        default_value_t = Placement::Device
+    )]
+    pub feature_placement: Placement,
 
     /// Path of the ONNX Runtime shared library (`libonnxruntime.so`). Default: `ORT_DYLIB_PATH`,
     /// then the `onnxruntime` wheel in `./.venv` or next to the executable.

@@ -8,8 +8,8 @@ use ndarray::ArrayD;
 
 use crate::config::Config;
 use crate::engine::{
-    Batcher, Device, EngineError, NamedTensors, Run, Runtime, SessionWorker, Stage, TensorInfo,
-    WorkerRunner,
+    Batcher, Device, EngineError, FeatureMemory, NamedTensors, OutputMemory, Placement, Run,
+    Runtime, SessionWorker, Stage, Tensor, TensorInfo, WorkerRunner,
 };
 use crate::manifest::{
     BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
@@ -39,7 +39,7 @@ impl Backbone {
     /// single image may share its pass with concurrent requests. The outputs hold this
     /// request's items only.
     pub async fn run(&self, batch: ArrayD<f32>) -> Result<Run, EngineError> {
-        let inputs = vec![(self.spec.input.clone(), Arc::new(batch))];
+        let inputs = vec![(self.spec.input.clone(), Tensor::from(batch))];
         self.batcher.run(inputs).await
     }
 
@@ -100,6 +100,8 @@ pub struct ModelSet {
     pub device: Device,
     pub backbone: Backbone,
     pub heads: Vec<Arc<Head>>,
+    /// Where the backbone's features are kept, and the copies between tensors there.
+    pub memory: Arc<FeatureMemory>,
 }
 
 impl ModelSet {
@@ -109,11 +111,13 @@ impl ModelSet {
         let dir = config.models.as_path();
         let manifest = Manifest::load(dir)?;
         let runtime = Runtime::init(&config.runtime)?;
-        let backbone = load_backbone(&runtime, dir, &manifest.backbone, config)?;
+        let (backbone, memory) = load_backbone(&runtime, dir, &manifest.backbone, config)?;
         let heads = manifest
             .heads
             .iter()
-            .map(|spec| load_head(&runtime, dir, spec, &manifest.backbone, config).map(Arc::new))
+            .map(|spec| {
+                load_head(&runtime, dir, spec, &manifest.backbone, config, &memory).map(Arc::new)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             name: manifest.set_name(dir),
@@ -122,6 +126,7 @@ impl ModelSet {
             device: runtime.device(),
             backbone,
             heads,
+            memory,
         })
     }
 
@@ -131,23 +136,54 @@ impl ModelSet {
     }
 }
 
+/// Loads the backbone with its outputs bound where `--feature-placement` keeps features.
 fn load_backbone(
     runtime: &Runtime,
     dir: &Path,
     spec: &BackboneSpec,
     config: &Config,
-) -> Result<Backbone, LoadError> {
+) -> Result<(Backbone, Arc<FeatureMemory>), LoadError> {
     let path = dir.join(&spec.file);
     let capacity = config.runtime.queue_capacity;
-    let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
+    let session = runtime.load(&path)?;
+    let device_memory = || {
+        FeatureMemory::device(&session, runtime.device()).map_err(|message| EngineError::Load {
+            file: path.display().to_string(),
+            message,
+        })
+    };
+    let (memory, outputs) = match (config.runtime.feature_placement, runtime.device()) {
+        (Placement::Host, Device::Cpu) => (FeatureMemory::host(), OutputMemory::Host),
+        (Placement::Host, Device::Cuda(_)) => {
+            let device = device_memory()?;
+            let info = device.output_info().cloned();
+            let outputs = info.map_or(OutputMemory::Host, |info| OutputMemory::Bound {
+                info,
+                to_host: true,
+            });
+            (FeatureMemory::host(), outputs)
+        }
+        (Placement::Device, _) => {
+            let memory = device_memory()?;
+            let info = memory.output_info().cloned();
+            let outputs = info.map_or(OutputMemory::Host, |info| OutputMemory::Bound {
+                info,
+                to_host: false,
+            });
+            (memory, outputs)
+        }
+    };
+    let memory = Arc::new(memory);
+    let worker = SessionWorker::spawn_with(&spec.name, session, capacity, outputs)?;
     check_backbone(spec, &worker).map_err(|m| ManifestError::new(&path, m))?;
-    let batcher = spawn_batcher(&spec.name, &worker, Stage::Backbone, config)?;
-    Ok(Backbone {
+    let batcher = spawn_batcher(&spec.name, &worker, Stage::Backbone, config, &memory)?;
+    let backbone = Backbone {
         preprocess: preprocess_spec(spec),
         spec: spec.clone(),
         worker,
         batcher,
-    })
+    };
+    Ok((backbone, memory))
 }
 
 fn spawn_batcher(
@@ -155,12 +191,14 @@ fn spawn_batcher(
     worker: &SessionWorker,
     stage: Stage,
     config: &Config,
+    memory: &Arc<FeatureMemory>,
 ) -> Result<Batcher, EngineError> {
     let runner = WorkerRunner {
         worker: worker.clone(),
         stage,
     };
-    Batcher::spawn(model, runner, &config.batch, config.runtime.queue_capacity)
+    let capacity = config.runtime.queue_capacity;
+    Batcher::spawn(model, runner, &config.batch, capacity, Arc::clone(memory))
 }
 
 fn load_head(
@@ -169,6 +207,7 @@ fn load_head(
     spec: &HeadSpec,
     backbone: &BackboneSpec,
     config: &Config,
+    memory: &Arc<FeatureMemory>,
 ) -> Result<Head, LoadError> {
     let path = dir.join(&spec.file);
     let labels = read_labels(&dir.join(&spec.labels))?;
@@ -179,9 +218,13 @@ fn load_head(
     let params = spec.params().map_err(|m| ManifestError::new(&path, m))?;
     let batcher = match spec.kind {
         HeadKind::Action => None,
-        HeadKind::Detection | HeadKind::Segmentation => {
-            Some(spawn_batcher(&spec.name, &worker, Stage::Head, config)?)
-        }
+        HeadKind::Detection | HeadKind::Segmentation => Some(spawn_batcher(
+            &spec.name,
+            &worker,
+            Stage::Head,
+            config,
+            memory,
+        )?),
     };
     Ok(Head {
         spec: spec.clone(),

@@ -11,12 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use ndarray::{Axis, Slice};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
-use super::{EngineError, NamedTensors, Run, SessionWorker, SharedTensor, Stage};
+use super::{EngineError, FeatureMemory, NamedTensors, Run, SessionWorker, Stage};
 use crate::telemetry::metrics;
 
 /// The batchers' settings, shared by the backbone and the per-image heads.
@@ -126,12 +125,14 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts a batcher for `model` in front of `runner` on a thread of its own, holding at most
-    /// `capacity` waiting requests.
+    /// `capacity` waiting requests. Batches are concatenated, and outputs split, in `memory`
+    /// (on the device for features kept there).
     pub fn spawn<R: BatchRunner>(
         model: &str,
         runner: R,
         config: &BatchConfig,
         capacity: usize,
+        memory: Arc<FeatureMemory>,
     ) -> Result<Self, EngineError> {
         let capacity = capacity.max(1);
         let (queue, pending) = mpsc::channel(capacity);
@@ -142,6 +143,7 @@ impl Batcher {
             max_images: config.max_batch.max(1) as usize,
             max_delay: config.max_delay(),
             counts: Arc::clone(&counts),
+            memory,
         };
         let start_error = |e: std::io::Error| EngineError::Run {
             model: model.to_string(),
@@ -212,6 +214,7 @@ struct Task<R> {
     max_images: usize,
     max_delay: Duration,
     counts: Arc<Counts>,
+    memory: Arc<FeatureMemory>,
 }
 
 impl<R: BatchRunner> Task<R> {
@@ -275,7 +278,7 @@ impl<R: BatchRunner> Task<R> {
             ));
             inputs.push(pending.inputs);
         }
-        let result = match concat(inputs) {
+        let result = match self.memory.concat_named(inputs) {
             Ok(batch) => self.run_batch(batch, parent, &sizes).await,
             Err(message) => {
                 drop(parent);
@@ -302,10 +305,13 @@ impl<R: BatchRunner> Task<R> {
         if self.runner.stage() == Stage::Backbone {
             metrics::record_backbone_pass();
         }
-        let parts = split(&run.outputs, sizes).map_err(|message| EngineError::Run {
-            model: self.model.clone(),
-            message,
-        })?;
+        let parts = self
+            .memory
+            .split_named(&run.outputs, sizes)
+            .map_err(|message| EngineError::Run {
+                model: self.model.clone(),
+                message,
+            })?;
         Ok((parts, run))
     }
 
@@ -355,55 +361,6 @@ fn group_by_shape<T>(items: Vec<T>, shapes: impl Fn(&T) -> Vec<&[usize]>) -> Vec
         }
     }
     groups
-}
-
-/// Concatenates the requests' inputs of equal shapes along axis 0, input by input; a lone
-/// request's inputs as they are.
-fn concat(mut requests: Vec<NamedTensors>) -> Result<NamedTensors, String> {
-    if requests.len() == 1 {
-        if let Some(inputs) = requests.pop() {
-            return Ok(inputs);
-        }
-    }
-    let first = requests.first().ok_or("an empty batch")?;
-    first
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| {
-            let views = requests
-                .iter()
-                .map(|r| r.get(i).map(|(_, t)| t.view()).ok_or("inputs differ"))
-                .collect::<Result<Vec<_>, _>>()?;
-            let batch = ndarray::concatenate(Axis(0), &views)
-                .map_err(|e| format!("cannot batch input {name}: {e}"))?;
-            Ok((name.clone(), SharedTensor::new(batch)))
-        })
-        .collect()
-}
-
-/// Splits every output of a run along axis 0 into one part per request, `sizes[i]` items each.
-/// A run of one request is its own part, shared as it is.
-fn split(outputs: &NamedTensors, sizes: &[usize]) -> Result<Vec<NamedTensors>, String> {
-    if sizes.len() == 1 {
-        return Ok(vec![outputs.clone()]);
-    }
-    let total: usize = sizes.iter().sum();
-    let mut parts = vec![Vec::with_capacity(outputs.len()); sizes.len()];
-    for (name, tensor) in outputs {
-        if tensor.shape().first() != Some(&total) {
-            return Err(format!(
-                "output {name} has shape {:?}; a batch of {total} was expected",
-                tensor.shape()
-            ));
-        }
-        let mut start = 0;
-        for (part, &n) in parts.iter_mut().zip(sizes) {
-            let item = tensor.slice_axis(Axis(0), Slice::from(start..start + n));
-            part.push((name.clone(), SharedTensor::new(item.to_owned())));
-            start += n;
-        }
-    }
-    Ok(parts)
 }
 
 #[cfg(test)]

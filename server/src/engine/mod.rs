@@ -4,21 +4,16 @@
 
 mod batcher;
 mod runtime;
+mod tensor;
 mod worker;
-
-use std::sync::Arc;
-
-use ndarray::ArrayD;
 
 pub use batcher::{BatchConfig, BatchRunner, Batcher, WorkerRunner};
 pub use runtime::{Device, Runtime};
-pub use worker::{Run, SessionWorker, Stage, TensorInfo};
-
-/// A tensor shared between the backbone's outputs, the cache and the heads that read it.
-pub type SharedTensor = Arc<ArrayD<f32>>;
+pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor};
+pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};
 
 /// Named tensors, in the order a model declares them.
-pub type NamedTensors = Vec<(String, SharedTensor)>;
+pub type NamedTensors = Vec<(String, Tensor)>;
 
 /// What can go wrong in the engine. Cloneable, so that every request sharing one run gets its
 /// error.

@@ -6,14 +6,30 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ndarray::ArrayD;
+use ort::memory::MemoryInfo;
 use ort::session::Session;
-use ort::value::{TensorRef, ValueType};
+use ort::value::{DynTensorValueType, ValueType};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
-use super::{EngineError, NamedTensors, SharedTensor};
+use super::tensor::{Bindable, device_tensor};
+use super::{EngineError, NamedTensors, Tensor};
 use crate::telemetry::metrics;
+
+/// Where a session's outputs go.
+#[derive(Debug, Clone, Default)]
+pub enum OutputMemory {
+    /// Host arrays (ONNX Runtime copies device outputs to the host).
+    #[default]
+    Host,
+    /// Bound through an IoBinding to `info` (the execution provider's memory) and kept there;
+    /// with `to_host`, copied to host arrays after the run, a copy that counts in
+    /// `polyhead_feature_device_to_host_bytes_total`.
+    Bound {
+        info: MemoryInfo<'static>,
+        to_host: bool,
+    },
+}
 
 /// A model input or output as the ONNX file declares it; -1 marks a dynamic dimension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,9 +82,21 @@ pub struct SessionWorker {
 }
 
 impl SessionWorker {
-    /// Moves `session` onto its own thread, serving at most `capacity` waiting jobs.
+    /// Moves `session` onto its own thread, serving at most `capacity` waiting jobs; its outputs
+    /// are host arrays.
     pub fn spawn(name: &str, session: Session, capacity: usize) -> Result<Self, EngineError> {
+        Self::spawn_with(name, session, capacity, OutputMemory::Host)
+    }
+
+    /// [`SessionWorker::spawn`] with its outputs placed as `outputs` says.
+    pub fn spawn_with(
+        name: &str,
+        session: Session,
+        capacity: usize,
+        outputs: OutputMemory,
+    ) -> Result<Self, EngineError> {
         let inputs: Arc<[TensorInfo]> = session.inputs().iter().map(outlet_info).collect();
+        let placement = outputs;
         let outputs: Arc<[TensorInfo]> = session.outputs().iter().map(outlet_info).collect();
         let capacity = capacity.max(1);
         let (queue, jobs) = mpsc::channel(capacity);
@@ -76,7 +104,7 @@ impl SessionWorker {
         let model = name.to_string();
         std::thread::Builder::new()
             .name(thread_name)
-            .spawn(move || serve(model, session, jobs))
+            .spawn(move || serve(model, session, placement, jobs))
             .map_err(|e| EngineError::Run {
                 model: name.to_string(),
                 message: format!("cannot start the worker thread: {e}"),
@@ -171,16 +199,21 @@ impl SessionWorker {
 }
 
 /// The worker loop: one job at a time.
-fn serve(model: String, mut session: Session, mut jobs: mpsc::Receiver<Job>) {
+fn serve(
+    model: String,
+    mut session: Session,
+    outputs: OutputMemory,
+    mut jobs: mpsc::Receiver<Job>,
+) {
     while let Some(job) = jobs.blocking_recv() {
         metrics::add_queue_depth(&model, -1.0);
-        handle(&model, &mut session, job);
+        handle(&model, &mut session, &outputs, job);
     }
     tracing::debug!(%model, "worker stopped");
 }
 
 /// Runs one job in its span and replies; a job whose caller has gone is skipped unrun.
-fn handle(model: &str, session: &mut Session, job: Job) {
+fn handle(model: &str, session: &mut Session, outputs: &OutputMemory, job: Job) {
     let Job {
         inputs,
         stage,
@@ -196,7 +229,7 @@ fn handle(model: &str, session: &mut Session, job: Job) {
     }
     let queued = enqueued.elapsed();
     let result = run_span(stage, &parent, model)
-        .in_scope(|| run_job(model, session, &inputs))
+        .in_scope(|| run_job(model, session, outputs, &inputs))
         .map(|(outputs, elapsed)| Run {
             outputs,
             queued,
@@ -226,6 +259,7 @@ fn run_span(stage: Stage, parent: &Span, model: &str) -> Span {
 fn run_job(
     model: &str,
     session: &mut Session,
+    outputs: &OutputMemory,
     inputs: &NamedTensors,
 ) -> Result<(NamedTensors, Duration), EngineError> {
     if let Some((_, first)) = inputs.first() {
@@ -234,7 +268,10 @@ fn run_job(
     let started = Instant::now();
     std::panic::catch_unwind(AssertUnwindSafe(|| {
         injected_fault(model)?;
-        run_once(session, inputs)
+        match outputs {
+            OutputMemory::Host => run_plain(session, inputs),
+            OutputMemory::Bound { info, to_host } => run_bound(session, inputs, info, *to_host),
+        }
     }))
     .unwrap_or_else(|_| Err("the run panicked".to_string()))
     .map(|outputs| (outputs, started.elapsed()))
@@ -259,22 +296,71 @@ fn injected_fault(_model: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn run_once(session: &mut Session, inputs: &NamedTensors) -> Result<NamedTensors, String> {
+/// A plain run: inputs fed as views wherever they are, outputs copied to host arrays.
+fn run_plain(session: &mut Session, inputs: &NamedTensors) -> Result<NamedTensors, String> {
     let mut values = Vec::with_capacity(inputs.len());
     for (name, tensor) in inputs {
-        let view =
-            TensorRef::from_array_view(tensor.view()).map_err(|e| format!("input {name}: {e}"))?;
-        values.push((name.as_str(), view));
+        let value = tensor.input().map_err(|e| format!("input {name}: {e}"))?;
+        values.push((name.as_str(), value));
     }
     let outputs = session.run(values).map_err(|e| e.to_string())?;
     outputs
         .iter()
         .map(|(name, value)| {
-            let array: ArrayD<f32> = value
+            let array = value
                 .try_extract_array::<f32>()
                 .map_err(|e| format!("output {name}: {e}"))?
                 .to_owned();
-            Ok((name.to_string(), SharedTensor::new(array)))
+            Ok((name.to_string(), Tensor::from(array)))
+        })
+        .collect()
+}
+
+/// A run through an IoBinding: every output is written into `info`'s memory and kept there (or,
+/// with `to_host`, copied to the host after the run). A fresh binding per run, so that ONNX
+/// Runtime allocates new outputs rather than reusing the last run's, which callers still hold.
+fn run_bound(
+    session: &mut Session,
+    inputs: &NamedTensors,
+    info: &MemoryInfo<'static>,
+    to_host: bool,
+) -> Result<NamedTensors, String> {
+    let bindable = inputs
+        .iter()
+        .map(|(name, tensor)| tensor.bindable().map_err(|e| format!("input {name}: {e}")))
+        .collect::<Result<Vec<Bindable<'_>>, _>>()?;
+    let mut binding = session.create_binding().map_err(|e| e.to_string())?;
+    for ((name, _), value) in inputs.iter().zip(&bindable) {
+        binding
+            .bind_input(name.as_str(), value.value())
+            .map_err(|e| format!("input {name}: {e}"))?;
+    }
+    let names: Vec<String> = session
+        .outputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    for name in &names {
+        binding
+            .bind_output_to_device(name.as_str(), info)
+            .map_err(|e| format!("output {name}: {e}"))?;
+    }
+    let mut outputs = session.run_binding(&binding).map_err(|e| e.to_string())?;
+    names
+        .iter()
+        .map(|name| {
+            let tensor = outputs
+                .remove(name.as_str())
+                .ok_or_else(|| format!("output {name} is missing"))?
+                .downcast::<DynTensorValueType>()
+                .map_err(|e| format!("output {name}: {e}"))
+                .and_then(device_tensor)?;
+            let tensor = if to_host {
+                Tensor::Host(tensor.to_host()?)
+            } else {
+                tensor
+            };
+            Ok((name.clone(), tensor))
         })
         .collect()
 }

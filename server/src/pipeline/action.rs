@@ -133,7 +133,6 @@ pub(super) fn postprocess(
     top_k: usize,
 ) -> Result<Vec<ClassScore>, Error> {
     let logits = output(outputs, head, "logits")?
-        .view()
         .into_dimensionality::<ndarray::Ix2>()
         .map_err(|e| Error::Internal(format!("head '{head}' logits: {e}")))?;
     Ok(action::postprocess(logits, top_k)?)

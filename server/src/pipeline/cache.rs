@@ -168,12 +168,12 @@ mod tests {
     use ndarray::{ArrayD, IxDyn};
 
     use super::*;
-    use crate::engine::SharedTensor;
+    use crate::engine::Tensor;
 
     /// One feature map of `values` floats, all `fill`.
     fn features(values: usize, fill: f32) -> NamedTensors {
         let array = ArrayD::from_elem(IxDyn(&[1, values]), fill);
-        vec![("stage1".to_string(), SharedTensor::new(array))]
+        vec![("stage1".to_string(), Tensor::from(array))]
     }
 
     fn key(n: u8) -> FeatureKey {
@@ -269,7 +269,7 @@ mod tests {
         assert!(
             results
                 .iter()
-                .all(|(t, _)| t[0].1.iter().all(|&v| v == 2.0))
+                .all(|(t, _)| t[0].1.array().expect("host").iter().all(|&v| v == 2.0))
         );
     }
 

@@ -162,12 +162,12 @@ mod tests {
     use ndarray::{ArrayD, IxDyn};
 
     use super::*;
-    use crate::engine::SharedTensor;
+    use crate::engine::Tensor;
 
     fn entry(values: usize) -> HandleEntry {
         let array = ArrayD::from_elem(IxDyn(&[1, values]), 1.5);
         HandleEntry {
-            tensors: vec![("stage1".to_string(), SharedTensor::new(array))],
+            tensors: vec![("stage1".to_string(), Tensor::from(array))],
             geometry: Geometry::letterbox(64, 48, 32, 32),
         }
     }
@@ -188,7 +188,14 @@ mod tests {
         assert!(left > Duration::from_secs(55) && left <= Duration::from_secs(60));
         let found = store.get(&handle).await.expect("known handle");
         assert_eq!(found.tensors.len(), 1);
-        assert!(found.tensors[0].1.iter().all(|&v| v == 1.5));
+        assert!(
+            found.tensors[0]
+                .1
+                .array()
+                .expect("host")
+                .iter()
+                .all(|&v| v == 1.5)
+        );
         assert_eq!(found.geometry, Geometry::letterbox(64, 48, 32, 32));
     }
 

@@ -275,10 +275,10 @@ fn first<'a, D: ndarray::Dimension>(
     name: &str,
 ) -> Result<ndarray::ArrayView<'a, f32, D>, Error> {
     let tensor = output(outputs, head, name)?;
+    let shape = tensor.shape().to_vec();
     let shape_error = || {
         Error::Internal(format!(
-            "head '{head}' output '{name}' has shape {:?}; a batch of one {}-d item was expected",
-            tensor.shape(),
+            "head '{head}' output '{name}' has shape {shape:?}; a batch of one {}-d item was expected",
             D::NDIM.unwrap_or(0)
         ))
     };
@@ -286,7 +286,7 @@ fn first<'a, D: ndarray::Dimension>(
         return Err(shape_error());
     }
     tensor
-        .index_axis(Axis(0), 0)
+        .index_axis_move(Axis(0), 0)
         .into_dimensionality::<D>()
         .map_err(|_| shape_error())
 }

@@ -16,11 +16,11 @@ mod windows;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::admission::{Admission, AdmissionConfig};
 use crate::config::Limits;
-use crate::engine::{EngineError, NamedTensors, SharedTensor};
+use crate::engine::{EngineError, NamedTensors};
 use crate::error::Error;
 use crate::media::image::ImageLimits;
 use crate::media::video::VideoLimits;
@@ -218,17 +218,19 @@ impl Features {
     }
 }
 
-/// The output called `name` of a head's run.
+/// The output called `name` of a head's run (a host array).
 fn output<'a>(
     outputs: &'a NamedTensors,
     head: &str,
     name: &str,
-) -> Result<&'a SharedTensor, Error> {
+) -> Result<ArrayViewD<'a, f32>, Error> {
     outputs
         .iter()
         .find(|(n, _)| n == name)
-        .map(|(_, t)| t)
-        .ok_or_else(|| Error::Internal(format!("head '{head}' returned no '{name}'")))
+        .ok_or_else(|| Error::Internal(format!("head '{head}' returned no '{name}'")))?
+        .1
+        .array()
+        .map_err(|e| Error::Internal(format!("head '{head}' output '{name}': {e}")))
 }
 
 /// Stacks CHW images of equal size into one `[N, 3, H, W]` batch.

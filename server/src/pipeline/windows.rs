@@ -13,13 +13,12 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{ArrayD, Axis};
 use tokio::sync::mpsc;
 use tracing::Span;
 
 use super::types::{HeadTiming, Timings};
 use super::{Pipeline, action, stack};
-use crate::engine::{NamedTensors, SharedTensor, Stage};
+use crate::engine::{FeatureMemory, NamedTensors, Stage};
 use crate::error::Error;
 use crate::heads::ClassScore;
 use crate::media;
@@ -179,7 +178,7 @@ impl Pipeline {
         let started = Instant::now();
         let mut timings = self.run_new_frames(&request.head, &mut state.held).await?;
         let head = &request.head;
-        let inputs = window_inputs(&state.held, &head.spec.inputs)?;
+        let inputs = window_inputs(&self.models.memory, &state.held)?;
         let run = head.worker.run_as(Stage::Head, inputs).await?;
         let post_started = Instant::now();
         let top = action::postprocess(head.name(), &run.outputs, request.top_k)?;
@@ -227,8 +226,13 @@ impl Pipeline {
         let (height, width) = size.unwrap_or_default();
         let features = self.run_backbone(stack(chw, height, width)?).await?;
         let selected = features.select(&head.spec.inputs)?;
-        for (i, h) in fresh.iter_mut().enumerate() {
-            h.features = Some(frame_slice(&selected, i));
+        let frames = self
+            .models
+            .memory
+            .split_named(&selected, &vec![1; fresh.len()])
+            .map_err(|e| Error::Internal(format!("per-frame features: {e}")))?;
+        for (h, frame) in fresh.iter_mut().zip(frames) {
+            h.features = Some(frame);
         }
         timings.queue = features.queued;
         timings.backbone = features.elapsed;
@@ -238,42 +242,21 @@ impl Pipeline {
     }
 }
 
-/// Frame `i`'s slice (`[1, ...]`) of each batched output.
-fn frame_slice(outputs: &NamedTensors, i: usize) -> NamedTensors {
-    outputs
-        .iter()
-        .map(|(name, tensor)| {
-            let one = tensor
-                .index_axis(Axis(0), i)
-                .insert_axis(Axis(0))
-                .to_owned();
-            (name.clone(), SharedTensor::new(one))
-        })
-        .collect()
-}
-
 /// The head's inputs for a window: each named feature of every held frame, stacked along the
-/// batch axis in frame order (`[T, C, h, w]`), as one backbone run over the T frames gives them.
-fn window_inputs(held: &VecDeque<Held>, names: &[String]) -> Result<NamedTensors, Error> {
-    names
+/// batch axis in frame order (`[T, C, h, w]`), as one backbone run over the T frames gives them;
+/// stacked where the features are kept (on the device under CUDA).
+fn window_inputs(memory: &FeatureMemory, held: &VecDeque<Held>) -> Result<NamedTensors, Error> {
+    let frames = held
         .iter()
-        .enumerate()
-        .map(|(n, name)| {
-            let views = held
-                .iter()
-                .map(|h| {
-                    h.features
-                        .as_ref()
-                        .and_then(|f| f.get(n))
-                        .map(|(_, t)| t.view())
-                        .ok_or_else(|| Error::Internal(format!("a window frame lacks '{name}'")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let stacked: ArrayD<f32> = ndarray::concatenate(Axis(0), &views)
-                .map_err(|e| Error::Internal(format!("stacking '{name}': {e}")))?;
-            Ok((name.clone(), SharedTensor::new(stacked)))
+        .map(|h| {
+            h.features
+                .clone()
+                .ok_or_else(|| Error::Internal("a window frame has no features".into()))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    memory
+        .concat_named(frames)
+        .map_err(|e| Error::Internal(format!("stacking a window: {e}")))
 }
 
 /// Preprocesses each sampled frame that a window uses and sends it on; stops the decoding when

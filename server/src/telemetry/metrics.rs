@@ -40,6 +40,8 @@ pub const FEATURE_CACHE_EVICTIONS: &str = "polyhead_feature_cache_evictions_tota
 pub const FEATURE_CACHE_BYTES: &str = "polyhead_feature_cache_bytes";
 /// Entries the feature cache holds.
 pub const FEATURE_CACHE_ENTRIES: &str = "polyhead_feature_cache_entries";
+/// Bytes of backbone features copied from device (GPU) memory to the host.
+pub const FEATURE_DEVICE_TO_HOST_BYTES: &str = "polyhead_feature_device_to_host_bytes_total";
 /// Always 1; the labels describe each loaded model.
 pub const MODEL_INFO: &str = "polyhead_model_info";
 
@@ -105,7 +107,22 @@ pub(super) fn describe() {
         "Bytes of feature tensors in the feature cache."
     );
     describe_gauge!(FEATURE_CACHE_ENTRIES, "Entries in the feature cache.");
-    describe_gauge!(MODEL_INFO, "The loaded models; always 1.");
+    describe_counter!(
+        FEATURE_DEVICE_TO_HOST_BYTES,
+        Unit::Bytes,
+        "Bytes of backbone features copied from device (GPU) memory to the host: 0 while features \
+         stay on the device (--feature-placement device), except those a client asks for \
+         (ModelInfer on the backbone)."
+    );
+    describe_gauge!(
+        MODEL_INFO,
+        "The loaded models; always 1. feature_memory: where backbone features are kept."
+    );
+}
+
+/// Counts `bytes` of features copied from device memory to the host.
+pub fn record_device_to_host(bytes: usize) {
+    counter!(FEATURE_DEVICE_TO_HOST_BYTES).increment(bytes as u64);
 }
 
 /// One latency observation of a request's stage for one head.
@@ -194,29 +211,24 @@ pub fn add_inflight(rpc: SharedString, delta: f64) {
 }
 
 /// The `polyhead_model_info` labels of every model of the set: name, kind, version, provider.
-pub fn model_info_labels(models: &ModelSet) -> Vec<[(&'static str, String); 4]> {
+pub fn model_info_labels(models: &ModelSet) -> Vec<[(&'static str, String); 5]> {
     let provider = models.device.to_string();
+    let memory = models.memory.memory().to_string();
     let backbone = &models.backbone.spec;
-    let mut rows = vec![info_row(
-        &backbone.name,
-        "backbone",
-        &backbone.version,
-        &provider,
-    )];
+    let row = |model: &str, kind: &str, version: &str| {
+        [
+            ("model", model.to_string()),
+            ("kind", kind.to_string()),
+            ("version", version.to_string()),
+            ("execution_provider", provider.clone()),
+            ("feature_memory", memory.clone()),
+        ]
+    };
+    let mut rows = vec![row(&backbone.name, "backbone", &backbone.version)];
     for head in &models.heads {
-        let kind = head.kind().as_str();
-        rows.push(info_row(head.name(), kind, &head.spec.version, &provider));
+        rows.push(row(head.name(), head.kind().as_str(), &head.spec.version));
     }
     rows
-}
-
-fn info_row(model: &str, kind: &str, version: &str, provider: &str) -> [(&'static str, String); 4] {
-    [
-        ("model", model.to_string()),
-        ("kind", kind.to_string()),
-        ("version", version.to_string()),
-        ("execution_provider", provider.to_string()),
-    ]
 }
 
 /// Publishes `polyhead_model_info` for every model of the set.

@@ -8,6 +8,8 @@ use ndarray::{ArrayD, IxDyn};
 use tokio::sync::watch;
 
 use super::*;
+use crate::engine::Tensor;
+use ndarray::Axis;
 
 /// A runner that records each batch's shape, waits for its gate, and answers `double` (the
 /// input times two) and `sum` (each item's sum, `[N, 1]`).
@@ -26,7 +28,7 @@ impl BatchRunner for Fake {
     ) -> impl Future<Output = Result<Run, EngineError>> + Send {
         let fake = self.clone();
         async move {
-            let input = &inputs[0].1;
+            let input = inputs[0].1.array().expect("a host array").to_owned();
             fake.shapes
                 .lock()
                 .expect("shapes")
@@ -42,8 +44,8 @@ impl BatchRunner for Fake {
                 .insert_axis(Axis(1));
             Ok(Run {
                 outputs: vec![
-                    ("double".into(), SharedTensor::new(double)),
-                    ("sum".into(), SharedTensor::new(sum)),
+                    ("double".into(), Tensor::from(double)),
+                    ("sum".into(), Tensor::from(sum)),
                 ],
                 queued: Duration::ZERO,
                 elapsed: Duration::from_millis(1),
@@ -79,7 +81,14 @@ fn setup(max_batch: u32, delay_ms: u64, capacity: usize, open: bool) -> Setup {
         max_batch,
         max_batch_delay_ms: delay_ms,
     };
-    let batcher = Batcher::spawn("backbone", fake, &config, capacity).expect("spawn");
+    let batcher = Batcher::spawn(
+        "backbone",
+        fake,
+        &config,
+        capacity,
+        Arc::new(FeatureMemory::host()),
+    )
+    .expect("spawn");
     Setup {
         batcher,
         shapes,
@@ -95,13 +104,14 @@ fn input(n: usize, side: usize, fill: f32) -> ArrayD<f32> {
 
 /// `input` as the runner's one named input.
 fn named(input: ArrayD<f32>) -> NamedTensors {
-    vec![("pixels".to_string(), SharedTensor::new(input))]
+    vec![("pixels".to_string(), Tensor::from(input))]
 }
 
 /// Checks that `run` is what an unbatched run of `input` would give.
 fn assert_own(run: &Run, input: &ArrayD<f32>) {
-    let (double, sum) = (&run.outputs[0].1, &run.outputs[1].1);
-    assert_eq!(**double, input.mapv(|v| v * 2.0));
+    let double = run.outputs[0].1.array().expect("host");
+    let sum = run.outputs[1].1.array().expect("host");
+    assert_eq!(double, input.mapv(|v| v * 2.0));
     let n = input.shape()[0];
     assert_eq!(sum.shape(), [n, 1]);
     let per_item = input.len() as f32 / n as f32 * input[[0, 0, 0, 0]];
@@ -248,16 +258,18 @@ fn grouping_keeps_arrival_order_and_never_batches_clips() {
 fn requests_of_several_inputs_batch_input_by_input() {
     let request = |fill: f32| {
         vec![
-            ("a".to_string(), SharedTensor::new(input(1, 2, fill))),
-            ("b".to_string(), SharedTensor::new(input(1, 3, -fill))),
+            ("a".to_string(), Tensor::from(input(1, 2, fill))),
+            ("b".to_string(), Tensor::from(input(1, 3, -fill))),
         ]
     };
-    let batch = concat(vec![request(1.0), request(2.0)]).expect("concat");
+    let batch = FeatureMemory::host()
+        .concat_named(vec![request(1.0), request(2.0)])
+        .expect("concat");
     let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
     assert_eq!(batch[0].1.shape(), [2, 1, 2, 2]);
     assert_eq!(batch[1].1.shape(), [2, 1, 3, 3]);
-    assert_eq!(batch[1].1[[1, 0, 0, 0]], -2.0);
+    assert_eq!(batch[1].1.array().expect("host")[[1, 0, 0, 0]], -2.0);
     let pending = [request(1.0), request(2.0), vec![request(3.0)[0].clone()]];
     let groups = group_by_shape(pending.to_vec(), |r| {
         r.iter().map(|(_, t)| t.shape()).collect()
@@ -269,18 +281,28 @@ fn requests_of_several_inputs_batch_input_by_input() {
 fn split_gives_each_request_its_items() {
     let batch =
         ArrayD::from_shape_vec(IxDyn(&[3, 2]), vec![0., 1., 2., 3., 4., 5.]).expect("shape");
-    let outputs = vec![("out".to_string(), SharedTensor::new(batch))];
-    let parts = split(&outputs, &[1, 2]).expect("split");
-    assert_eq!(parts[0][0].1.as_slice(), Some(&[0., 1.][..]));
+    let outputs = vec![("out".to_string(), Tensor::from(batch))];
+    let memory = FeatureMemory::host();
+    let parts = memory.split_named(&outputs, &[1, 2]).expect("split");
+    let values = |t: &Tensor| {
+        t.array()
+            .expect("host")
+            .iter()
+            .copied()
+            .collect::<Vec<f32>>()
+    };
+    assert_eq!(values(&parts[0][0].1), [0., 1.]);
     assert_eq!(parts[1][0].1.shape(), [2, 2]);
-    assert_eq!(parts[1][0].1.as_slice(), Some(&[2., 3., 4., 5.][..]));
-    let err = split(&outputs, &[1, 1]).expect_err("3 items for 2 requests");
+    assert_eq!(values(&parts[1][0].1), [2., 3., 4., 5.]);
+    let err = memory
+        .split_named(&outputs, &[1, 1])
+        .expect_err("3 items for 2 requests");
     assert!(err.contains("out"), "{err}");
-    let whole = split(&outputs, &[3]).expect("one request");
-    assert!(
-        Arc::ptr_eq(&whole[0][0].1, &outputs[0].1),
-        "shared, not copied"
-    );
+    let whole = memory.split_named(&outputs, &[3]).expect("one request");
+    match (&whole[0][0].1, &outputs[0].1) {
+        (Tensor::Host(a), Tensor::Host(b)) => assert!(Arc::ptr_eq(a, b), "shared, not copied"),
+        other => panic!("host arrays expected, got {other:?}"),
+    }
 }
 
 #[test]

@@ -100,7 +100,10 @@ pub(super) fn encode_outputs(
             parameters: HashMap::new(),
             contents: None,
         });
-        raw.push(f32_to_le(tensor.iter().copied(), tensor.len()));
+        let host = tensor
+            .to_host()
+            .map_err(|e| Error::Internal(format!("{name}: {e}")))?;
+        raw.push(f32_to_le(host.iter().copied(), host.len()));
     }
     Ok((headers, raw))
 }

@@ -1,7 +1,7 @@
 //! Input parsing and validation, requested outputs and output encoding, against hand-made
 //! tensors.
 
-use std::sync::Arc;
+use crate::engine::Tensor;
 
 use ndarray::{Array, ShapeBuilder};
 
@@ -234,8 +234,8 @@ fn outputs_are_encoded_row_major_whatever_their_memory_layout() {
         .expect("shape")
         .into_dyn();
     let outputs: NamedTensors = vec![
-        ("scores".into(), Arc::new(column_major)),
-        ("boxes".into(), Arc::new(ArrayD::zeros(IxDyn(&[1, 4])))),
+        ("scores".into(), Tensor::from(column_major)),
+        ("boxes".into(), Tensor::from(ArrayD::zeros(IxDyn(&[1, 4])))),
     ];
     let (headers, raw) = encode_outputs(&outputs, &["scores".into()]).expect("encoded");
     assert_eq!(headers.len(), 1);
