@@ -14,6 +14,7 @@ mod lifecycle;
 mod limits;
 mod loading;
 mod oip;
+mod placement;
 mod process;
 mod security;
 mod telemetry;

@@ -133,6 +133,9 @@ fn passes_line(t: &v1::Timings, note: &str) -> String {
     if t.features_cached {
         line.push_str(" (features from the cache)");
     }
+    if !t.feature_memory.is_empty() {
+        line.push_str(&format!(", features in {} memory", t.feature_memory));
+    }
     line.push_str(note);
     line.push('\n');
     line
@@ -235,11 +238,13 @@ mod tests {
             backbone_passes: 2,
             backbone_images: 16,
             features_cached: false,
+            feature_memory: "cuda:0".into(),
         };
         assert_eq!(
             timings(Some(&t)),
             "timings: decode 1.0 ms, preprocess 2.0 ms, backbone 40.5 ms, heads 6.0 ms, \
-             postprocess 0.5 ms, total 50.0 ms\nbackbone passes: 2 (16 images)\n"
+             postprocess 0.5 ms, total 50.0 ms\n\
+             backbone passes: 2 (16 images), features in cuda:0 memory\n"
         );
         assert_eq!(timings(None), "");
         let idle = v1::Timings::default();

@@ -235,6 +235,7 @@ mod tests {
             backbone_passes: 1,
             backbone_images: 1,
             features_cached: false,
+            feature_memory: "cpu".into(),
         }
     }
 
@@ -272,7 +273,7 @@ mod tests {
                 r#""timings":{"decode_ms":1.5,"preprocess_ms":2.0,"backbone_ms":10.25,"#,
                 r#""heads":[{"head":"det","inference_ms":3.0,"postprocess_ms":0.5}],"#,
                 r#""postprocess_ms":0.75,"total_ms":18.0,"backbone_passes":1,"backbone_images":1,"#,
-                r#""features_cached":false}}"#
+                r#""features_cached":false,"feature_memory":"cpu"}}"#
             )
         );
         Ok(())

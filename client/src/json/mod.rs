@@ -38,6 +38,9 @@ pub struct Timings {
     pub backbone_images: u32,
     /// Features from the server's feature cache.
     pub features_cached: bool,
+    /// Where the server held the backbone features (`cuda:N`, `cpu`, `host`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub feature_memory: String,
 }
 
 /// Mirror of `HeadTiming`.
@@ -71,6 +74,7 @@ impl From<&v1::Timings> for Timings {
             backbone_passes: t.backbone_passes,
             backbone_images: t.backbone_images,
             features_cached: t.features_cached,
+            feature_memory: t.feature_memory.clone(),
         }
     }
 }

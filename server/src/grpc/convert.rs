@@ -272,6 +272,7 @@ pub fn timings(t: Timings) -> v1::Timings {
         backbone_passes: t.backbone_passes,
         backbone_images: t.backbone_images,
         features_cached: t.features_cached,
+        feature_memory: t.feature_memory.map(|m| m.to_string()).unwrap_or_default(),
     }
 }
 

@@ -69,6 +69,7 @@ impl Pipeline {
             backbone_passes: 1,
             backbone_images: frames,
             features_cached: false,
+            feature_memory: features.memory(),
         };
         let actions = Actions {
             top,

@@ -16,7 +16,7 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use serde::Serialize;
 
-use crate::engine::{EngineError, NamedTensors};
+use crate::engine::{EngineError, Memory, NamedTensors};
 use crate::telemetry::metrics;
 
 /// Values hashed per update of the digest.
@@ -27,9 +27,15 @@ const HASH_CHUNK: usize = 4096;
 #[serde(rename_all = "kebab-case")]
 pub struct CacheConfig {
     /// Memory the backbone feature cache may hold, in bytes of feature tensors; the least
-    /// recently used features are evicted beyond it. 0 turns the cache off.
+    /// recently used features are evicted beyond it. 0 turns the cache off. Applies to features
+    /// in host memory (the CPU provider, or --feature-placement host).
     #[arg(long, env = "POLYHEAD_CACHE_BYTES", default_value_t = 256 << 20)]
     pub cache_bytes: u64,
+
+    /// The feature cache's budget when features are kept in GPU memory (CUDA with
+    /// --feature-placement device), in bytes of device memory. 0 turns the cache off there.
+    #[arg(long, env = "POLYHEAD_DEVICE_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub device_cache_bytes: u64,
 
     /// How long cached features are served after they were computed, in seconds.
     #[arg(
@@ -85,9 +91,14 @@ pub struct FeatureCache {
 }
 
 impl FeatureCache {
-    /// The cache `config` describes; off when its byte budget is 0.
-    pub fn new(config: &CacheConfig) -> Self {
-        Self::with_budget(config.cache_bytes, config.ttl())
+    /// The cache `config` describes for features held in `memory`: the device budget for GPU
+    /// memory, the host budget otherwise; off when that budget is 0.
+    pub fn new(config: &CacheConfig, memory: Memory) -> Self {
+        let budget = match memory {
+            Memory::Cuda(_) => config.device_cache_bytes,
+            Memory::Host | Memory::Cpu => config.cache_bytes,
+        };
+        Self::with_budget(budget, config.ttl())
     }
 
     /// A cache of at most `bytes` of feature tensors, each entry living `ttl`; off when `bytes`
@@ -335,12 +346,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_disabled_cache_always_computes() {
+        let host_off = CacheConfig {
+            cache_bytes: 0,
+            device_cache_bytes: 1 << 20,
+            cache_ttl_seconds: 300,
+        };
+        let device_off = CacheConfig {
+            cache_bytes: 1 << 20,
+            device_cache_bytes: 0,
+            ..host_off.clone()
+        };
+        assert!(FeatureCache::new(&host_off, Memory::Cuda(0)).is_enabled());
+        assert!(FeatureCache::new(&device_off, Memory::Cpu).is_enabled());
         for cache in [
             FeatureCache::disabled(),
-            FeatureCache::new(&CacheConfig {
-                cache_bytes: 0,
-                cache_ttl_seconds: 300,
-            }),
+            FeatureCache::new(&host_off, Memory::Host),
+            FeatureCache::new(&host_off, Memory::Cpu),
+            FeatureCache::new(&device_off, Memory::Cuda(0)),
         ] {
             assert!(!cache.is_enabled());
             let runs = AtomicUsize::new(0);
@@ -352,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_budget_is_256_mib_for_five_minutes() {
+    fn the_default_budgets_are_256_mib_of_host_and_1_gib_of_device_memory_for_five_minutes() {
         use clap::Parser;
         #[derive(Parser)]
         struct Flags {
@@ -361,6 +383,7 @@ mod tests {
         }
         let flags = Flags::parse_from(["test"]);
         assert_eq!(flags.cache.cache_bytes, 256 << 20);
+        assert_eq!(flags.cache.device_cache_bytes, 1 << 30);
         assert_eq!(flags.cache.ttl(), Duration::from_secs(300));
         assert!(Flags::try_parse_from(["test", "--cache-ttl-seconds", "0"]).is_err());
     }

@@ -52,6 +52,7 @@ impl ImageFeatures {
             backbone_passes: passes,
             backbone_images: passes,
             features_cached: self.features.cached,
+            feature_memory: self.features.memory(),
             ..Timings::default()
         }
     }

@@ -20,7 +20,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::admission::{Admission, AdmissionConfig};
 use crate::config::Limits;
-use crate::engine::{EngineError, NamedTensors};
+use crate::engine::{EngineError, Memory, NamedTensors};
 use crate::error::Error;
 use crate::media::image::ImageLimits;
 use crate::media::video::VideoLimits;
@@ -73,12 +73,13 @@ impl Pipeline {
             ..VideoLimits::default()
         };
         metrics::record_model_info(&models);
+        let cache = FeatureCache::new(cache, models.memory.memory());
         Self {
             models,
             image_limits,
             video_limits,
             limits,
-            cache: FeatureCache::new(cache),
+            cache,
             handles: HandleStore::new(&HandleConfig::default()),
             admission: Admission::new(&AdmissionConfig::default()),
         }
@@ -203,6 +204,11 @@ fn default_task(head: Arc<Head>) -> HeadTask {
 }
 
 impl Features {
+    /// Where the features are held.
+    fn memory(&self) -> Option<Memory> {
+        self.tensors.first().map(|(_, t)| t.memory())
+    }
+
     /// The tensors a head consumes, by name.
     fn select(&self, names: &[String]) -> Result<NamedTensors, Error> {
         names

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::engine::Memory;
 use crate::heads::detection::DetectOptions;
 use crate::heads::{ClassScore, Detection};
 use crate::model_set::Head;
@@ -136,4 +137,6 @@ pub struct Timings {
     /// The backbone features came from the feature cache (or from a run of another request
     /// for the same input), not from a run of this request.
     pub features_cached: bool,
+    /// Where the backbone features were held; `None` when none were used.
+    pub feature_memory: Option<Memory>,
 }

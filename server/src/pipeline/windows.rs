@@ -179,6 +179,7 @@ impl Pipeline {
         let mut timings = self.run_new_frames(&request.head, &mut state.held).await?;
         let head = &request.head;
         let inputs = window_inputs(&self.models.memory, &state.held)?;
+        timings.feature_memory = inputs.first().map(|(_, t)| t.memory());
         let run = head.worker.run_as(Stage::Head, inputs).await?;
         let post_started = Instant::now();
         let top = action::postprocess(head.name(), &run.outputs, request.top_k)?;

@@ -236,6 +236,8 @@ pub fn record_model_info(models: &ModelSet) {
     for labels in model_info_labels(models) {
         gauge!(MODEL_INFO, &labels).set(1.0);
     }
+    // Exported from the start, so that a scrape shows 0 rather than nothing.
+    counter!(FEATURE_DEVICE_TO_HOST_BYTES).increment(0);
 }
 
 #[cfg(test)]
@@ -269,6 +271,7 @@ mod tests {
             backbone_passes: 1,
             backbone_images: 1,
             features_cached: false,
+            feature_memory: None,
         };
         let samples = stage_samples(&timings);
         assert_eq!(samples.len(), 14);
