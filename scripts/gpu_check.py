@@ -7,6 +7,8 @@ Starts three servers in turn, each a fresh process with the feature cache off
   A  --device cuda --feature-placement device   features stay in GPU memory
   B  --device cuda --feature-placement host     features are copied to host arrays
   C  --device cpu                               the reference
+  D  --device cuda, the feature cache on        a Segment after a Detect of the same
+                                                image reuses the GPU-resident features
 
 and sends one request per RPC through `polyhead ... --json`: detect --masks,
 segment (label map written as PNG), analyze (every detection and segmentation
@@ -92,10 +94,11 @@ def parse_json(text: str):
 
 
 class Server:
-    def __init__(self, args, extra: list[str], log_dir: Path, tag: str):
+    def __init__(self, args, extra: list[str], log_dir: Path, tag: str, cache: bool = False):
         self.grpc, self.metrics = free_ports(2)
         self.client, self.addr = args.client, f"127.0.0.1:{self.grpc}"
-        cmd = [args.server, "--models", args.models, "--cache-bytes", "0", "--device-cache-bytes", "0",
+        no_cache = [] if cache else ["--cache-bytes", "0", "--device-cache-bytes", "0"]
+        cmd = [args.server, "--models", args.models, *no_cache,
                "--listen", self.addr, "--metrics-listen", f"127.0.0.1:{self.metrics}",
                "--drain-timeout-seconds", "2", *extra]
         if args.ort_dylib:
@@ -142,14 +145,17 @@ class Server:
             out.setdefault(name, []).append(("{" + labels if labels else "", float(value)))
         return out
 
-    def stop(self):
+    def stop(self) -> int | None:
+        """SIGTERM, then the exit status (None when it had to be killed)."""
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=20)
+            status = self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            status = None
         self.log.close()
+        return status
 
 
 def find_key(obj, key: str) -> list:
@@ -199,10 +205,12 @@ def read_png_labels(path: Path) -> tuple[int, int, bytes]:
 def run_config(args, tag: str, extra: list[str], work: Path) -> dict | None:
     print(f"\n== {tag}: {' '.join(extra)}", flush=True)
     srv = Server(args, extra, work, tag)
+    started = False
     try:
         why = srv.wait_ready(args.timeout)
         if not check(f"{tag}: server starts", why is None, why or ""):
             return None
+        started = True
         models = srv.call("models")
         image_heads = [h["name"] for h in models.get("heads", [])
                        if h.get("kind") in ("HEAD_KIND_DETECTION", "HEAD_KIND_SEGMENTATION")]
@@ -220,7 +228,39 @@ def run_config(args, tag: str, extra: list[str], work: Path) -> dict | None:
         check(f"{tag}: requests", False, f"{e}\n{srv.log_tail()}")
         return None
     finally:
-        srv.stop()
+        status = srv.stop()
+        if started:
+            # The features it still holds (cache, handles) are freed on the way out.
+            check(f"{tag}: server exits 0 after SIGTERM", status == 0, f"status {status}")
+
+
+def check_device_cache(args, work: Path, want: str) -> None:
+    """D: the feature cache on (its device budget): a Segment after a Detect of the same image
+    takes the features the Detect left in GPU memory, and none go to the host."""
+    print("\n== D: --device {} with the device feature cache".format(args.device), flush=True)
+    srv = Server(args, ["--device", args.device], work, "D", cache=True)
+    started = False
+    try:
+        why = srv.wait_ready(args.timeout)
+        if not check("D: server starts", why is None, why or ""):
+            return
+        started = True
+        srv.call("detect", args.image)
+        seg = srv.call("segment", args.image)
+        cached, memory = find_key(seg, "features_cached"), find_key(seg, "feature_memory")
+        check("D: a Segment after a Detect reuses the features cached in GPU memory",
+              cached == [True] and memory == [want], f"features_cached {cached}, feature_memory {memory}")
+        m = srv.scrape()
+        held = sum(v for _, v in m.get("polyhead_feature_cache_bytes", []))
+        check("D: polyhead_feature_cache_bytes > 0", held > 0, f"{held:.0f} bytes")
+        d2h = sum(v for _, v in m.get(D2H, [(None, float("nan"))]))
+        check(f"D: {D2H} == 0", d2h == 0, f"{d2h:.0f} bytes")
+    except Exception as e:  # noqa: BLE001 - reported as a failed check
+        check("D: requests", False, f"{e}\n{srv.log_tail()}")
+    finally:
+        status = srv.stop()
+        if started:
+            check("D: server exits 0 after SIGTERM", status == 0, f"status {status}")
 
 
 def metric(res: dict, name: str) -> float | None:
@@ -338,6 +378,7 @@ def main() -> int:
                ("C", ["--device", "cpu"])]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         results = {tag: run_config(args, tag, extra, Path(tmp)) for tag, extra in configs}
+        check_device_cache(args, Path(tmp), want)
 
     print("\n== checks")
     a, b, c = results["A"], results["B"], results["C"]

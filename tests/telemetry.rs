@@ -1,6 +1,6 @@
 //! Metrics and traces, end to end, on the real `polyhead-server` binary: the Prometheus endpoint
-//! counts exactly the calls made, and a caller's W3C trace continues through the RPC and every
-//! stage to an OTLP collector.
+//! counts exactly the calls made (each window of a window stream as a request of its own), and a
+//! caller's W3C trace continues through the RPC and every stage to an OTLP collector.
 //!
 //! The metrics recorder and the tracing subscriber are process-wide, so each test starts the
 //! binary as a process of its own and is the only user of its ports and its telemetry.
@@ -25,11 +25,11 @@ use polyhead_proto::inference::ModelInferRequest;
 use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use polyhead_proto::inference::model_infer_request::InferInputTensor;
 use polyhead_proto::v1;
-use polyhead_server::manifest::Manifest;
+use polyhead_server::manifest::{HeadKind, Manifest};
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status};
 
-use crate::common::{encoded, models_dir, photo};
+use crate::common::{encoded, make_clip, models_dir, photo};
 use crate::process::{ServerProcess, poll};
 
 /// How long the metrics of finished calls may take to show.
@@ -70,6 +70,72 @@ async fn a_callers_trace_continues_through_every_stage() {
         spans.extend(export_spans(export));
     }
     assert_span_tree(&spans);
+}
+
+#[tokio::test]
+async fn every_window_of_a_stream_records_its_stages() {
+    let server = ServerProcess::start(&[]).await;
+    let manifest = Manifest::load(&models_dir()).expect("the test model set's manifest");
+    let action = manifest
+        .heads
+        .iter()
+        .find(|h| h.kind == HeadKind::Action)
+        .expect("an action head")
+        .name
+        .clone();
+    let before = scrape(server.metrics_addr).await;
+    // 20 frames, windows of 8 every 4: 4 windows.
+    let clip = make_clip("testsrc=size=160x120:rate=10", 2.0, "mp4", &[]);
+    let windows = stream_windows(server.addr, clip).await;
+    assert_eq!(windows, 4);
+    let stage = |stage| [("stage", stage), ("head", action.as_str())];
+    let after = poll("every window to be recorded", SETTLE, async || {
+        let after = scrape(server.metrics_addr).await;
+        let total = after.delta(&before, "polyhead_stage_seconds_count", &stage("total"));
+        (total >= windows as f64).then_some(after)
+    })
+    .await;
+    for name in [
+        "decode",
+        "preprocess",
+        "queue",
+        "backbone",
+        "head",
+        "postprocess",
+        "total",
+    ] {
+        assert_eq!(
+            after.delta(&before, "polyhead_stage_seconds_count", &stage(name)),
+            windows as f64,
+            "{name}: once per window"
+        );
+    }
+}
+
+/// Streams `clip` as windows of 8 frames every 4 to the end; returns how many windows came.
+async fn stream_windows(addr: SocketAddr, clip: Vec<u8>) -> usize {
+    use v1::recognize_action_windows_response::Event;
+    let options = v1::WindowOptions {
+        window_frames: 8,
+        window_stride: 4,
+        top_k: 5,
+        ..v1::WindowOptions::default()
+    };
+    let mut stream = connect(addr)
+        .await
+        .recognize_windows(clip, options, 1 << 20)
+        .await
+        .expect("the stream starts");
+    let (mut windows, mut summary) = (0, None);
+    while let Some(message) = stream.message().await.expect("the stream ends OK") {
+        match message.event.expect("an event") {
+            Event::Window(_) => windows += 1,
+            Event::Summary(s) => summary = Some(s),
+        }
+    }
+    let summary = summary.expect("a summary");
+    assert_eq!(summary.windows as usize, windows);
+    windows
 }
 
 async fn connect(addr: SocketAddr) -> Client {

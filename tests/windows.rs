@@ -189,6 +189,74 @@ async fn each_frame_passes_the_backbone_once_and_windows_match_recognize_action(
 }
 
 #[tokio::test]
+async fn new_frames_are_split_into_backbone_runs_of_at_most_max_batch() {
+    static SMALL_BATCHES: OnceLock<TestServer> = OnceLock::new();
+    let server = SMALL_BATCHES.get_or_init(|| {
+        let mut config = Config::for_models(common::models_dir());
+        config.cache.cache_bytes = 0;
+        config.batch.max_batch = 3;
+        common::start_server(config)
+    });
+    assert_eq!(server.pipeline.models().backbone.max_batch(), 3);
+    let client = common::connect(server.addr).await;
+    let clip = lossless_clip();
+    let before = server.pipeline.backbone_images();
+    let got = collect(
+        client
+            .recognize_windows(clip.clone(), options(8, 4), 1 << 20)
+            .await
+            .expect("stream starts"),
+    )
+    .await;
+    let images = server.pipeline.backbone_images() - before;
+    assert!(got.error.is_none(), "{:?}", got.error);
+
+    // 40 frames, windows of 8 every 4: the first window runs its 8 new frames as 3 + 3 + 2,
+    // each later one its 4 new frames as 3 + 1; still each sampled frame once.
+    assert_eq!(got.windows.len(), 9);
+    assert_eq!(images, 40, "each sampled frame once");
+    for (k, window) in got.windows.iter().enumerate() {
+        let timings = window.timings.as_ref().expect("timings");
+        let (new_frames, passes) = if k == 0 { (8, 3) } else { (4, 2) };
+        assert_eq!(timings.backbone_images, new_frames, "window {k}");
+        assert_eq!(timings.backbone_passes, passes, "window {k}");
+    }
+    let totals = got.summary.expect("a summary").timings.expect("totals");
+    assert_eq!(totals.backbone_images, 40);
+    assert_eq!(totals.backbone_passes, 3 + 8 * 2);
+
+    // The same windows as a server that runs each window's new frames at once.
+    let default = common::server();
+    assert_eq!(default.pipeline.models().backbone.max_batch(), 8);
+    let reference = collect(
+        common::connect(default.addr)
+            .await
+            .recognize_windows(clip, options(8, 4), 1 << 20)
+            .await
+            .expect("reference stream starts"),
+    )
+    .await;
+    assert!(reference.error.is_none(), "{:?}", reference.error);
+    assert_eq!(reference.windows.len(), got.windows.len());
+    for (a, b) in got.windows.iter().zip(&reference.windows) {
+        assert_eq!(a.first_frame, b.first_frame);
+        assert_eq!(a.frame_timestamps, b.frame_timestamps);
+        assert_eq!(a.top.len(), b.top.len());
+        for (x, y) in a.top.iter().zip(&b.top) {
+            assert_eq!(x.class_id, y.class_id, "window {}", a.index);
+            assert_eq!(x.label, y.label);
+            assert!(
+                (x.score - y.score).abs() < 1e-4,
+                "window {}: {} vs {}",
+                a.index,
+                x.score,
+                y.score
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_chunked_upload_gives_the_same_windows_as_one_message() {
     let client = common::client().await;
     let clip = common::make_clip("testsrc=size=160x120:rate=10", 3.0, "mp4", &[]);

@@ -31,6 +31,8 @@ pub struct Backbone {
     pub preprocess: PreprocessSpec,
     pub worker: SessionWorker,
     batcher: Batcher,
+    /// Most images one run takes (`--max-batch`).
+    max_batch: usize,
 }
 
 impl Backbone {
@@ -51,6 +53,12 @@ impl Backbone {
     /// Images (and clip frames) that went through the backbone so far.
     pub fn images(&self) -> u64 {
         self.batcher.images()
+    }
+
+    /// Most images one run should take (`--max-batch`, at least 1): callers with more split
+    /// them into several runs.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 }
 
@@ -182,6 +190,7 @@ fn load_backbone(
         spec: spec.clone(),
         worker,
         batcher,
+        max_batch: config.batch.max_batch.max(1) as usize,
     };
     Ok((backbone, memory))
 }

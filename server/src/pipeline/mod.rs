@@ -35,12 +35,14 @@ pub use windows::{ActionWindow, WindowEvent, WindowPlan, WindowProgress, WindowR
 /// The loaded model set, the limits requests are held to, the feature cache, the feature
 /// handles and the admission control in front of them all.
 pub struct Pipeline {
+    // Fields drop in this order: the features the cache and the handles hold go back to their
+    // sessions' allocators before the sessions go.
+    cache: FeatureCache,
+    handles: HandleStore,
     models: ModelSet,
     image_limits: ImageLimits,
     video_limits: VideoLimits,
     limits: Limits,
-    cache: FeatureCache,
-    handles: HandleStore,
     admission: Arc<Admission>,
 }
 

@@ -1,9 +1,9 @@
 //! Long videos as sliding windows: a blocking thread decodes and preprocesses the sampled frames
 //! one by one and hands them over a bounded channel; this side keeps the frames of the window
 //! being filled, and when it is complete sends only the frames no earlier window ran through the
-//! backbone (ONE run), stacks the window's per-frame features along the batch axis as the action
-//! head expects, runs the head and emits the window's top-k. Each sampled frame passes through
-//! the backbone at most once, however many windows hold it.
+//! backbone (in runs of at most `--max-batch` frames), stacks the window's per-frame features
+//! along the batch axis as the action head expects, runs the head and emits the window's top-k.
+//! Each sampled frame passes through the backbone at most once, however many windows hold it.
 //!
 //! A video with fewer sampled frames than a window gives one window over all of them (the action
 //! head takes any number of frames); frames after the last full window are not classified.
@@ -25,6 +25,7 @@ use crate::media;
 use crate::media::preprocess::PreprocessSpec;
 use crate::media::video::{FrameSink, FrameStep, SampledFrame, VideoLimits, VideoOutline};
 use crate::model_set::Head;
+use crate::telemetry::metrics;
 
 mod plan;
 
@@ -85,9 +86,9 @@ enum Decoded {
 }
 
 impl Pipeline {
-    /// Runs `request` window by window, sending each result to `events` as it completes and
-    /// the totals last. Stops, without error, as soon as `events` is closed (the caller went
-    /// away): no backbone run starts after that.
+    /// Runs `request` window by window, sending each result to `events` as it completes (and
+    /// recording its stage latencies, as a request's) and the totals last. Stops, without
+    /// error, as soon as `events` is closed (the caller went away): no window starts after that.
     pub async fn run_windows(
         &self,
         request: WindowRequest,
@@ -109,7 +110,7 @@ impl Pipeline {
                 continue;
             }
             let window = self.run_window(&request, &mut state).await?;
-            if events.send(window).await.is_err() {
+            if !send_window(&events, window).await {
                 return Ok(());
             }
         }
@@ -117,7 +118,7 @@ impl Pipeline {
         if state.progress.windows_done == 0 && !state.held.is_empty() {
             // Fewer frames than one window: one window over all of them.
             let window = self.run_window(&request, &mut state).await?;
-            if events.send(window).await.is_err() {
+            if !send_window(&events, window).await {
                 return Ok(());
             }
         }
@@ -168,8 +169,8 @@ impl Pipeline {
         }
     }
 
-    /// Runs the held frames as a window: the backbone over those without features (one run),
-    /// then the head over every held frame's features.
+    /// Runs the held frames as a window: the backbone over those without features (runs of at
+    /// most `--max-batch` frames), then the head over every held frame's features.
     async fn run_window(
         &self,
         request: &WindowRequest,
@@ -197,8 +198,9 @@ impl Pipeline {
         Ok(WindowEvent::Window(window, state.progress))
     }
 
-    /// Sends the held frames that have no features yet through the backbone as one batch and
-    /// keeps each frame's slice of the outputs the head reads.
+    /// Sends the held frames that have no features yet through the backbone, in runs of at
+    /// most `--max-batch` frames one after another, and keeps each frame's slice of the outputs
+    /// the head reads.
     async fn run_new_frames(
         &self,
         head: &Head,
@@ -225,22 +227,42 @@ impl Pipeline {
             chw.push(data);
         }
         let (height, width) = size.unwrap_or_default();
-        let features = self.run_backbone(stack(chw, height, width)?).await?;
-        let selected = features.select(&head.spec.inputs)?;
-        let frames = self
-            .models
-            .memory
-            .split_named(&selected, &vec![1; fresh.len()])
-            .map_err(|e| Error::Internal(format!("per-frame features: {e}")))?;
-        for (h, frame) in fresh.iter_mut().zip(frames) {
-            h.features = Some(frame);
+        let mut inputs = chw.into_iter();
+        for chunk in fresh.chunks_mut(self.models.backbone.max_batch()) {
+            let batch: Vec<Vec<f32>> = inputs.by_ref().take(chunk.len()).collect();
+            let features = self.run_backbone(stack(batch, height, width)?).await?;
+            let selected = features.select(&head.spec.inputs)?;
+            let frames = self
+                .models
+                .memory
+                .split_named(&selected, &vec![1; chunk.len()])
+                .map_err(|e| Error::Internal(format!("per-frame features: {e}")))?;
+            for (h, frame) in chunk.iter_mut().zip(frames) {
+                h.features = Some(frame);
+            }
+            timings.queue += features.queued;
+            timings.backbone += features.elapsed;
+            timings.backbone_passes += 1;
+            timings.backbone_images += chunk.len() as u32;
         }
-        timings.queue = features.queued;
-        timings.backbone = features.elapsed;
-        timings.backbone_passes = 1;
-        timings.backbone_images = fresh.len() as u32;
         Ok(timings)
     }
+}
+
+/// Sends a window's result on and, once sent, records its stage latencies as a request's;
+/// `false` when the caller has gone.
+async fn send_window(events: &mpsc::Sender<WindowEvent>, event: WindowEvent) -> bool {
+    let timings = match &event {
+        WindowEvent::Window(window, _) => Some(window.timings.clone()),
+        WindowEvent::Done(..) => None,
+    };
+    if events.send(event).await.is_err() {
+        return false;
+    }
+    if let Some(timings) = timings {
+        metrics::record_request(&timings);
+    }
+    true
 }
 
 /// The head's inputs for a window: each named feature of every held frame, stacked along the
