@@ -440,9 +440,13 @@ def build_detection_head(g: GraphBuilder, p: Preset, feats: dict[str, str]) -> N
 
 
 def build_segmentation_head(g: GraphBuilder, p: Preset, feats: dict[str, str]) -> None:
-    """Semantic-FPN style head: all four maps projected, upsampled to stride 4, fused, classified.
+    """All-MLP head in the style of SegFormer's decoder: the four maps projected by 1×1 convs,
+    upsampled to stride 4, concatenated, fused by a 1×1 conv and classified by another.
 
-    The fused features are normalised before the 1×1 classifier, so each class logit is roughly
+    Every conv is 1×1, so the head stays light next to the backbone: on `swin-t` (224×224 input)
+    about 0.34 G multiply-adds against the backbone's ~4.5 G, where a 3×3 fuse over the
+    concatenated maps alone would cost 1.85 G. The fused features are normalised before the 1×1
+    classifier, so each class logit is roughly
     N(0, 1); a frequency-like class prior (see SEGMENTATION_PRIOR; ADE20K lists its classes roughly
     by frequency) lets a handful of classes win on a natural image.
     """
@@ -454,7 +458,7 @@ def build_segmentation_head(g: GraphBuilder, p: Preset, feats: dict[str, str]) -
             t = g.upsample(t, f"segmentation.up{i}", 2**i, "linear")
         branches.append(t)
     t = g.op("Concat", branches, "segmentation.concat", axis=1)
-    t = g.conv(t, "segmentation.fuse", len(branches) * w, w, 3)
+    t = g.conv(t, "segmentation.fuse", len(branches) * w, w, 1)
     t = g.op("Relu", [t], "segmentation.fuse.relu")
     t = g.channel_norm(t, "segmentation.fuse.norm", w)
     prior = -SEGMENTATION_PRIOR * np.log1p(np.arange(NUM_ADE_CLASSES, dtype=np.float32))

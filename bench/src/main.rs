@@ -116,18 +116,28 @@ async fn main() -> Result<()> {
         wall_seconds: 0.0,
     };
     in_process(&args, &models, &inputs, timing, &mut report)?;
-    let spec = |cache_bytes: u64, phase: &str| ServerSpec {
+    let spec = |cache_bytes: u64, placement: &'static str, phase: &str| ServerSpec {
         binary: server_binary(&args),
         models: models.clone(),
         intra_threads: args.intra_threads,
         cache_bytes,
+        placement,
         log: out_dir.join(format!("server-{phase}.log")),
     };
-    let windows = uncached(&args, &inputs, timing, &spec(0, "uncached"), &mut report).await?;
+    let uncached_spec = spec(0, "device", "uncached");
+    let windows = uncached(&args, &inputs, timing, &uncached_spec, &mut report).await?;
     cached(
         &inputs,
         timing,
-        &spec(args.cache_bytes, "cached"),
+        &spec(args.cache_bytes, "device", "cached"),
+        &mut report,
+    )
+    .await?;
+    host_placement(
+        &args,
+        &inputs,
+        timing,
+        &spec(0, "host", "host"),
         &mut report,
     )
     .await?;
@@ -322,6 +332,34 @@ async fn uncached(
     });
     server.stop().await?;
     Ok(windows)
+}
+
+/// Detect at every concurrency level again on a server that copies features to host arrays
+/// (`--feature-placement host`), the path before features stayed where the backbone wrote them.
+async fn host_placement(
+    args: &Args,
+    inputs: &Inputs,
+    timing: Timing,
+    spec: &ServerSpec,
+    report: &mut Report,
+) -> Result<()> {
+    eprintln!("bench: starting the server (cache off, features on host)");
+    let server = Server::start(spec).await?;
+    let client = grpc::connect(&server).await?;
+    let image = image_from_bytes(inputs.photo.encoded.clone());
+    let mut levels = vec![1];
+    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
+    for c in levels {
+        let (client, image) = (client.clone(), image.clone());
+        let name = format!("{GRPC_HOST_DETECT} c={c}");
+        eprintln!("bench: {name}");
+        let row = grpc::measure(&server, &name, c, 1, timing, move |_| {
+            grpc::detect(client.clone(), image.clone())
+        })
+        .await?;
+        report.rows.push(row);
+    }
+    server.stop().await
 }
 
 /// Sliding windows of T frames with stride s and with stride T (no overlap) over one video.

@@ -23,6 +23,8 @@ pub struct ServerSpec {
     pub models: PathBuf,
     pub intra_threads: usize,
     pub cache_bytes: u64,
+    /// `--feature-placement`: `device` (the default) or `host`.
+    pub placement: &'static str,
     /// Where its log goes.
     pub log: PathBuf,
 }
@@ -51,6 +53,8 @@ impl Server {
             .arg(spec.intra_threads.to_string())
             .arg("--cache-bytes")
             .arg(spec.cache_bytes.to_string())
+            .arg("--feature-placement")
+            .arg(spec.placement)
             .env("POLYHEAD_LOG", "warn,ort=warn")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())

@@ -11,6 +11,8 @@ pub mod names {
     pub const RAW_FRAMES: &str = "raw backbone on the clip's frames";
     pub const GRPC_DETECT: &str = "grpc Detect";
     pub const GRPC_DETECT_C1: &str = "grpc Detect c=1";
+    /// Detect on a server started with `--feature-placement host`.
+    pub const GRPC_HOST_DETECT: &str = "grpc, features on host, Detect";
     pub const GRPC_SEGMENT: &str = "grpc Segment c=1";
     pub const GRPC_ANALYZE: &str = "grpc Analyze(detection+segmentation) c=1";
     pub const GRPC_CLIP: &str = "grpc RecognizeAction clip c=1";
@@ -96,6 +98,17 @@ pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64)
             String::new(),
         ),
     ];
+    let host_best = report.best(GRPC_HOST_DETECT);
+    targets.push(Target::new(
+        "placement: Detect at saturation, runtime-memory / host features",
+        ratio(
+            detect_best.map(|r| r.requests_per_s),
+            host_best.map(|r| r.requests_per_s),
+        ),
+        0.95,
+        false,
+        "features kept where the backbone wrote them (IoBinding) vs copied to host arrays".into(),
+    ));
     targets.push(window_target(report, windows));
     targets.push(memory_target(report, cache_bytes));
     targets
