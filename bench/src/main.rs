@@ -116,28 +116,38 @@ async fn main() -> Result<()> {
         wall_seconds: 0.0,
     };
     in_process(&args, &models, &inputs, timing, &mut report)?;
-    let spec = |cache_bytes: u64, placement: &'static str, phase: &str| ServerSpec {
+    let spec = |cache_bytes: u64, phase: &str| ServerSpec {
         binary: server_binary(&args),
         models: models.clone(),
         intra_threads: args.intra_threads,
         cache_bytes,
-        placement,
+        placement: "device",
+        spinning: false,
         log: out_dir.join(format!("server-{phase}.log")),
     };
-    let uncached_spec = spec(0, "device", "uncached");
-    let windows = uncached(&args, &inputs, timing, &uncached_spec, &mut report).await?;
+    let windows = uncached(&args, &inputs, timing, &spec(0, "uncached"), &mut report).await?;
     cached(
         &inputs,
         timing,
-        &spec(args.cache_bytes, "device", "cached"),
+        &spec(args.cache_bytes, "cached"),
         &mut report,
     )
     .await?;
-    host_placement(
+    let host = ServerSpec {
+        placement: "host",
+        ..spec(0, "host")
+    };
+    variant(&args, &inputs, timing, GRPC_HOST, &host, &mut report).await?;
+    let spinning = ServerSpec {
+        spinning: true,
+        ..spec(0, "spinning")
+    };
+    variant(
         &args,
         &inputs,
         timing,
-        &spec(0, "host", "host"),
+        GRPC_SPINNING,
+        &spinning,
         &mut report,
     )
     .await?;
@@ -334,16 +344,17 @@ async fn uncached(
     Ok(windows)
 }
 
-/// Detect at every concurrency level again on a server that copies features to host arrays
-/// (`--feature-placement host`), the path before features stayed where the backbone wrote them.
-async fn host_placement(
+/// Detect at every concurrency level, and Analyze at concurrency 1, on a server started
+/// otherwise than the default (`spec`), its rows named after `prefix`.
+async fn variant(
     args: &Args,
     inputs: &Inputs,
     timing: Timing,
+    prefix: &str,
     spec: &ServerSpec,
     report: &mut Report,
 ) -> Result<()> {
-    eprintln!("bench: starting the server (cache off, features on host)");
+    eprintln!("bench: starting the server (cache off; {prefix})");
     let server = Server::start(spec).await?;
     let client = grpc::connect(&server).await?;
     let image = image_from_bytes(inputs.photo.encoded.clone());
@@ -351,7 +362,7 @@ async fn host_placement(
     levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
     for c in levels {
         let (client, image) = (client.clone(), image.clone());
-        let name = format!("{GRPC_HOST_DETECT} c={c}");
+        let name = format!("{prefix} Detect c={c}");
         eprintln!("bench: {name}");
         let row = grpc::measure(&server, &name, c, 1, timing, move |_| {
             grpc::detect(client.clone(), image.clone())
@@ -359,6 +370,13 @@ async fn host_placement(
         .await?;
         report.rows.push(row);
     }
+    let name = format!("{prefix} Analyze c=1");
+    eprintln!("bench: {name}");
+    let row = grpc::measure(&server, &name, 1, 1, timing, move |_| {
+        grpc::analyze(client.clone(), image.clone())
+    })
+    .await?;
+    report.rows.push(row);
     server.stop().await
 }
 

@@ -48,6 +48,7 @@ impl Models {
             feature_placement: Placement::Device,
             ort_dylib: None,
             intra_threads,
+            intra_op_spinning: false,
             queue_capacity: 1,
         };
         let runtime = Runtime::init(&config).map_err(|e| anyhow!("{e}"))?;

@@ -25,6 +25,8 @@ pub struct ServerSpec {
     pub cache_bytes: u64,
     /// `--feature-placement`: `device` (the default) or `host`.
     pub placement: &'static str,
+    /// `--intra-op-spinning`: ONNX Runtime threads spin while they wait.
+    pub spinning: bool,
     /// Where its log goes.
     pub log: PathBuf,
 }
@@ -55,6 +57,7 @@ impl Server {
             .arg(spec.cache_bytes.to_string())
             .arg("--feature-placement")
             .arg(spec.placement)
+            .args(spec.spinning.then_some("--intra-op-spinning"))
             .env("POLYHEAD_LOG", "warn,ort=warn")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())

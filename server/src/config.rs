@@ -118,6 +118,13 @@ pub struct RuntimeConfig {
     #[arg(long, env = "POLYHEAD_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
+    /// Let each session's ONNX Runtime threads spin while they wait for work instead of
+    /// sleeping. Every model has its own session and thread pool, and heads run concurrently:
+    /// spinning threads of one session take the cores the others need, so it is off unless the
+    /// machine has cores to spare.
+    #[arg(long, env = "POLYHEAD_INTRA_OP_SPINNING")]
+    pub intra_op_spinning: bool,
+
     /// Requests that may wait for each model (backbone and every head) before new ones are
     /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "POLYHEAD_QUEUE_CAPACITY", default_value_t = 64)]

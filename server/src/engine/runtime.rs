@@ -60,6 +60,7 @@ pub struct Runtime {
     env: Environment,
     device: Device,
     intra_threads: usize,
+    intra_op_spinning: bool,
 }
 
 impl Runtime {
@@ -73,6 +74,7 @@ impl Runtime {
             env,
             device,
             intra_threads: config.intra_threads,
+            intra_op_spinning: config.intra_op_spinning,
         })
     }
 
@@ -96,6 +98,9 @@ impl Runtime {
                 .with_intra_threads(self.intra_threads)
                 .map_err(|e| load_err(e.to_string()))?;
         }
+        builder = builder
+            .with_intra_op_spinning(self.intra_op_spinning)
+            .map_err(|e| load_err(e.to_string()))?;
         if let Device::Cuda(id) = self.device {
             builder = builder
                 .with_execution_providers([cuda_provider(id)])
