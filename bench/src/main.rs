@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use polyhead_client::{image_from_bytes, raw_image};
+use polyhead_client::{image_from_bytes, raw_image, v1};
 
 use crate::media::Photo;
 use crate::raw::{Tensor, Timing};
@@ -289,6 +289,31 @@ fn in_process(
     Ok(())
 }
 
+/// Detect at concurrency 1 and at every `--concurrency` level, rows named `<name> c=<level>`.
+async fn detect_levels(
+    args: &Args,
+    timing: Timing,
+    server: &Server,
+    client: &polyhead_client::Client,
+    image: &v1::Image,
+    name: &str,
+    report: &mut Report,
+) -> Result<()> {
+    let mut levels = vec![1];
+    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
+    for c in levels {
+        let (client, image) = (client.clone(), image.clone());
+        let name = format!("{name} c={c}");
+        eprintln!("bench: {name}");
+        let row = grpc::measure(server, &name, c, 1, timing, move |_| {
+            grpc::detect(client.clone(), image.clone())
+        })
+        .await?;
+        report.rows.push(row);
+    }
+    Ok(())
+}
+
 /// The gRPC rows with the feature cache off: every image request runs the backbone.
 async fn uncached(
     args: &Args,
@@ -301,18 +326,7 @@ async fn uncached(
     let server = Server::start(spec).await?;
     let client = grpc::connect(&server).await?;
     let image = image_from_bytes(inputs.photo.encoded.clone());
-    let mut levels = vec![1];
-    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
-    for c in levels {
-        let (client, image) = (client.clone(), image.clone());
-        let name = format!("{GRPC_DETECT} c={c}");
-        eprintln!("bench: {name}");
-        let row = grpc::measure(&server, &name, c, 1, timing, move |_| {
-            grpc::detect(client.clone(), image.clone())
-        })
-        .await?;
-        report.rows.push(row);
-    }
+    detect_levels(args, timing, &server, &client, &image, GRPC_DETECT, report).await?;
     let (c2, i2) = (client.clone(), image.clone());
     eprintln!("bench: {GRPC_SEGMENT}");
     let row = grpc::measure(&server, GRPC_SEGMENT, 1, 1, timing, move |_| {
@@ -358,18 +372,8 @@ async fn variant(
     let server = Server::start(spec).await?;
     let client = grpc::connect(&server).await?;
     let image = image_from_bytes(inputs.photo.encoded.clone());
-    let mut levels = vec![1];
-    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
-    for c in levels {
-        let (client, image) = (client.clone(), image.clone());
-        let name = format!("{prefix} Detect c={c}");
-        eprintln!("bench: {name}");
-        let row = grpc::measure(&server, &name, c, 1, timing, move |_| {
-            grpc::detect(client.clone(), image.clone())
-        })
-        .await?;
-        report.rows.push(row);
-    }
+    let detect = format!("{prefix} Detect");
+    detect_levels(args, timing, &server, &client, &image, &detect, report).await?;
     let name = format!("{prefix} Analyze c=1");
     eprintln!("bench: {name}");
     let row = grpc::measure(&server, &name, 1, 1, timing, move |_| {

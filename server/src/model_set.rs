@@ -9,7 +9,7 @@ use ndarray::ArrayD;
 use crate::config::Config;
 use crate::engine::{
     Batcher, Device, EngineError, FeatureMemory, NamedTensors, OutputMemory, Placement, Run,
-    Runtime, SessionWorker, Stage, Tensor, TensorInfo, WorkerRunner,
+    Runtime, SessionWorker, Stage, Tensor, TensorInfo, WorkerRunner, device_memory,
 };
 use crate::manifest::{
     BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
@@ -154,30 +154,28 @@ fn load_backbone(
     let path = dir.join(&spec.file);
     let capacity = config.runtime.queue_capacity;
     let session = runtime.load(&path)?;
-    let device_memory = || {
-        FeatureMemory::device(&session, runtime.device()).map_err(|message| EngineError::Load {
-            file: path.display().to_string(),
-            message,
-        })
+    let load_err = |message: String| EngineError::Load {
+        file: path.display().to_string(),
+        message,
     };
     let (memory, outputs) = match (config.runtime.feature_placement, runtime.device()) {
         (Placement::Host, Device::Cpu) => (FeatureMemory::host(), OutputMemory::Host),
-        (Placement::Host, Device::Cuda(_)) => {
-            let device = device_memory()?;
-            let info = device.output_info().cloned();
-            let outputs = info.map_or(OutputMemory::Host, |info| OutputMemory::Bound {
+        (Placement::Host, device @ Device::Cuda(_)) => {
+            // Bound to the device, then copied to the host: the copy is counted.
+            let info = device_memory(device).map_err(load_err)?;
+            let outputs = OutputMemory::Bound {
                 info,
                 to_host: true,
-            });
+            };
             (FeatureMemory::host(), outputs)
         }
-        (Placement::Device, _) => {
-            let memory = device_memory()?;
-            let info = memory.output_info().cloned();
-            let outputs = info.map_or(OutputMemory::Host, |info| OutputMemory::Bound {
+        (Placement::Device, device) => {
+            let memory = FeatureMemory::device(&session, device).map_err(load_err)?;
+            let info = device_memory(device).map_err(load_err)?;
+            let outputs = OutputMemory::Bound {
                 info,
                 to_host: false,
-            });
+            };
             (memory, outputs)
         }
     };

@@ -9,7 +9,7 @@ mod worker;
 
 pub use batcher::{BatchConfig, BatchRunner, Batcher, WorkerRunner};
 pub use runtime::{Device, Runtime};
-pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor};
+pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor, device_memory};
 pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};
 
 /// Named tensors, in the order a model declares them.

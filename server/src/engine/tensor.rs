@@ -252,7 +252,6 @@ pub struct FeatureMemory {
 }
 
 struct DeviceMemory {
-    info: MemoryInfo<'static>,
     /// Allocations go one at a time: ONNX Runtime's CUDA allocator is not thread-safe.
     allocator: Mutex<Allocator>,
     memory: Memory,
@@ -267,24 +266,17 @@ impl FeatureMemory {
     /// The memory of `session`'s execution provider on `device`: its allocator makes the
     /// batches' copies.
     pub fn device(session: &Session, device: Device) -> Result<Self, String> {
-        let (info, allocator, memory) = match device {
-            Device::Cpu => (cpu_memory()?, Allocator::default(), Memory::Cpu),
+        let info = device_memory(device)?;
+        let (allocator, memory) = match device {
+            Device::Cpu => (Allocator::default(), Memory::Cpu),
             Device::Cuda(id) => {
-                let info = MemoryInfo::new(
-                    AllocationDevice::CUDA,
-                    id,
-                    AllocatorType::Device,
-                    MemoryType::Default,
-                )
-                .map_err(|e| e.to_string())?;
                 let allocator = Allocator::new(session, info.clone())
                     .map_err(|e| format!("the CUDA allocator: {e}"))?;
-                (info, allocator, Memory::Cuda(id))
+                (allocator, Memory::Cuda(id))
             }
         };
         Ok(Self {
             device: Some(DeviceMemory {
-                info,
                 allocator: Mutex::new(allocator),
                 memory,
             }),
@@ -294,11 +286,6 @@ impl FeatureMemory {
     /// Where features are kept: [`Memory::Host`] for host arrays.
     pub fn memory(&self) -> Memory {
         self.device.as_ref().map_or(Memory::Host, |d| d.memory)
-    }
-
-    /// The memory the backbone's outputs are bound to; `None` for host arrays.
-    pub fn output_info(&self) -> Option<&MemoryInfo<'static>> {
-        self.device.as_ref().map(|d| &d.info)
     }
 
     /// Concatenates `parts` (equal shapes but for axis 0) along axis 0: in host memory when all
@@ -475,6 +462,20 @@ fn split_host(array: &ArrayD<f32>, sizes: &[usize]) -> Result<Vec<Tensor>, Strin
         start += n;
     }
     Ok(parts)
+}
+
+/// The memory of `device`'s execution provider, where its sessions' outputs can be bound.
+pub fn device_memory(device: Device) -> Result<MemoryInfo<'static>, String> {
+    match device {
+        Device::Cpu => cpu_memory(),
+        Device::Cuda(id) => MemoryInfo::new(
+            AllocationDevice::CUDA,
+            id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| e.to_string()),
+    }
 }
 
 fn cpu_memory() -> Result<MemoryInfo<'static>, String> {
