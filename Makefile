@@ -62,8 +62,8 @@ FUZZ_TARGETS := image_decode video_probe request_validation
 # cargo-fuzz needs nightly flags (-Zsanitizer, sancov passes): RUSTC_BOOTSTRAP=1 allows them on
 # the stable toolchain. No sanitizer (-s none): a panic, an overflow (-a: debug assertions), an
 # out-of-memory or a hang is still caught. AddressSanitizer adds little here, as the Rust side
-# denies unsafe code (but for the device tensor views in server/src/engine/tensor.rs, which no
-# fuzz target reaches) and FFmpeg's C code is not instrumented either way, while on two cores it
+# denies unsafe code (but for the device tensor views in server/src/engine/tensor.rs and one
+# av_max_alloc call) and FFmpeg's C code is not instrumented either way, while on two cores it
 # cost about 35% more build CPU and ran the targets 2-3 times slower.
 FUZZ := PATH="$(CURDIR)/.cache/tools/cargo-fuzz/bin:$$PATH" RUSTC_BOOTSTRAP=1 CARGO_BUILD_JOBS=$(JOBS) \
 	$(CARGO) fuzz

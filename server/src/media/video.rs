@@ -171,11 +171,27 @@ pub struct DecodedClip {
 pub fn init() -> Result<(), MediaError> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
     let result = INIT.get_or_init(|| {
+        cap_allocations();
         ffmpeg::init().map_err(|e| e.to_string())?;
         ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Quiet);
         Ok(())
     });
     result.clone().map_err(MediaError::Internal)
+}
+
+/// The most one FFmpeg allocation may take: more than any packet, frame or buffer a clip within
+/// the limits needs (a 4096x4096 frame is 48 MiB as RGB), far less than FFmpeg's own 2 GiB cap.
+pub const MAX_FFMPEG_ALLOCATION: usize = 256 << 20;
+
+/// Caps every FFmpeg allocation at [`MAX_FFMPEG_ALLOCATION`]. Size fields of a container are read
+/// before any of polyhead's budgets can apply: an AVI metadata chunk that claims 1.7 GB made the
+/// demuxer allocate (and zero) 1.7 GB while opening a 8 KB file. Over the cap FFmpeg's
+/// allocation fails, and so does the demuxing of that input, with an error.
+#[allow(unsafe_code)]
+fn cap_allocations() {
+    // SAFETY: `av_max_alloc` stores one process-wide size; it is called once, before this
+    // process makes any other FFmpeg call.
+    unsafe { ffmpeg::ffi::av_max_alloc(MAX_FFMPEG_ALLOCATION) };
 }
 
 /// Decodes the frames `sampling` selects from the clip in `bytes`, within `limits`.
@@ -636,7 +652,7 @@ struct Pass {
 /// Decodes the video stream up to the last planned frame, keeping the planned ones as RGB.
 fn decode_pass(job: &Job<'_>, plan: &[usize]) -> Result<Pass, MediaError> {
     let mut input = open(job.data, job.limits)?;
-    let mut decoder = open_decoder(&input, job.info)?;
+    let mut decoder = open_decoder(&input, job.info, job.limits)?;
     let mut budget = Budget::new(job.limits, job.started);
     let mut picker = Picker::new(job.info, plan, job.limits);
     while let Some(packet) = budget.next_packet(&mut input)? {
@@ -657,16 +673,31 @@ fn decode_pass(job: &Job<'_>, plan: &[usize]) -> Result<Pass, MediaError> {
     Ok(picker.finish())
 }
 
-/// Opens a decoder for the video stream of a freshly opened input.
-fn open_decoder(input: &Input, info: &StreamInfo) -> Result<decoder::Video, MediaError> {
+/// Opens a decoder for the video stream of a freshly opened input. The decoder refuses, before it
+/// allocates one, any frame of more pixels than `limits` allow: a stream's frames may declare
+/// other sizes than its header (an MJPEG frame can say 65535x65535), and the size checks made on
+/// the header and on decoded frames come too late for those.
+fn open_decoder(
+    input: &Input,
+    info: &StreamInfo,
+    limits: &VideoLimits,
+) -> Result<decoder::Video, MediaError> {
     let stream = input.stream(info.index).ok_or(MediaError::NoVideoStream)?;
     let mut context = ffmpeg::codec::Context::from_parameters(stream.parameters())
         .map_err(|e| MediaError::CorruptVideo(format!("bad stream parameters: {e}")))?;
     context.set_time_base(info.time_base_q);
     let mut decoder = context.decoder();
     decoder.set_packet_time_base(info.time_base_q);
+    let codec = decoder
+        .codec()
+        .or_else(|| decoder::find(decoder.id()))
+        .ok_or_else(|| MediaError::UnsupportedCodec(decoder.id().name().to_owned()))?;
+    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height);
+    let mut options = Dictionary::new();
+    options.set("max_pixels", &max_pixels.min(i32::MAX as u64).to_string());
     decoder
-        .video()
+        .open_as_with(codec, options)
+        .and_then(|opened| opened.video())
         .map_err(|e| MediaError::CorruptVideo(format!("the video decoder failed to open: {e}")))
 }
 

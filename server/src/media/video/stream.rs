@@ -111,7 +111,7 @@ pub fn stream_frames(
         return Ok(0);
     }
     let mut input = open(bytes, limits)?;
-    let mut decoder = open_decoder(&input, &info)?;
+    let mut decoder = open_decoder(&input, &info, limits)?;
     let mut budget = Budget::new(limits, started);
     let mut sampler = Sampler::new(&info, step, limits);
     while let Some(packet) = budget.next_packet(&mut input)? {
