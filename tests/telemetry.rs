@@ -32,6 +32,17 @@ use tonic::{Code, Request, Response, Status};
 use crate::common::{encoded, make_clip, models_dir, photo};
 use crate::process::{ServerProcess, poll};
 
+/// The stages every request records in `polyhead_stage_seconds`, per head.
+const STAGES: [&str; 7] = [
+    "decode",
+    "preprocess",
+    "queue",
+    "backbone",
+    "head",
+    "postprocess",
+    "total",
+];
+
 /// How long the metrics of finished calls may take to show.
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -95,15 +106,7 @@ async fn every_window_of_a_stream_records_its_stages() {
         (total >= windows as f64).then_some(after)
     })
     .await;
-    for name in [
-        "decode",
-        "preprocess",
-        "queue",
-        "backbone",
-        "head",
-        "postprocess",
-        "total",
-    ] {
+    for name in STAGES {
         assert_eq!(
             after.delta(&before, "polyhead_stage_seconds_count", &stage(name)),
             windows as f64,
@@ -290,15 +293,7 @@ fn assert_stage_counts(before: &Scrape, after: &Scrape, manifest: &Manifest) {
         5.0,
         "one image per run"
     );
-    for stage in [
-        "decode",
-        "preprocess",
-        "queue",
-        "backbone",
-        "head",
-        "postprocess",
-        "total",
-    ] {
+    for stage in STAGES {
         let detection = [("stage", stage), ("head", "detection")];
         assert_eq!(
             delta("polyhead_stage_seconds_count", &detection),
