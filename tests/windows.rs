@@ -71,6 +71,24 @@ struct Collected {
     error: Option<tonic::Status>,
 }
 
+/// Streams `clip` in windows of 8 and waits for the first window; the rest is still to come.
+async fn first_window_of(
+    client: &polyhead_client::Client,
+    clip: Vec<u8>,
+) -> tonic::Streaming<v1::RecognizeActionWindowsResponse> {
+    let mut stream = client
+        .recognize_windows(clip, options(8, 8), 1 << 20)
+        .await
+        .expect("stream");
+    let first = stream
+        .message()
+        .await
+        .expect("a window")
+        .expect("not ended");
+    assert!(matches!(first.event, Some(Event::Window(_))));
+    stream
+}
+
 async fn collect(mut stream: tonic::Streaming<v1::RecognizeActionWindowsResponse>) -> Collected {
     let mut collected = Collected {
         windows: Vec::new(),
@@ -356,16 +374,7 @@ async fn a_client_that_goes_away_stops_the_work() {
     // 600 frames: far more work than one window.
     let clip = common::make_clip("testsrc=size=160x120:rate=10", 60.0, "mp4", &[]);
     let before = server.pipeline.backbone_images();
-    let mut stream = client
-        .recognize_windows(clip, options(8, 8), 1 << 20)
-        .await
-        .expect("stream");
-    let first = stream
-        .message()
-        .await
-        .expect("a window")
-        .expect("not ended");
-    assert!(matches!(first.event, Some(Event::Window(_))));
+    let stream = first_window_of(&client, clip).await;
     drop(stream);
     // The call gives its admission slot back when its work has stopped.
     let idle = server
@@ -421,16 +430,7 @@ async fn a_drain_waits_for_open_streams_to_end() {
     let client = common::connect(addr).await;
     // 60 frames: 7 windows of 8.
     let clip = common::make_clip("testsrc=size=160x120:rate=10", 6.0, "mp4", &[]);
-    let mut stream = client
-        .recognize_windows(clip, options(8, 8), 1 << 20)
-        .await
-        .expect("stream");
-    let first = stream
-        .message()
-        .await
-        .expect("a window")
-        .expect("not ended");
-    assert!(matches!(first.event, Some(Event::Window(_))));
+    let stream = first_window_of(&client, clip).await;
     // The response headers went out long ago; the call still counts until its stream ends.
     assert_eq!(lifecycle.inflight(), 1);
     stop.send(()).expect("stop");
