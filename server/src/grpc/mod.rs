@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use polyhead_proto::v1::polyhead_server::PolyheadServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 pub use auth::{Auth, AuthLayer};
 pub use gate::{Admitted, Deferred};
@@ -107,7 +107,7 @@ pub async fn serve_secured(
         .add_optional_service(reflection_v1alpha)
         .add_service(polyhead)
         .add_service(oip)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .serve_with_incoming_shutdown(incoming(listener), drain)
         .await
 }
 
@@ -137,4 +137,34 @@ fn ok_or_log<T>(built: Result<T, tonic_reflection::server::Error>) -> Option<T> 
     built
         .map_err(|e| tracing::error!("reflection disabled: {e}"))
         .ok()
+}
+
+/// Accepted connections with Nagle's algorithm off: a response's headers, message and trailers
+/// go out as separate writes, and with Nagle on the later ones wait for the peer's delayed ACK
+/// (up to 40 ms on Linux) before they are sent.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut incoming = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("TCP_NODELAY readable"));
+    }
 }
