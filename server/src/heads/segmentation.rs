@@ -6,7 +6,7 @@
 
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};
-use ndarray::{ArrayView3, Axis};
+use ndarray::ArrayView3;
 use serde::{Deserialize, Serialize};
 
 use super::bilinear::{Coord, Tap, axis_taps};
@@ -65,11 +65,17 @@ pub fn postprocess(
     let x_taps = axis_taps(geo, Coord::X, 0..width, params.output_stride, ws);
     let y_taps = axis_taps(geo, Coord::Y, 0..height, params.output_stride, hs);
     let mut labels = vec![0u16; x_taps.len() * y_taps.len()];
-    let grid = Grid::new(logits, &classes);
-    let mut span = Span::new(classes.len());
+    let logits = logits.as_standard_layout();
+    let logits = logits.view();
+    let planes = Planes::new(&logits, &classes)
+        .ok_or_else(|| HeadError::shape("logits", logits.shape(), "a row-major array"))?;
+    let spans = Spans::new(&x_taps);
+    let mut contenders = Contenders::new(spans.pairs.len(), ws);
+    let mut row = Row::default();
     let rows = labels.chunks_mut(x_taps.len().max(1));
     for (ty, labels) in y_taps.iter().zip(rows) {
-        label_row(&grid, &classes, ty, &x_taps, labels, &mut span);
+        contenders.prepare(&planes, &spans, ty);
+        row.label(&planes, &spans, &contenders, ty, &x_taps, labels);
     }
     Ok(LabelMap {
         width,
@@ -94,156 +100,216 @@ fn check_shape(
     Ok(())
 }
 
-/// The allowed classes' logits, channel-last, with the best class of every cell.
-struct Grid {
-    /// Per logit cell (row-major), one value per allowed class.
-    data: Vec<f32>,
-    /// Per logit cell, the position in the allowed classes of its best class.
-    best: Vec<usize>,
-    /// Number of allowed classes.
-    n: usize,
-    /// Number of logit columns.
-    ws: usize,
+/// The allowed classes' logit planes.
+struct Planes<'a> {
+    /// The `[C, H, W]` logits, row-major.
+    data: &'a [f32],
+    rows: usize,
+    columns: usize,
+    classes: &'a [u16],
+    /// The margin below a quad's floor that still competes: it covers the rounding of the two
+    /// interpolations (an ulp of the largest magnitude each), with room to spare. Infinite when a
+    /// logit is not finite: every class then competes everywhere.
+    margin: f32,
 }
 
-impl Grid {
-    fn new(logits: ArrayView3<'_, f32>, classes: &[u16]) -> Self {
-        let (_, hs, ws) = logits.dim();
-        let n = classes.len();
-        let mut data = vec![0.0; hs * ws * n];
-        // Row by row, so that the row being filled stays in cache while the classes are copied.
-        for (y, block) in data.chunks_exact_mut((ws * n).max(1)).enumerate() {
-            for (k, &class) in classes.iter().enumerate() {
-                let plane = logits.index_axis(Axis(0), usize::from(class));
-                for (v, &l) in block[k..].iter_mut().step_by(n).zip(plane.row(y)) {
-                    *v = l;
+impl<'a> Planes<'a> {
+    /// `None` when `logits` is not in standard layout.
+    fn new(logits: &'a ArrayView3<'a, f32>, classes: &'a [u16]) -> Option<Self> {
+        let (_, rows, columns) = logits.dim();
+        let data = logits.as_slice()?;
+        let mut planes = Self {
+            data,
+            rows,
+            columns,
+            classes,
+            margin: 0.0,
+        };
+        let mut magnitude = 0.0f32;
+        let mut finite = true;
+        for k in 0..classes.len() {
+            for &v in planes.plane(k) {
+                // False for NaN and the infinities.
+                finite &= v.abs() <= f32::MAX;
+                magnitude = larger(magnitude, v.abs());
+            }
+        }
+        planes.margin = if finite {
+            1e-5 * (1.0 + magnitude)
+        } else {
+            f32::INFINITY
+        };
+        Some(planes)
+    }
+
+    /// The plane of the `k`-th allowed class.
+    fn plane(&self, k: usize) -> &'a [f32] {
+        let size = self.rows * self.columns;
+        let start = usize::from(self.classes[k]) * size;
+        &self.data[start..start + size]
+    }
+
+    /// Logit row `y` of the `k`-th allowed class.
+    fn row(&self, k: usize, y: usize) -> &'a [f32] {
+        &self.plane(k)[y * self.columns..(y + 1) * self.columns]
+    }
+
+    /// The `k`-th allowed class's value at column `x` between the logit rows of `ty`.
+    fn column(&self, k: usize, ty: &Tap, x: usize) -> f32 {
+        ty.lerp(self.row(k, ty.i0)[x], self.row(k, ty.i1)[x])
+    }
+}
+
+/// The distinct pairs of logit columns the map's pixels fall between, left to right, and for
+/// every map column the pair it uses.
+struct Spans {
+    pairs: Vec<(usize, usize)>,
+    of_column: Vec<usize>,
+}
+
+impl Spans {
+    fn new(x_taps: &[Tap]) -> Self {
+        let mut pairs: Vec<(usize, usize)> = Vec::new();
+        let of_column = x_taps
+            .iter()
+            .map(|tx| {
+                if pairs.last() != Some(&(tx.i0, tx.i1)) {
+                    pairs.push((tx.i0, tx.i1));
+                }
+                pairs.len() - 1
+            })
+            .collect();
+        Self { pairs, of_column }
+    }
+}
+
+/// For every span of the current pair of logit rows, the classes that can be best somewhere in
+/// the quad of four cells around it, in increasing order.
+///
+/// A sample in the quad is a convex combination of its four cells, so the class whose smallest
+/// corner is largest scores at least that much (the floor) everywhere in the quad, and a class
+/// whose every corner lies below the floor can never win there. With the floor lowered by the
+/// rounding margin, the labels are exactly those of evaluating every class at every pixel.
+struct Contenders {
+    rows: Option<(usize, usize)>,
+    /// Per span, its classes (positions among the allowed classes).
+    spans: Vec<Vec<usize>>,
+    /// Per span, the floor.
+    floor: Vec<f32>,
+    /// Per logit column, the smaller (larger) of the two rows' values of one class.
+    low: Vec<f32>,
+    high: Vec<f32>,
+}
+
+impl Contenders {
+    fn new(spans: usize, columns: usize) -> Self {
+        Self {
+            rows: None,
+            spans: vec![Vec::new(); spans],
+            floor: vec![0.0; spans],
+            low: vec![0.0; columns],
+            high: vec![0.0; columns],
+        }
+    }
+
+    /// Makes the contenders those of the pair of logit rows `ty` reads; a no-op if they are.
+    fn prepare(&mut self, planes: &Planes<'_>, spans: &Spans, ty: &Tap) {
+        if self.rows == Some((ty.i0, ty.i1)) {
+            return;
+        }
+        self.rows = Some((ty.i0, ty.i1));
+        let classes = planes.classes.len();
+        self.floor.fill(f32::NEG_INFINITY);
+        for k in 0..classes {
+            self.fill_low(planes, k, ty);
+            for (floor, &(x0, x1)) in self.floor.iter_mut().zip(&spans.pairs) {
+                *floor = floor.max(smaller(self.low[x0], self.low[x1]));
+            }
+        }
+        for floor in &mut self.floor {
+            *floor -= planes.margin;
+        }
+        self.spans.iter_mut().for_each(Vec::clear);
+        for k in 0..classes {
+            self.fill_high(planes, k, ty);
+            let spans = self.spans.iter_mut().zip(&self.floor).zip(&spans.pairs);
+            for ((span, &floor), &(x0, x1)) in spans {
+                // A NaN floor (an infinite margin) lets every class in.
+                if !(larger(self.high[x0], self.high[x1]) < floor) {
+                    span.push(k);
                 }
             }
         }
-        let cells = data.chunks_exact(n.max(1));
-        let best = cells.map(|cell| argmax(cell.iter().copied())).collect();
-        Self { data, best, n, ws }
     }
 
-    fn cell(&self, y: usize, x: usize) -> &[f32] {
-        let start = (y * self.ws + x) * self.n;
-        &self.data[start..start + self.n]
-    }
-
-    fn best(&self, y: usize, x: usize) -> usize {
-        self.best[y * self.ws + x]
-    }
-
-    /// The class best at all four cells the taps read, if there is one: it is then best at the
-    /// sample too, whose value is a convex combination of values that are each at least as large
-    /// as every other class's.
-    fn uniform(&self, ty: &Tap, tx: &Tap) -> Option<usize> {
-        let c = self.best(ty.i0, tx.i0);
-        let same = c == self.best(ty.i0, tx.i1)
-            && c == self.best(ty.i1, tx.i0)
-            && c == self.best(ty.i1, tx.i1);
-        same.then_some(c)
-    }
-
-    /// Interpolates column `x` between the rows of `ty` into `out`.
-    fn column(&self, ty: &Tap, x: usize, out: &mut [f32]) {
-        let rows = self.cell(ty.i0, x).iter().zip(self.cell(ty.i1, x));
-        for (v, (&a, &b)) in out.iter_mut().zip(rows) {
-            *v = ty.lerp(a, b);
+    fn fill_low(&mut self, planes: &Planes<'_>, k: usize, ty: &Tap) {
+        let (a, b) = (planes.row(k, ty.i0), planes.row(k, ty.i1));
+        for ((low, &a), &b) in self.low.iter_mut().zip(a).zip(b) {
+            *low = smaller(a, b);
         }
+    }
+
+    fn fill_high(&mut self, planes: &Planes<'_>, k: usize, ty: &Tap) {
+        let (a, b) = (planes.row(k, ty.i0), planes.row(k, ty.i1));
+        for ((high, &a), &b) in self.high.iter_mut().zip(a).zip(b) {
+            *high = larger(a, b);
+        }
+    }
+
+    fn of(&self, span: usize) -> &[usize] {
+        &self.spans[span]
     }
 }
 
-/// The classes that can win between two logit columns of one map row, for the pixels that fall
-/// between them.
-struct Span {
-    /// The logit columns the span was prepared for, on the current map row.
-    key: Option<(usize, usize)>,
-    /// Column values at the left and right column, per allowed class.
+fn smaller(a: f32, b: f32) -> f32 {
+    if a < b { a } else { b }
+}
+
+fn larger(a: f32, b: f32) -> f32 {
+    if a > b { a } else { b }
+}
+
+/// One map row's per-span work: the contenders' values at the span's left and right logit
+/// columns, interpolated between the two logit rows.
+#[derive(Default)]
+struct Row {
     left: Vec<f32>,
     right: Vec<f32>,
-    /// The classes that can be best between the columns, in increasing order.
-    contenders: Vec<usize>,
 }
 
-impl Span {
-    fn new(n: usize) -> Self {
-        Self {
-            key: None,
-            left: vec![0.0; n],
-            right: vec![0.0; n],
-            contenders: Vec::with_capacity(n),
+impl Row {
+    /// Labels the map row whose vertical taps are `ty`.
+    fn label(
+        &mut self,
+        planes: &Planes<'_>,
+        spans: &Spans,
+        contenders: &Contenders,
+        ty: &Tap,
+        x_taps: &[Tap],
+        labels: &mut [u16],
+    ) {
+        let mut current = None;
+        for ((tx, label), &span) in x_taps.iter().zip(labels).zip(&spans.of_column) {
+            let classes = contenders.of(span);
+            let best = if let [only] = classes {
+                *only
+            } else {
+                if current != Some(span) {
+                    current = Some(span);
+                    let (x0, x1) = spans.pairs[span];
+                    self.left.clear();
+                    self.right.clear();
+                    let columns = classes.iter();
+                    self.left
+                        .extend(columns.clone().map(|&k| planes.column(k, ty, x0)));
+                    self.right
+                        .extend(columns.map(|&k| planes.column(k, ty, x1)));
+                }
+                let values = self.left.iter().zip(&self.right);
+                classes[argmax(values.map(|(&a, &b)| tx.lerp(a, b)))]
+            };
+            *label = planes.classes[best];
         }
-    }
-
-    /// Forgets the prepared columns; called when a new map row starts.
-    fn reset(&mut self) {
-        self.key = None;
-    }
-
-    /// Makes the span hold the columns of `tx` on the map row whose vertical taps are `ty`.
-    fn prepare(&mut self, grid: &Grid, ty: &Tap, tx: &Tap) {
-        if self.key == Some((tx.i0, tx.i1)) {
-            return;
-        }
-        self.key = Some((tx.i0, tx.i1));
-        grid.column(ty, tx.i0, &mut self.left);
-        grid.column(ty, tx.i1, &mut self.right);
-        let c0 = argmax(self.left.iter().copied());
-        let c1 = argmax(self.right.iter().copied());
-        self.contenders.clear();
-        if c0 == c1 {
-            self.contenders.push(c0);
-        } else {
-            let floor = crossing_floor(&self.left, &self.right, c0, c1);
-            let (l, r) = (&self.left, &self.right);
-            self.contenders
-                .extend((0..l.len()).filter(|&c| l[c].max(r[c]) >= floor));
-        }
-    }
-
-    /// The best class at `tx` among the contenders.
-    fn best(&self, tx: &Tap) -> usize {
-        let values = self
-            .contenders
-            .iter()
-            .map(|&c| tx.lerp(self.left[c], self.right[c]));
-        self.contenders[argmax(values)]
-    }
-}
-
-/// A value the better of classes `c0` (best at column `a`) and `c1` (best at column `b`) never
-/// drops below between the columns: where their lines cross, less a margin for rounding. A class
-/// whose values at both columns lie below it can never win there.
-fn crossing_floor(a: &[f32], b: &[f32], c0: usize, c1: usize) -> f32 {
-    let (a0, b0) = (f64::from(a[c0]), f64::from(b[c0]));
-    let (a1, b1) = (f64::from(a[c1]), f64::from(b[c1]));
-    let w = (a0 - a1) / ((a0 - a1) + (b1 - b0));
-    let cross = a0 + (b0 - a0) * w;
-    let floor = cross - 1e-3 * (1.0 + cross.abs());
-    if floor.is_finite() {
-        floor as f32
-    } else {
-        f32::NEG_INFINITY
-    }
-}
-
-/// Labels the map row whose vertical taps are `ty`.
-fn label_row(
-    grid: &Grid,
-    classes: &[u16],
-    ty: &Tap,
-    x_taps: &[Tap],
-    labels: &mut [u16],
-    span: &mut Span,
-) {
-    span.reset();
-    for (tx, label) in x_taps.iter().zip(labels.iter_mut()) {
-        let k = grid.uniform(ty, tx).unwrap_or_else(|| {
-            span.prepare(grid, ty, tx);
-            span.best(tx)
-        });
-        *label = classes[k];
     }
 }
 

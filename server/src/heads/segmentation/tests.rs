@@ -1,7 +1,7 @@
 //! Unit tests of the segmentation post-processing and the label-map encodings.
 
 use image::DynamicImage;
-use ndarray::{Array3, ArrayView2};
+use ndarray::{Array3, ArrayView2, Axis};
 
 use super::*;
 
@@ -193,6 +193,90 @@ fn matches_a_direct_per_pixel_evaluation() {
     let logits = random_logits((20, 8, 8), 0x2545_f491);
     assert_matches_direct(&logits, &Geometry::resize(150, 110, 32, 32), 4, &[]);
     assert_matches_direct(&logits, &Geometry::letterbox(150, 110, 32, 32), 4, &[2, 19]);
+}
+
+/// The label map by brute force: every allowed class interpolated at every pixel (between the
+/// logit rows first, then between the columns, as the post-processing does), the first best
+/// class winning.
+fn every_class_at_every_pixel(
+    logits: &Array3<f32>,
+    geo: &Geometry,
+    stride: u32,
+    allowed: &[u32],
+) -> Vec<u16> {
+    let (c, hs, ws) = logits.dim();
+    let classes: Vec<usize> = if allowed.is_empty() {
+        (0..c).collect()
+    } else {
+        let mut ids: Vec<usize> = allowed.iter().map(|&id| id as usize).collect();
+        ids.sort_unstable();
+        ids
+    };
+    let x_taps = axis_taps(geo, Coord::X, 0..geo.orig_width, stride, ws);
+    let y_taps = axis_taps(geo, Coord::Y, 0..geo.orig_height, stride, hs);
+    let mut labels = Vec::new();
+    for ty in &y_taps {
+        for tx in &x_taps {
+            let value = |class: usize| {
+                let column =
+                    |x: usize| ty.lerp(logits[[class, ty.i0, x]], logits[[class, ty.i1, x]]);
+                tx.lerp(column(tx.i0), column(tx.i1))
+            };
+            let mut best = (classes[0], f32::NEG_INFINITY);
+            for &class in &classes {
+                let v = value(class);
+                if v > best.1 {
+                    best = (class, v);
+                }
+            }
+            labels.push(best.0 as u16);
+        }
+    }
+    labels
+}
+
+#[test]
+fn labels_equal_every_class_evaluated_at_every_pixel() {
+    let smooth = Array3::from_shape_fn((30, 12, 14), |(c, y, x)| {
+        let (c, y, x) = (c as f32, y as f32, x as f32);
+        (0.3 * x + 0.2 * c).sin() * 3.0 + (0.25 * y - 0.1 * c).cos() * 2.0
+    });
+    let noisy = random_logits((25, 9, 11), 0x1234_5678);
+    // Values from a small set: many exact ties, which the lowest class must win.
+    let ties = random_logits((12, 8, 8), 0x0bad_f00d).mapv(|v| v.round());
+    let mut broken = random_logits((6, 8, 8), 0x5eed_0001);
+    broken[[2, 3, 4]] = f32::NAN;
+    broken[[4, 6, 1]] = f32::INFINITY;
+    broken[[1, 0, 0]] = f32::NEG_INFINITY;
+    let cases = [
+        (smooth, Geometry::letterbox(101, 77, 56, 48)),
+        (noisy, Geometry::resize(23, 61, 44, 36)),
+        (ties, Geometry::letterbox(40, 40, 32, 32)),
+        (broken, Geometry::resize(29, 31, 32, 32)),
+    ];
+    for (i, (logits, geo)) in cases.iter().enumerate() {
+        let classes = logits.dim().0 as u32;
+        for allowed in [vec![], vec![classes - 1, 0, 2]] {
+            let filter = (!allowed.is_empty()).then_some(&allowed[..]);
+            let map = postprocess(logits.view(), geo, &params(4), filter).expect("valid");
+            let expected = every_class_at_every_pixel(logits, geo, 4, &allowed);
+            assert_eq!(map.labels, expected, "case {i}, classes {allowed:?}");
+        }
+    }
+}
+
+#[test]
+fn logits_in_any_memory_layout_give_the_same_map() {
+    let logits = random_logits((9, 6, 7), 0x0ddb_a11);
+    let geo = Geometry::resize(30, 20, 28, 24);
+    let standard = postprocess(logits.view(), &geo, &params(4), None).expect("valid");
+    // The same values stored channel-last, viewed as [C, H, W].
+    let (c, h, w) = logits.dim();
+    let channel_last = Array3::from_shape_fn((h, w, c), |(y, x, k)| logits[[k, y, x]]);
+    let view = channel_last.view().permuted_axes([2, 0, 1]);
+    assert!(!view.is_standard_layout());
+    let permuted = postprocess(view, &geo, &params(4), None).expect("valid");
+    assert_eq!(permuted, standard);
 }
 
 #[test]
