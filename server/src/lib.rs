@@ -11,6 +11,7 @@ pub mod error;
 pub mod geometry;
 pub mod grpc;
 pub mod heads;
+pub mod heap;
 pub mod lifecycle;
 pub mod manifest;
 pub mod media;
@@ -50,6 +51,9 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
         .await
         .map_err(|e| StartError::WarmUp(e.to_string()))?;
     tracing::info!(ms = took.as_millis() as u64, "warm-up done");
+    // Loading freed the models' parsed protobufs; the C heap would keep those pages.
+    let released = heap::release_free_memory();
+    tracing::debug!(released, "free heap memory returned to the system");
     Ok(pipeline)
 }
 
