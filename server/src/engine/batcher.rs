@@ -230,20 +230,28 @@ impl<R: BatchRunner> Task<R> {
     }
 
     /// `first` and the requests that follow it until they hold `max_images` images or
-    /// `max_delay` has passed; requests whose caller has gone are dropped as they come.
+    /// `max_delay` has passed; requests whose caller has gone are dropped as they come. Requests
+    /// already queued join at once; with no delay, nothing is waited for. (A timer would not do
+    /// for a zero delay: tokio rounds deadlines up to its next millisecond tick, so even an
+    /// elapsed one would hold the batch back by up to a millisecond.)
     async fn collect(&self, first: Pending, queue: &mut mpsc::Receiver<Pending>) -> Vec<Pending> {
         let deadline = tokio::time::Instant::now() + self.max_delay;
         let mut batch: Vec<Pending> = self.take(first).into_iter().collect();
         let mut images: usize = batch.iter().map(Pending::images).sum();
         while images < self.max_images {
-            match tokio::time::timeout_at(deadline, queue.recv()).await {
-                Ok(Some(next)) => {
-                    if let Some(next) = self.take(next) {
-                        images += next.images();
-                        batch.push(next);
+            let next = match queue.try_recv() {
+                Ok(next) => next,
+                Err(mpsc::error::TryRecvError::Empty) if !self.max_delay.is_zero() => {
+                    match tokio::time::timeout_at(deadline, queue.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
                     }
                 }
-                Ok(None) | Err(_) => break,
+                Err(_) => break,
+            };
+            if let Some(next) = self.take(next) {
+                images += next.images();
+                batch.push(next);
             }
         }
         batch

@@ -157,9 +157,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let mut incoming = incoming(listener);
-        let _client = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let accepted = incoming
             .next()
             .await

@@ -318,3 +318,75 @@ fn flags_default_to_8_images_and_no_delay() {
     assert_eq!(flags.batch.max_delay(), Duration::ZERO);
     assert!(Flags::try_parse_from(["test", "--max-batch", "0"]).is_err());
 }
+
+/// A task of `max_images` and `delay`, its runner never called.
+fn task(max_images: usize, delay: Duration) -> Task<Fake> {
+    let (_gate, gate) = watch::channel(true);
+    let (started, _) = mpsc::unbounded_channel();
+    Task {
+        model: "backbone".into(),
+        runner: Fake {
+            shapes: Arc::default(),
+            gate,
+            started,
+        },
+        max_images,
+        max_delay: delay,
+        counts: Arc::default(),
+        memory: Arc::new(FeatureMemory::host()),
+    }
+}
+
+/// A queued request of one image; its caller holds the receiver.
+fn pending() -> (Pending, oneshot::Receiver<Result<Run, EngineError>>) {
+    let (reply, answer) = oneshot::channel();
+    let pending = Pending {
+        inputs: named(input(1, 2, 1.0)),
+        enqueued: Instant::now(),
+        parent: Span::none(),
+        queue_span: Span::none(),
+        reply,
+    };
+    (pending, answer)
+}
+
+/// Runs `future` on a runtime without a time driver, where any timer panics.
+fn without_timers<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(future)
+}
+
+// With no delay the batcher must not touch a timer: tokio rounds a deadline up to its next
+// millisecond tick, so even an elapsed one would hold every lone request back.
+#[test]
+fn with_no_delay_a_lone_request_waits_on_no_timer() {
+    let task = task(8, Duration::ZERO);
+    let (_queue, mut pending_rx) = mpsc::channel(8);
+    let (first, _answer) = pending();
+    let batch = without_timers(task.collect(first, &mut pending_rx));
+    assert_eq!(batch.len(), 1);
+}
+
+#[test]
+fn with_no_delay_what_is_queued_joins_the_batch() {
+    let task = task(3, Duration::ZERO);
+    let (queue, mut pending_rx) = mpsc::channel(8);
+    let answers: Vec<_> = (0..4)
+        .map(|_| {
+            let (next, answer) = pending();
+            queue
+                .try_send(next)
+                .map_err(|_| "queue full")
+                .expect("queued");
+            answer
+        })
+        .collect();
+    let (first, _answer) = pending();
+    let batch = without_timers(task.collect(first, &mut pending_rx));
+    // The first and two of the four queued fill the batch of 3; two stay queued.
+    assert_eq!(batch.len(), 3);
+    assert_eq!(pending_rx.len(), 2);
+    drop(answers);
+}
