@@ -108,9 +108,9 @@ struct Planes<'a> {
     columns: usize,
     classes: &'a [u16],
     /// The margin below a quad's floor that still competes: it covers the rounding of the two
-    /// interpolations (an ulp of the largest magnitude each), with room to spare. Infinite when a
+    /// interpolations (an ulp of the largest magnitude each), with room to spare. `None` when a
     /// logit is not finite: every class then competes everywhere.
-    margin: f32,
+    margin: Option<f32>,
 }
 
 impl<'a> Planes<'a> {
@@ -123,7 +123,7 @@ impl<'a> Planes<'a> {
             rows,
             columns,
             classes,
-            margin: 0.0,
+            margin: None,
         };
         let mut magnitude = 0.0f32;
         let mut finite = true;
@@ -134,11 +134,7 @@ impl<'a> Planes<'a> {
                 magnitude = larger(magnitude, v.abs());
             }
         }
-        planes.margin = if finite {
-            1e-5 * (1.0 + magnitude)
-        } else {
-            f32::INFINITY
-        };
+        planes.margin = finite.then_some(1e-5 * (1.0 + magnitude));
         Some(planes)
     }
 
@@ -219,6 +215,13 @@ impl Contenders {
         }
         self.rows = Some((ty.i0, ty.i1));
         let classes = planes.classes.len();
+        self.spans.iter_mut().for_each(Vec::clear);
+        let Some(margin) = planes.margin else {
+            self.spans
+                .iter_mut()
+                .for_each(|span| span.extend(0..classes));
+            return;
+        };
         self.floor.fill(f32::NEG_INFINITY);
         for k in 0..classes {
             self.fill_low(planes, k, ty);
@@ -227,15 +230,13 @@ impl Contenders {
             }
         }
         for floor in &mut self.floor {
-            *floor -= planes.margin;
+            *floor -= margin;
         }
-        self.spans.iter_mut().for_each(Vec::clear);
         for k in 0..classes {
             self.fill_high(planes, k, ty);
             let spans = self.spans.iter_mut().zip(&self.floor).zip(&spans.pairs);
             for ((span, &floor), &(x0, x1)) in spans {
-                // A NaN floor (an infinite margin) lets every class in.
-                if !(larger(self.high[x0], self.high[x1]) < floor) {
+                if larger(self.high[x0], self.high[x1]) >= floor {
                     span.push(k);
                 }
             }
