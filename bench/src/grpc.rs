@@ -12,6 +12,7 @@ use polyhead_client::{Client, ClientOptions, v1};
 use v1::recognize_action_windows_response::Event;
 
 use crate::raw::Timing;
+use crate::rounds::{Part, Variant};
 use crate::rss;
 use crate::server::Server;
 use crate::stats::{Row, Samples};
@@ -42,32 +43,89 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<u32>> + Send + 'static,
 {
-    let call = Arc::new(call);
     let counter = Arc::new(AtomicU64::new(0));
-    closed_loop(
-        &call,
+    let part = slice(
+        server,
+        &Arc::new(call),
         &counter,
         concurrency,
-        timing.warmup,
         items_per_request,
+        timing,
     )
     .await?;
+    let mut row = Row::new(variant, "grpc", concurrency, &part.samples);
+    if let Some(passes) = part.server_passes
+        && row.requests > 0
+    {
+        row.backbone_passes_per_request = Some(passes / row.requests as f64);
+    }
+    row.peak_rss_mb = rss::peak_mb(server.pid());
+    Ok(row)
+}
+
+/// A gRPC variant for [`rounds::measure`]: every slice is a warm-up and a measured closed loop of
+/// `call` at `concurrency`, with the backbone passes the server counted in between.
+pub fn variant<'a, F, Fut>(
+    server: &'a Server,
+    name: String,
+    concurrency: usize,
+    items_per_request: u32,
+    call: F,
+) -> Variant<'a>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u32>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let counter = Arc::new(AtomicU64::new(0));
+    Variant {
+        name,
+        kind: "grpc",
+        concurrency,
+        run: Box::new(move |timing| {
+            let (call, counter) = (Arc::clone(&call), Arc::clone(&counter));
+            Box::pin(async move {
+                slice(
+                    server,
+                    &call,
+                    &counter,
+                    concurrency,
+                    items_per_request,
+                    timing,
+                )
+                .await
+            })
+        }),
+    }
+}
+
+async fn slice<F, Fut>(
+    server: &Server,
+    call: &Arc<F>,
+    counter: &Arc<AtomicU64>,
+    concurrency: usize,
+    items_per_request: u32,
+    timing: Timing,
+) -> Result<Part>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u32>> + Send + 'static,
+{
+    closed_loop(call, counter, concurrency, timing.warmup, items_per_request).await?;
     let before = server.backbone_passes()?;
     let samples = closed_loop(
-        &call,
-        &counter,
+        call,
+        counter,
         concurrency,
         timing.seconds,
         items_per_request,
     )
     .await?;
     let passes = server.backbone_passes()? - before;
-    let mut row = Row::new(variant, "grpc", concurrency, &samples);
-    if row.requests > 0 {
-        row.backbone_passes_per_request = Some(passes / row.requests as f64);
-    }
-    row.peak_rss_mb = rss::peak_mb(server.pid());
-    Ok(row)
+    Ok(Part {
+        samples,
+        server_passes: Some(passes),
+    })
 }
 
 async fn closed_loop<F, Fut>(

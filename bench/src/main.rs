@@ -7,6 +7,7 @@ mod grpc;
 mod media;
 mod raw;
 mod report;
+mod rounds;
 mod rss;
 mod server;
 mod stats;
@@ -14,6 +15,7 @@ mod targets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -49,6 +51,11 @@ struct Args {
     /// Warm-up seconds before each variant (default 2, or 0.3 with --smoke).
     #[arg(long)]
     warmup: Option<f64>,
+    /// Rounds the measured seconds of the side-by-side variants are split into: every round runs
+    /// each variant once, so that the machine's drift during the run weighs on all alike
+    /// (default 5, or 2 with --smoke).
+    #[arg(long)]
+    rounds: Option<u32>,
     /// ONNX Runtime intra-op threads per session, for the server and the in-process sessions.
     #[arg(long, default_value_t = 2)]
     intra_threads: usize,
@@ -58,9 +65,10 @@ struct Args {
     /// Concurrency levels tried for gRPC Detect at saturation; the best is the saturation figure.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     concurrency: Vec<usize>,
-    /// Feature cache budget of the cache phase, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
-    cache_bytes: u64,
+    /// Feature cache budget of the cache phase, in bytes (default: the server's default,
+    /// 268435456, or 4 MiB with --smoke). The phase fills it before reading the server's memory.
+    #[arg(long)]
+    cache_bytes: Option<u64>,
     /// Frames of the RecognizeAction clip (T).
     #[arg(long, default_value_t = 16)]
     clip_frames: u32,
@@ -115,7 +123,8 @@ async fn main() -> Result<()> {
         unavailable: Vec::new(),
         wall_seconds: 0.0,
     };
-    in_process(&args, &models, &inputs, timing, &mut report)?;
+    let rounds = args.rounds.unwrap_or(if args.smoke { 2 } else { 5 });
+    let cache_bytes = cache_bytes(&args);
     let spec = |cache_bytes: u64, phase: &str| ServerSpec {
         binary: server_binary(&args),
         models: models.clone(),
@@ -125,38 +134,26 @@ async fn main() -> Result<()> {
         spinning: false,
         log: out_dir.join(format!("server-{phase}.log")),
     };
-    let windows = uncached(&args, &inputs, timing, &spec(0, "uncached"), &mut report).await?;
+    let windows = side_by_side(&args, &models, &inputs, timing, rounds, &spec, &mut report).await?;
     cached(
         &inputs,
         timing,
-        &spec(args.cache_bytes, "cached"),
+        rounds,
+        &spec(cache_bytes, "cached"),
         &mut report,
     )
     .await?;
-    let host = ServerSpec {
-        placement: "host",
-        ..spec(0, "host")
-    };
-    variant(&args, &inputs, timing, GRPC_HOST, &host, &mut report).await?;
-    let spinning = ServerSpec {
-        spinning: true,
-        ..spec(0, "spinning")
-    };
-    variant(
-        &args,
-        &inputs,
-        timing,
-        GRPC_SPINNING,
-        &spinning,
-        &mut report,
-    )
-    .await?;
-    report.targets = targets::evaluate(&report, windows.as_ref(), args.cache_bytes);
+    report.targets = targets::evaluate(&report, windows.as_ref(), cache_bytes);
     report.wall_seconds = started.elapsed().as_secs_f64();
     report.print();
     report.write(&args.json)?;
     println!("report: {}", args.json.display());
     Ok(())
+}
+
+fn cache_bytes(args: &Args) -> u64 {
+    args.cache_bytes
+        .unwrap_or(if args.smoke { 4 << 20 } else { 256 << 20 })
 }
 
 fn secs(s: f64) -> Duration {
@@ -206,7 +203,8 @@ fn settings(args: &Args, models: &Path, timing: Timing) -> serde_json::Value {
         "concurrency": args.concurrency,
         "seconds_per_variant": timing.seconds.as_secs_f64(),
         "warmup_seconds": timing.warmup.as_secs_f64(),
-        "cache_bytes": args.cache_bytes,
+        "cache_bytes": cache_bytes(args),
+        "rounds": args.rounds.unwrap_or(if args.smoke { 2 } else { 5 }),
         "clip_frames": args.clip_frames,
         "window_video_frames": args.window_video_frames,
         "window_stride": args.window_stride,
@@ -237,151 +235,169 @@ fn server_binary(args: &Args) -> PathBuf {
     })
 }
 
-/// The raw and naive rows: ONNX Runtime sessions in this process.
-fn in_process(
+/// Every variant compared in a ratio, measured side by side in rounds: the in-process sessions
+/// (raw and naive), and three servers with the feature cache off (the default, one with features
+/// copied to host arrays, one with spinning ONNX Runtime threads). Then the sliding windows on the
+/// default server.
+async fn side_by_side(
     args: &Args,
     models: &Path,
     inputs: &Inputs,
     timing: Timing,
-    report: &mut Report,
-) -> Result<()> {
-    let set = raw::Models::new(models, args.intra_threads)?;
-    let image = &inputs.photo.tensor;
-    for threads in [1, args.raw_threads.max(1)] {
-        let name = format!("{RAW_DETECT} c={threads}");
-        eprintln!("bench: {name}");
-        let row = raw::measure(&name, "raw", 1, timing, || {
-            (0..threads)
-                .map(|_| set.shared(&["detection"]).map(|mut s| move || s.run(image)))
-                .collect()
-        })?;
-        report.rows.push(row);
-        if args.raw_threads <= 1 {
-            break;
-        }
-    }
-    let name = format!("{RAW_SHARED} c=1");
-    eprintln!("bench: {name}");
-    let row = raw::measure(&name, "raw", 1, timing, || {
-        let mut shared = set.shared(&["detection", "segmentation"])?;
-        Ok(vec![move || shared.run(image)])
-    })?;
-    report.rows.push(row);
-    let name = format!("{NAIVE_PAIR} c=1");
-    eprintln!("bench: {name}");
-    let input = set.input_name().to_owned();
-    let mut row = raw::measure(&name, "naive", 1, timing, || {
-        let mut pair =
-            set.monolithic(&["reference_detection.onnx", "reference_segmentation.onnx"])?;
-        Ok(vec![move || raw::run_monolithic(&mut pair, &input, image)])
-    })?;
-    // Each full model runs its own copy of the backbone.
-    row.backbone_passes_per_request = Some(2.0);
-    report.rows.push(row);
-    let name = format!("{RAW_FRAMES} c=1");
-    eprintln!("bench: {name}");
-    let frames = &inputs.clip_tensor;
-    let row = raw::measure(&name, "raw", args.clip_frames, timing, || {
-        let mut backbone = set.shared(&[])?;
-        Ok(vec![move || backbone.run(frames)])
-    })?;
-    report.rows.push(row);
-    Ok(())
-}
-
-/// Detect at concurrency 1 and at every `--concurrency` level, rows named `<name> c=<level>`.
-async fn detect_levels(
-    args: &Args,
-    timing: Timing,
-    server: &Server,
-    client: &polyhead_client::Client,
-    image: &v1::Image,
-    name: &str,
-    report: &mut Report,
-) -> Result<()> {
-    let mut levels = vec![1];
-    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
-    for c in levels {
-        let (client, image) = (client.clone(), image.clone());
-        let name = format!("{name} c={c}");
-        eprintln!("bench: {name}");
-        let row = grpc::measure(server, &name, c, 1, timing, move |_| {
-            grpc::detect(client.clone(), image.clone())
-        })
-        .await?;
-        report.rows.push(row);
-    }
-    Ok(())
-}
-
-/// The gRPC rows with the feature cache off: every image request runs the backbone.
-async fn uncached(
-    args: &Args,
-    inputs: &Inputs,
-    timing: Timing,
-    spec: &ServerSpec,
+    rounds: u32,
+    spec: &dyn Fn(u64, &str) -> ServerSpec,
     report: &mut Report,
 ) -> Result<Option<WindowRows>> {
-    eprintln!("bench: starting the server (cache off)");
-    let server = Server::start(spec).await?;
+    eprintln!("bench: starting the servers (cache off)");
+    let server = Server::start(&spec(0, "uncached")).await?;
+    let host = Server::start(&ServerSpec {
+        placement: "host",
+        ..spec(0, "host")
+    })
+    .await?;
+    let spinning = Server::start(&ServerSpec {
+        spinning: true,
+        ..spec(0, "spinning")
+    })
+    .await?;
     let client = grpc::connect(&server).await?;
     let image = image_from_bytes(inputs.photo.encoded.clone());
-    detect_levels(args, timing, &server, &client, &image, GRPC_DETECT, report).await?;
+    let set = raw::Models::new(models, args.intra_threads)?;
+    let mut variants = in_process(args, &set, inputs)?;
+    variants.extend(detect_levels(args, &server, &client, &image, GRPC_DETECT));
     let (c2, i2) = (client.clone(), image.clone());
-    eprintln!("bench: {GRPC_SEGMENT}");
-    let row = grpc::measure(&server, GRPC_SEGMENT, 1, 1, timing, move |_| {
-        grpc::segment(c2.clone(), i2.clone())
-    })
-    .await?;
-    report.rows.push(row);
+    variants.push(grpc::variant(
+        &server,
+        GRPC_SEGMENT.into(),
+        1,
+        1,
+        move |_| grpc::segment(c2.clone(), i2.clone()),
+    ));
     let (c3, i3) = (client.clone(), image.clone());
-    eprintln!("bench: {GRPC_ANALYZE}");
-    let row = grpc::measure(&server, GRPC_ANALYZE, 1, 1, timing, move |_| {
-        grpc::analyze(c3.clone(), i3.clone())
-    })
-    .await?;
-    report.rows.push(row);
+    variants.push(grpc::variant(
+        &server,
+        GRPC_ANALYZE.into(),
+        1,
+        1,
+        move |_| grpc::analyze(c3.clone(), i3.clone()),
+    ));
     let (c4, clip, frames) = (client.clone(), Arc::clone(&inputs.clip), args.clip_frames);
-    eprintln!("bench: {GRPC_CLIP}");
-    let row = grpc::measure(&server, GRPC_CLIP, 1, frames, timing, move |_| {
-        grpc::action(c4.clone(), Arc::clone(&clip), frames)
-    })
-    .await?;
-    report.rows.push(row);
+    variants.push(grpc::variant(
+        &server,
+        GRPC_CLIP.into(),
+        1,
+        frames,
+        move |_| grpc::action(c4.clone(), Arc::clone(&clip), frames),
+    ));
+    for (other, prefix) in [(&host, GRPC_HOST), (&spinning, GRPC_SPINNING)] {
+        let client = grpc::connect(other).await?;
+        let detect = format!("{prefix} Detect");
+        variants.extend(detect_levels(args, other, &client, &image, &detect));
+        let image = image.clone();
+        variants.push(grpc::variant(
+            other,
+            format!("{prefix} Analyze c=1"),
+            1,
+            1,
+            move |_| grpc::analyze(client.clone(), image.clone()),
+        ));
+    }
+    let rows = rounds::measure(variants, timing, rounds).await?;
+    for mut row in rows {
+        match row.kind {
+            // Each full model runs its own copy of the backbone.
+            "naive" => row.backbone_passes_per_request = Some(2.0),
+            "grpc" => {
+                let process = if row.variant.starts_with(GRPC_HOST) {
+                    &host
+                } else if row.variant.starts_with(GRPC_SPINNING) {
+                    &spinning
+                } else {
+                    &server
+                };
+                row.peak_rss_mb = rss::peak_mb(process.pid());
+            }
+            _ => {}
+        }
+        report.rows.push(row);
+    }
+    drop(set);
+    host.stop().await?;
+    spinning.stop().await?;
     let windows = windows(args, inputs, timing, &server, &client, report).await?;
     report.phases.push(Phase {
         name: "uncached phase".into(),
         cache_bytes: 0,
+        cache_held_bytes: None,
         peak_rss_mb: rss::peak_mb(server.pid()),
     });
     server.stop().await?;
     Ok(windows)
 }
 
-/// Detect at every concurrency level, and Analyze at concurrency 1, on a server started
-/// otherwise than the default (`spec`), its rows named after `prefix`.
-async fn variant(
+/// The raw and naive variants: ONNX Runtime sessions in this process, on the preprocessed photo
+/// and clip.
+fn in_process<'a>(
     args: &Args,
-    inputs: &Inputs,
-    timing: Timing,
-    prefix: &str,
-    spec: &ServerSpec,
-    report: &mut Report,
-) -> Result<()> {
-    eprintln!("bench: starting the server (cache off; {prefix})");
-    let server = Server::start(spec).await?;
-    let client = grpc::connect(&server).await?;
-    let image = image_from_bytes(inputs.photo.encoded.clone());
-    let detect = format!("{prefix} Detect");
-    detect_levels(args, timing, &server, &client, &image, &detect, report).await?;
-    let name = format!("{prefix} Analyze c=1");
-    eprintln!("bench: {name}");
-    let row = grpc::measure(&server, &name, 1, 1, timing, move |_| {
-        grpc::analyze(client.clone(), image.clone())
-    })
-    .await?;
-    report.rows.push(row);
-    server.stop().await
+    set: &raw::Models,
+    inputs: &'a Inputs,
+) -> Result<Vec<rounds::Variant<'a>>> {
+    let image = &inputs.photo.tensor;
+    let mut variants = Vec::new();
+    let mut levels = vec![1];
+    levels.extend((args.raw_threads > 1).then_some(args.raw_threads));
+    for threads in levels {
+        let workers = (0..threads)
+            .map(|_| set.shared(&["detection"]).map(|mut s| move || s.run(image)))
+            .collect::<Result<Vec<_>>>()?;
+        let name = format!("{RAW_DETECT} c={threads}");
+        variants.push(raw::variant(name, "raw", 1, workers));
+    }
+    let mut shared = set.shared(&["detection", "segmentation"])?;
+    variants.push(raw::variant(
+        format!("{RAW_SHARED} c=1"),
+        "raw",
+        1,
+        vec![move || shared.run(image)],
+    ));
+    let input = set.input_name().to_owned();
+    let mut pair = set.monolithic(&["reference_detection.onnx", "reference_segmentation.onnx"])?;
+    variants.push(raw::variant(
+        format!("{NAIVE_PAIR} c=1"),
+        "naive",
+        1,
+        vec![move || raw::run_monolithic(&mut pair, &input, image)],
+    ));
+    let frames = &inputs.clip_tensor;
+    let mut backbone = set.shared(&[])?;
+    variants.push(raw::variant(
+        format!("{RAW_FRAMES} c=1"),
+        "raw",
+        args.clip_frames,
+        vec![move || backbone.run(frames)],
+    ));
+    Ok(variants)
+}
+
+/// Detect at concurrency 1 and at every `--concurrency` level, variants named `<name> c=<level>`.
+fn detect_levels<'a>(
+    args: &Args,
+    server: &'a Server,
+    client: &polyhead_client::Client,
+    image: &v1::Image,
+    name: &str,
+) -> Vec<rounds::Variant<'a>> {
+    let mut levels = vec![1];
+    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
+    levels
+        .into_iter()
+        .map(|c| {
+            let (client, image) = (client.clone(), image.clone());
+            grpc::variant(server, format!("{name} c={c}"), c, 1, move |_| {
+                grpc::detect(client.clone(), image.clone())
+            })
+        })
+        .collect()
 }
 
 /// Sliding windows of T frames with stride s and with stride T (no overlap) over one video.
@@ -434,10 +450,12 @@ fn unavailable(report: &mut Report, why: &str) -> Result<Option<WindowRows>> {
 }
 
 /// The cache phase: a cold Segment (a new image every call) and a Segment on an image the
-/// server has seen, both sent as raw RGB so that they cost the same to decode.
+/// server has seen, side by side in rounds, both sent as raw RGB so that they cost the same to
+/// decode; then new images until the cache holds its budget, for the memory figure.
 async fn cached(
     inputs: &Inputs,
     timing: Timing,
+    rounds: u32,
     spec: &ServerSpec,
     report: &mut Report,
 ) -> Result<()> {
@@ -452,27 +470,61 @@ async fn cached(
         inputs.photo.height,
         inputs.photo.rgb.clone(),
     ));
-    let (c1, p1) = (client.clone(), Arc::clone(&photo));
-    eprintln!("bench: {SEGMENT_COLD}");
-    let row = grpc::measure(&server, SEGMENT_COLD, 1, 1, timing, move |n| {
-        let (w, h, rgb) = &*p1;
-        let image = raw_image(*w, *h, media::variant(rgb, *w, n + 1));
-        grpc::segment(c1.clone(), image)
-    })
-    .await?;
-    report.rows.push(row);
+    let fresh = Arc::new(AtomicU64::new(1));
+    let new_image = {
+        let (photo, fresh) = (Arc::clone(&photo), Arc::clone(&fresh));
+        move || {
+            let (w, h, rgb) = &*photo;
+            raw_image(
+                *w,
+                *h,
+                media::variant(rgb, *w, fresh.fetch_add(1, Ordering::Relaxed)),
+            )
+        }
+    };
+    let cold = {
+        let (client, new_image) = (client.clone(), new_image.clone());
+        grpc::variant(&server, SEGMENT_COLD.into(), 1, 1, move |_| {
+            grpc::segment(client.clone(), new_image())
+        })
+    };
     let (w, h, rgb) = &*photo;
     let seen = raw_image(*w, *h, rgb.clone());
-    eprintln!("bench: {SEGMENT_WARM}");
-    let row = grpc::measure(&server, SEGMENT_WARM, 1, 1, timing, move |_| {
-        grpc::segment(client.clone(), seen.clone())
-    })
-    .await?;
-    report.rows.push(row);
+    let warm = {
+        let client = client.clone();
+        grpc::variant(&server, SEGMENT_WARM.into(), 1, 1, move |_| {
+            grpc::segment(client.clone(), seen.clone())
+        })
+    };
+    for mut row in rounds::measure(vec![cold, warm], timing, rounds).await? {
+        row.peak_rss_mb = rss::peak_mb(server.pid());
+        report.rows.push(row);
+    }
+    let held = fill_cache(&server, &client, spec.cache_bytes, new_image).await?;
     report.phases.push(Phase {
         name: "cache phase".into(),
         cache_bytes: spec.cache_bytes,
+        cache_held_bytes: Some(held),
         peak_rss_mb: rss::peak_mb(server.pid()),
     });
     server.stop().await
+}
+
+/// Segments new images until the feature cache holds at least 95% of `budget` bytes or has
+/// started evicting; answers the bytes it holds.
+async fn fill_cache(
+    server: &Server,
+    client: &polyhead_client::Client,
+    budget: u64,
+    new_image: impl Fn() -> v1::Image,
+) -> Result<f64> {
+    eprintln!("bench: filling the feature cache");
+    loop {
+        let held = server.metric("polyhead_feature_cache_bytes")?;
+        let evicted = server.metric("polyhead_feature_cache_evictions_total")?;
+        if held >= 0.95 * budget as f64 || evicted > 0.0 {
+            return Ok(held);
+        }
+        grpc::segment(client.clone(), new_image()).await?;
+    }
 }

@@ -15,8 +15,8 @@ use polyhead_server::config::RuntimeConfig;
 use polyhead_server::engine::{Device, Placement, Runtime};
 use polyhead_server::manifest::Manifest;
 
-use crate::rss;
-use crate::stats::{Row, Samples};
+use crate::rounds::{Part, Variant};
+use crate::stats::Samples;
 
 /// One preprocessed input: `shape` is `[N, 3, H, W]`.
 #[derive(Debug, Clone)]
@@ -145,29 +145,34 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("{e}")
 }
 
-/// Runs one worker per thread (each owning its sessions), all started together, for the warm-up
-/// and then for the measured time; the row's peak RSS is this process's, reset before the
-/// workers were built by `build`.
-pub fn measure<W>(
-    variant: &str,
+/// An in-process variant for [`rounds::measure`]: every slice runs `workers` together, one
+/// thread each (each owning its sessions), first for the warm-up, then for the measured time.
+pub fn variant<'a, W>(
+    name: String,
     kind: &'static str,
     items_per_request: u32,
-    timing: Timing,
-    build: impl FnOnce() -> Result<Vec<W>>,
-) -> Result<Row>
+    mut workers: Vec<W>,
+) -> Variant<'a>
 where
-    W: FnMut() -> Result<()> + Send,
+    W: FnMut() -> Result<()> + Send + 'a,
 {
-    rss::reset_own_peak();
-    let workers = build()?;
-    let threads = workers.len();
-    let samples = run_threads(workers, timing, items_per_request)?;
-    let mut row = Row::new(variant, kind, threads, &samples);
-    row.peak_rss_mb = rss::own_peak_mb();
-    Ok(row)
+    Variant {
+        name,
+        kind,
+        concurrency: workers.len(),
+        run: Box::new(move |timing| {
+            let samples = tokio::task::block_in_place(|| {
+                run_threads(&mut workers, timing, items_per_request)
+            });
+            Box::pin(std::future::ready(samples.map(|samples| Part {
+                samples,
+                server_passes: None,
+            })))
+        }),
+    }
 }
 
-fn run_threads<W>(workers: Vec<W>, timing: Timing, items_per_request: u32) -> Result<Samples>
+fn run_threads<W>(workers: &mut [W], timing: Timing, items_per_request: u32) -> Result<Samples>
 where
     W: FnMut() -> Result<()> + Send,
 {
@@ -175,8 +180,8 @@ where
     let started = std::sync::OnceLock::new();
     let parts = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
-            .into_iter()
-            .map(|mut work| {
+            .iter_mut()
+            .map(|work| {
                 let (barrier, started) = (&barrier, &started);
                 scope.spawn(move || {
                     let warm_until = Instant::now() + timing.warmup;
@@ -185,7 +190,7 @@ where
                     }
                     barrier.wait();
                     let start = *started.get_or_init(Instant::now);
-                    timed_loop(&mut work, start + timing.seconds, items_per_request)
+                    timed_loop(work, start + timing.seconds, items_per_request)
                 })
             })
             .collect();

@@ -13,6 +13,8 @@ use crate::stats::Row;
 pub struct Phase {
     pub name: String,
     pub cache_bytes: u64,
+    /// Bytes the feature cache held when the peak was read.
+    pub cache_held_bytes: Option<f64>,
     pub peak_rss_mb: Option<f64>,
 }
 
@@ -89,8 +91,12 @@ impl Report {
             );
         }
         for p in &self.phases {
+            let held = p
+                .cache_held_bytes
+                .map(|b| format!(", holding {:.0} MiB", b / (1024.0 * 1024.0)))
+                .unwrap_or_default();
             println!(
-                "server peak RSS after {} (cache {} MiB): {} MB",
+                "server peak RSS after {} (cache budget {} MiB{held}): {} MB",
                 p.name,
                 p.cache_bytes >> 20,
                 opt(p.peak_rss_mb, 0)

@@ -101,8 +101,13 @@ impl Server {
 
     /// `polyhead_backbone_passes_total` from the server's `/metrics` (0 if absent).
     pub fn backbone_passes(&self) -> Result<f64> {
+        self.metric("polyhead_backbone_passes_total")
+    }
+
+    /// Metric `name` from the server's `/metrics`, summed over its label sets (0 if absent).
+    pub fn metric(&self, name: &str) -> Result<f64> {
         let text = http_get(self.metrics_addr, "/metrics")?;
-        Ok(metric_sum(&text, "polyhead_backbone_passes_total"))
+        Ok(metric_sum(&text, name))
     }
 
     /// Sends SIGTERM and waits for the process to exit (killing it after 30 s).
