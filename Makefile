@@ -5,6 +5,9 @@ CARGO ?= cargo
 JOBS ?= 2
 PRESET ?= tiny
 export POLYHEAD_MODELS ?= models/generated/$(PRESET)
+# ONNX Runtime's official builds report usage to Microsoft unless this is set before the library
+# loads; the server and the benchmark set it themselves, this covers the tests and the scripts.
+export ORT_DISABLE_TELEMETRY ?= 1
 
 .PHONY: all setup models build run test soak bench bench-smoke fuzz fuzz-smoke lint fmt clean
 

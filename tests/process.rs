@@ -35,10 +35,16 @@ impl ServerProcess {
     /// Starts the binary on the test model set, its feature cache off, with `env` added to its
     /// environment, and waits until its health service reports SERVING.
     pub async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_without(env, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with the variables `unset` removed from its environment.
+    pub async fn start_without(env: &[(&str, &str)], unset: &[&str]) -> Self {
         let binary = binary();
         let (addr, metrics_addr) = (free_port(), free_port());
         let log = NamedTempFile::new().expect("a file for the server's log");
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .current_dir(root())
             .arg("--listen")
             .arg(addr.to_string())
@@ -50,7 +56,11 @@ impl ServerProcess {
             // As on the shared server: every image request runs the backbone.
             .env("POLYHEAD_CACHE_BYTES", "0")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        for name in unset {
+            command.env_remove(name);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(shared(log.as_file()))
             .stderr(shared(log.as_file()))

@@ -116,6 +116,48 @@ async fn every_window_of_a_stream_records_its_stages() {
 }
 
 /// Streams `clip` as windows of 8 frames every 4 to the end; returns how many windows came.
+// ONNX Runtime's official builds report usage to Microsoft from Linux unless
+// ORT_DISABLE_TELEMETRY=1 is set before the library loads; when they do, they keep a device id
+// and an event cache under $HOME/.cache/Microsoft. Started without the variable, the server must
+// set it itself: after start-up, a call and a drain, that directory must not exist.
+#[tokio::test]
+async fn onnx_runtime_telemetry_stays_off() {
+    let home = tempfile::tempdir().expect("a home directory");
+    let home_path = home.path().to_str().expect("a UTF-8 path");
+    let mut server = ServerProcess::start_without(
+        &[("HOME", home_path)],
+        &[
+            polyhead_server::engine::RUNTIME_TELEMETRY_VAR,
+            "XDG_CACHE_HOME",
+        ],
+    )
+    .await;
+    let client = connect(server.addr).await;
+    client
+        .detect(encoded(photo("chelsea.png")), Default::default(), "")
+        .await
+        .expect("a Detect");
+    assert!(server.terminate().await.success());
+    let written: Vec<_> = walk(home.path());
+    assert!(
+        !home.path().join(".cache/Microsoft").exists(),
+        "ONNX Runtime telemetry wrote {written:?}"
+    );
+}
+
+/// Every path under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}
+
 async fn stream_windows(addr: SocketAddr, clip: Vec<u8>) -> usize {
     use v1::recognize_action_windows_response::Event;
     let options = v1::WindowOptions {

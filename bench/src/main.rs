@@ -94,8 +94,16 @@ struct Inputs {
     window_video: Arc<Vec<u8>>,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // The in-process sessions load ONNX Runtime here too.
+    polyhead_server::engine::disable_runtime_telemetry();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let models = args.models.clone().unwrap_or_else(|| {

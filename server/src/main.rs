@@ -3,8 +3,21 @@
 use polyhead_server::Config;
 use polyhead_server::telemetry::Telemetry;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    polyhead_server::engine::disable_runtime_telemetry();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let config = match polyhead_server::config_layers::parse(std::env::args_os()) {
         Ok(config) => config,
         Err(e) => e.exit(),

@@ -8,7 +8,7 @@ mod tensor;
 mod worker;
 
 pub use batcher::{BatchConfig, BatchRunner, Batcher, WorkerRunner};
-pub use runtime::{Device, Runtime};
+pub use runtime::{Device, RUNTIME_TELEMETRY_VAR, Runtime, disable_runtime_telemetry};
 pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor, device_memory};
 pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};
 

@@ -112,6 +112,27 @@ impl Runtime {
     }
 }
 
+/// The variable with which ONNX Runtime's own usage telemetry is turned off.
+pub const RUNTIME_TELEMETRY_VAR: &str = "ORT_DISABLE_TELEMETRY";
+
+/// Turns ONNX Runtime's usage telemetry off for this process, unless its environment already
+/// says either way (`ORT_DISABLE_TELEMETRY`).
+///
+/// The official builds since 1.29 report to Microsoft from Linux too: they resolve and contact
+/// `mobile.events.data.microsoft.com` and keep a device id and an event cache under
+/// `~/.cache/Microsoft`. The C API's `DisableTelemetryEvents` needs an environment and so comes
+/// after the first event; only the variable, read when the library initialises, stops them all.
+///
+/// Call it first thing in `main`, before any other thread exists: changing the environment
+/// races with threads that read it.
+#[allow(unsafe_code)]
+pub fn disable_runtime_telemetry() {
+    if std::env::var_os(RUNTIME_TELEMETRY_VAR).is_none() {
+        // SAFETY: called at the start of `main`, while this is the process's only thread.
+        unsafe { std::env::set_var(RUNTIME_TELEMETRY_VAR, "1") };
+    }
+}
+
 /// The process's one ONNX Runtime environment (ONNX Runtime allows a single one), created on
 /// first use from the library `explicit` or the default search; later calls share it.
 fn environment(explicit: Option<&Path>) -> Result<Environment, EngineError> {
