@@ -206,15 +206,73 @@ async fn each_frame_passes_the_backbone_once_and_windows_match_recognize_action(
     }
 }
 
-#[tokio::test]
-async fn new_frames_are_split_into_backbone_runs_of_at_most_max_batch() {
+/// A server whose backbone runs take at most 3 images, its feature cache off.
+fn small_batches() -> &'static TestServer {
     static SMALL_BATCHES: OnceLock<TestServer> = OnceLock::new();
-    let server = SMALL_BATCHES.get_or_init(|| {
+    SMALL_BATCHES.get_or_init(|| {
         let mut config = Config::for_models(common::models_dir());
         config.cache.cache_bytes = 0;
         config.batch.max_batch = 3;
         common::start_server(config)
-    });
+    })
+}
+
+/// Checks that two top-k lists name the same classes in the same order, with scores within 1e-4.
+fn assert_same_top(got: &[v1::ActionScore], want: &[v1::ActionScore], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (x, y) in got.iter().zip(want) {
+        assert_eq!(x.class_id, y.class_id, "{what}");
+        assert_eq!(x.label, y.label, "{what}");
+        assert!(
+            (x.score - y.score).abs() < 1e-4,
+            "{what}: {} vs {}",
+            x.score,
+            y.score
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_clips_frames_run_in_backbone_runs_of_at_most_max_batch() {
+    let server = small_batches();
+    let frames = png_frames(&lossless_clip());
+    let options = v1::ActionOptions {
+        num_frames: 8,
+        top_k: 5,
+        ..Default::default()
+    };
+    let before = server.pipeline.backbone_images();
+    let got = common::connect(server.addr)
+        .await
+        .recognize_frames(frames.clone(), 10.0, options.clone(), "")
+        .await
+        .expect("RecognizeAction");
+    let timings = got.timings.as_ref().expect("timings");
+    // 8 frames as 3 + 3 + 2, each frame once.
+    assert_eq!((timings.backbone_passes, timings.backbone_images), (3, 8));
+    assert_eq!(server.pipeline.backbone_images() - before, 8);
+
+    // The same scores as one run over all 8 frames.
+    let default = common::server();
+    assert_eq!(default.pipeline.models().backbone.max_batch(), 8);
+    let reference = common::connect(default.addr)
+        .await
+        .recognize_frames(frames, 10.0, options, "")
+        .await
+        .expect("reference RecognizeAction");
+    let one_run = reference.timings.as_ref().expect("timings");
+    assert_eq!((one_run.backbone_passes, one_run.backbone_images), (1, 8));
+    let (got, reference) = (
+        got.actions.expect("actions"),
+        reference.actions.expect("reference actions"),
+    );
+    assert_eq!(got.frame_timestamps, reference.frame_timestamps);
+    assert_same_top(&got.top, &reference.top, "clip");
+}
+
+#[tokio::test]
+async fn new_frames_are_split_into_backbone_runs_of_at_most_max_batch() {
+    let server = small_batches();
     assert_eq!(server.pipeline.models().backbone.max_batch(), 3);
     let client = common::connect(server.addr).await;
     let clip = lossless_clip();
@@ -259,18 +317,7 @@ async fn new_frames_are_split_into_backbone_runs_of_at_most_max_batch() {
     for (a, b) in got.windows.iter().zip(&reference.windows) {
         assert_eq!(a.first_frame, b.first_frame);
         assert_eq!(a.frame_timestamps, b.frame_timestamps);
-        assert_eq!(a.top.len(), b.top.len());
-        for (x, y) in a.top.iter().zip(&b.top) {
-            assert_eq!(x.class_id, y.class_id, "window {}", a.index);
-            assert_eq!(x.label, y.label);
-            assert!(
-                (x.score - y.score).abs() < 1e-4,
-                "window {}: {} vs {}",
-                a.index,
-                x.score,
-                y.score
-            );
-        }
+        assert_same_top(&a.top, &b.top, &format!("window {}", a.index));
     }
 }
 

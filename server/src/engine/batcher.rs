@@ -23,7 +23,8 @@ use crate::telemetry::metrics;
 #[serde(rename_all = "kebab-case")]
 pub struct BatchConfig {
     /// Most images one backbone (or head) run takes from concurrent requests; 1 turns batching
-    /// off.
+    /// off. A clip's frames, and a window's new frames, go through the backbone in runs of at
+    /// most this many.
     #[arg(
         long,
         env = "POLYHEAD_MAX_BATCH",

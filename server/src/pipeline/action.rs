@@ -1,15 +1,17 @@
-//! The clip path: decode and sample frames, ONE backbone run over all sampled frames as a
-//! batch, then the action head over the per-frame features, softmax and top-k.
+//! The clip path: decode and sample frames, run them through the backbone as a batch (in runs of
+//! at most `--max-batch` frames, one after another), then the action head over the per-frame
+//! features, softmax and top-k.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
+use ndarray::{ArrayD, Axis, Slice};
 use tracing::Span;
 
 use super::types::{ActionRequest, Actions, ClipInput, HeadTiming, Timings};
 use super::{Pipeline, output, stack};
-use crate::engine::{NamedTensors, Stage};
+use crate::engine::{Memory, NamedTensors, Stage};
 use crate::error::Error;
 use crate::heads::{ClassScore, action};
 use crate::media;
@@ -18,6 +20,16 @@ use crate::media::preprocess::PreprocessSpec;
 use crate::media::video::{Sampling, VideoLimits};
 use crate::model_set::Head;
 use crate::telemetry::metrics;
+
+/// A clip's features for its action head, and what the backbone runs took.
+#[derive(Default)]
+struct ClipFeatures {
+    inputs: NamedTensors,
+    queued: Duration,
+    elapsed: Duration,
+    passes: u32,
+    memory: Option<Memory>,
+}
 
 /// Sampled frames, preprocessed into one batch.
 struct PreparedClip {
@@ -44,12 +56,9 @@ impl Pipeline {
         };
         let clip = self.prepare_clip(request.clip, sampling).await?;
         let frames = clip.timestamps.len() as u32;
-        let features = self.run_backbone(clip.batch).await?;
         let head = &request.head;
-        let run = head
-            .worker
-            .run_as(Stage::Head, features.select(&head.spec.inputs)?)
-            .await?;
+        let features = self.clip_features(clip.batch, head).await?;
+        let run = head.worker.run_as(Stage::Head, features.inputs).await?;
         let post_started = Instant::now();
         let top = postprocess(head.name(), &run.outputs, request.top_k)?;
         let postprocess = post_started.elapsed();
@@ -66,16 +75,54 @@ impl Pipeline {
             }],
             postprocess,
             total: started.elapsed(),
-            backbone_passes: 1,
+            backbone_passes: features.passes,
             backbone_images: frames,
             features_cached: false,
-            feature_memory: features.memory(),
+            feature_memory: features.memory,
         };
         let actions = Actions {
             top,
             frame_timestamps: clip.timestamps,
         };
         Ok((actions, timings))
+    }
+
+    /// Runs the frames of `batch` (`[T, 3, H, W]`) through the backbone in runs of at most
+    /// `--max-batch` frames, one after another, and stacks the outputs `head` reads in frame
+    /// order, as one run over all T frames gives them.
+    async fn clip_features(&self, batch: ArrayD<f32>, head: &Head) -> Result<ClipFeatures, Error> {
+        let frames = batch.shape().first().copied().unwrap_or(0);
+        let most = self.models.backbone.max_batch().max(1);
+        let mut clip = ClipFeatures::default();
+        let runs = if frames <= most {
+            vec![batch]
+        } else {
+            (0..frames)
+                .step_by(most)
+                .map(|start| {
+                    let range = start..(start + most).min(frames);
+                    batch.slice_axis(Axis(0), Slice::from(range)).to_owned()
+                })
+                .collect()
+        };
+        let mut parts = Vec::with_capacity(runs.len());
+        for chunk in runs {
+            let run = self.run_backbone(chunk).await?;
+            parts.push(run.select(&head.spec.inputs)?);
+            clip.queued += run.queued;
+            clip.elapsed += run.elapsed;
+            clip.passes += 1;
+            clip.memory = run.memory();
+        }
+        clip.inputs = if parts.len() == 1 {
+            parts.pop().unwrap_or_default()
+        } else {
+            self.models
+                .memory
+                .concat_named(parts)
+                .map_err(|e| Error::Internal(format!("stacking a clip's features: {e}")))?
+        };
+        Ok(clip)
     }
 
     /// Runs a short synthetic clip through `head`.
