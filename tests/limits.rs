@@ -306,6 +306,39 @@ async fn a_gzip_bomb_is_refused_while_inflating() {
     detect(&client, 4).await.expect("the server serves on");
 }
 
+#[tokio::test]
+async fn a_deadline_that_passes_while_the_message_arrives_is_deadline_exceeded() {
+    // The headers arrive, the message never does: tonic is still reading it when the deadline
+    // passes, and its own timer would answer CANCELLED.
+    let server = server(1, 64, |_| {});
+    for timeout_ms in [5, 20, 50] {
+        let tcp = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        let (h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(connection);
+        let mut h2 = h2.ready().await.expect("ready");
+        let request = http::Request::post(format!(
+            "http://{}/polyhead.v1.Polyhead/Detect",
+            server.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", format!("{timeout_ms}m"))
+        .body(())
+        .expect("request");
+        let (response, _open_body) = h2.send_request(request, false).expect("send");
+        let response = response.await.expect("response");
+        let status = response.headers().get("grpc-status").cloned();
+        let message = response.headers().get("grpc-message").cloned();
+        assert_eq!(
+            status.as_ref().and_then(|s| s.to_str().ok()),
+            Some("4"),
+            "grpc-timeout {timeout_ms}m: DEADLINE_EXCEEDED is 4 ({message:?})"
+        );
+    }
+}
+
 /// Sends a Detect of `image` with `grpc-timeout: <timeout_ms>m` over a bare HTTP/2 connection
 /// (no gRPC client, so no client-side timer races the server's answer) and returns the
 /// `grpc-status` the server answered with.

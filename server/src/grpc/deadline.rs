@@ -5,7 +5,8 @@
 //! The deadline counts from the call's arrival, stamped by [`ArrivalLayer`] synchronously as
 //! tonic hands the request over, before its body is read or its task is first polled. tonic also
 //! enforces `grpc-timeout` from that moment, answering CANCELLED ("Timeout expired"); ending one
-//! timer tick earlier makes the caller get DEADLINE_EXCEEDED.
+//! timer tick earlier makes the caller get DEADLINE_EXCEEDED, from the handler once the request
+//! message has arrived, and from [`ArrivalLayer`] itself while it is still arriving.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -66,7 +67,12 @@ const TIMER_TICK: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, Copy)]
 struct Arrival(Instant);
 
-/// The outermost layer: stamps every request with the moment it arrives.
+/// Stamps every request with the moment it arrives and, for a call with a `grpc-timeout`, ends
+/// it with DEADLINE_EXCEEDED once that has passed (one timer tick early) if no response has
+/// started by then. The handler's own deadline covers calls whose message has arrived; this one
+/// covers the time before, while tonic still reads and decodes the message, where otherwise
+/// tonic's own timer would answer CANCELLED ("Timeout expired"). Inside the metrics layer, so
+/// that such calls are counted too.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ArrivalLayer;
 
@@ -82,13 +88,14 @@ impl<S> tower::Layer<S> for ArrivalLayer {
 #[derive(Debug, Clone)]
 pub struct StampArrival<S>(S);
 
-impl<S, B> tower::Service<http::Request<B>> for StampArrival<S>
+impl<S, B, R> tower::Service<http::Request<B>> for StampArrival<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    R: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ArrivalFuture<S::Future>;
 
     fn poll_ready(
         &mut self,
@@ -98,8 +105,57 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        request.extensions_mut().insert(Arrival(Instant::now()));
-        self.0.call(request)
+        let arrived = Instant::now();
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_timeout);
+        request.extensions_mut().insert(Arrival(arrived));
+        let deadline = timeout.map(|t| {
+            let at = arrived + t.saturating_sub(TIMER_TICK);
+            (Box::pin(tokio::time::sleep_until(at.into())), t)
+        });
+        ArrivalFuture {
+            inner: self.0.call(request),
+            deadline,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's response, or DEADLINE_EXCEEDED once the call's deadline has passed.
+    pub struct ArrivalFuture<F> {
+        #[pin]
+        inner: F,
+        deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, Duration)>,
+    }
+}
+
+impl<F, R, E> Future for ArrivalFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+    R: Default,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let ready @ std::task::Poll::Ready(_) = this.inner.poll(cx) {
+            return ready;
+        }
+        if let Some((sleep, timeout)) = this.deadline {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            let status = Status::deadline_exceeded(format!(
+                "the call's deadline of {:.3} s passed before its request had arrived in full",
+                timeout.as_secs_f64()
+            ));
+            return std::task::Poll::Ready(Ok(status.into_http()));
+        }
+        std::task::Poll::Pending
     }
 }
 
@@ -112,7 +168,11 @@ fn effective_timeout(metadata: &MetadataMap, limits: &Limits) -> Duration {
 
 /// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
 fn deadline(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value (`<digits><H|M|S|m|u|n>`).
+fn parse_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
     Some(match unit {

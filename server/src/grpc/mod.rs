@@ -99,8 +99,8 @@ pub async fn serve_secured(
         builder = builder.tls_config(tls)?;
     }
     builder
-        .layer(deadline::ArrivalLayer)
         .layer(crate::telemetry::grpc_metrics_layer())
+        .layer(deadline::ArrivalLayer)
         .layer(AuthLayer::new(security.tokens))
         .add_service(lifecycle.health_service())
         .add_optional_service(reflection_v1)
