@@ -12,7 +12,7 @@ use polyhead_client::{Client, ClientOptions, v1};
 use v1::recognize_action_windows_response::Event;
 
 use crate::raw::Timing;
-use crate::rounds::{Part, Variant};
+use crate::rounds::{self, Part, Variant};
 use crate::rss;
 use crate::server::Server;
 use crate::stats::{Row, Samples};
@@ -33,7 +33,7 @@ pub async fn connect(server: &Server) -> Result<Client> {
 /// unique within the run and answers the backbone passes its response reported.
 pub async fn measure<F, Fut>(
     server: &Server,
-    variant: &str,
+    name: &str,
     concurrency: usize,
     items_per_request: u32,
     timing: Timing,
@@ -43,22 +43,17 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<u32>> + Send + 'static,
 {
-    let counter = Arc::new(AtomicU64::new(0));
-    let part = slice(
+    let one = variant(
         server,
-        &Arc::new(call),
-        &counter,
+        name.to_owned(),
         concurrency,
         items_per_request,
-        timing,
-    )
-    .await?;
-    let mut row = Row::new(variant, "grpc", concurrency, &part.samples);
-    if let Some(passes) = part.server_passes
-        && row.requests > 0
-    {
-        row.backbone_passes_per_request = Some(passes / row.requests as f64);
-    }
+        call,
+    );
+    let mut row = rounds::measure(vec![one], timing, 1)
+        .await?
+        .pop()
+        .context("a row for the variant")?;
     row.peak_rss_mb = rss::peak_mb(server.pid());
     Ok(row)
 }

@@ -429,7 +429,6 @@ async fn windows(
         };
         per_window_images.push(f64::from(probe.backbone_images) / f64::from(probe.windows));
         let name = format!("{GRPC_WINDOWS} T={frames} s={stride} c=1");
-        eprintln!("bench: {name}");
         let (client, video) = (client.clone(), Arc::clone(video));
         let row = grpc::measure(server, &name, 1, probe.windows, timing, move |_| {
             let (client, video) = (client.clone(), Arc::clone(&video));
