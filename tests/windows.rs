@@ -244,7 +244,7 @@ async fn a_clips_frames_run_in_backbone_runs_of_at_most_max_batch() {
     let before = server.pipeline.backbone_images();
     let got = common::connect(server.addr)
         .await
-        .recognize_frames(frames.clone(), 10.0, options.clone(), "")
+        .recognize_frames(frames.clone(), 10.0, options, "")
         .await
         .expect("RecognizeAction");
     let timings = got.timings.as_ref().expect("timings");
