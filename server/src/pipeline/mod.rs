@@ -1,5 +1,5 @@
 //! The shared-backbone request path: decode and preprocess off the async workers, ONE backbone
-//! run per image (one per batch of clip frames), then every requested head on those features,
+//! run per image (a clip's frames in runs of at most `--max-batch`), then every requested head on those features,
 //! concurrently, each followed by its pure post-processing. An image whose preprocessed tensor
 //! was seen recently takes its features from the feature cache instead of the backbone.
 //!
