@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use ndarray::{ArrayD, Axis, Slice};
 use tracing::Span;
 
 use super::types::{ActionRequest, Actions, ClipInput, HeadTiming, Timings};
@@ -31,9 +30,9 @@ struct ClipFeatures {
     memory: Option<Memory>,
 }
 
-/// Sampled frames, preprocessed into one batch.
+/// Sampled frames, preprocessed: each frame's `[3, H, W]` input.
 struct PreparedClip {
-    batch: ndarray::ArrayD<f32>,
+    frames: FrameInputs,
     timestamps: Vec<f64>,
     decode: Duration,
     preprocess: Duration,
@@ -57,7 +56,7 @@ impl Pipeline {
         let clip = self.prepare_clip(request.clip, sampling).await?;
         let frames = clip.timestamps.len() as u32;
         let head = &request.head;
-        let features = self.clip_features(clip.batch, head).await?;
+        let features = self.clip_features(clip.frames, head).await?;
         let run = head.worker.run_as(Stage::Head, features.inputs).await?;
         let post_started = Instant::now();
         let top = postprocess(head.name(), &run.outputs, request.top_k)?;
@@ -87,27 +86,18 @@ impl Pipeline {
         Ok((actions, timings))
     }
 
-    /// Runs the frames of `batch` (`[T, 3, H, W]`) through the backbone in runs of at most
-    /// `--max-batch` frames, one after another, and stacks the outputs `head` reads in frame
-    /// order, as one run over all T frames gives them.
-    async fn clip_features(&self, batch: ArrayD<f32>, head: &Head) -> Result<ClipFeatures, Error> {
-        let frames = batch.shape().first().copied().unwrap_or(0);
+    /// Runs the clip's frames through the backbone in runs of at most `--max-batch` frames, one
+    /// after another, each run stacked from the frames' own inputs, and stacks the outputs `head`
+    /// reads in frame order, as one run over all T frames gives them.
+    async fn clip_features(&self, frames: FrameInputs, head: &Head) -> Result<ClipFeatures, Error> {
         let most = self.models.backbone.max_batch().max(1);
+        let FrameInputs { chw, height, width } = frames;
         let mut clip = ClipFeatures::default();
-        let runs = if frames <= most {
-            vec![batch]
-        } else {
-            (0..frames)
-                .step_by(most)
-                .map(|start| {
-                    let range = start..(start + most).min(frames);
-                    batch.slice_axis(Axis(0), Slice::from(range)).to_owned()
-                })
-                .collect()
-        };
-        let mut parts = Vec::with_capacity(runs.len());
-        for chunk in runs {
-            let run = self.run_backbone(chunk).await?;
+        let mut inputs = chw.into_iter().peekable();
+        let mut parts = Vec::new();
+        while inputs.peek().is_some() {
+            let batch = stack(inputs.by_ref().take(most).collect(), height, width)?;
+            let run = self.run_backbone(batch).await?;
             parts.push(run.select(&head.spec.inputs)?);
             clip.queued += run.queued;
             clip.elapsed += run.elapsed;
@@ -160,9 +150,9 @@ impl Pipeline {
                     decode_clip(clip, &image_limits, &video_limits, &sampling)?;
                 let decode = started.elapsed();
                 let started = Instant::now();
-                let batch = preprocess_frames(&frames, &spec)?;
+                let frames = preprocess_frames(&frames, &spec)?;
                 Ok(PreparedClip {
-                    batch,
+                    frames,
                     timestamps,
                     decode,
                     preprocess: started.elapsed(),
@@ -233,13 +223,17 @@ fn decode_frames(
     Ok((images, timestamps))
 }
 
-/// Preprocesses every frame into one `[T, 3, H, W]` batch. Frames of different sizes are each
+/// The preprocessed frames of a clip, all of one input size.
+struct FrameInputs {
+    chw: Vec<Vec<f32>>,
+    height: usize,
+    width: usize,
+}
+
+/// Preprocesses every frame into its `[3, H, W]` input. Frames of different sizes are each
 /// fitted to the backbone input, which is fixed for a model set with a fixed input size.
 #[tracing::instrument(name = "preprocess", skip_all, fields(frames = frames.len()))]
-fn preprocess_frames(
-    frames: &[RgbImage],
-    spec: &PreprocessSpec,
-) -> Result<ndarray::ArrayD<f32>, Error> {
+fn preprocess_frames(frames: &[RgbImage], spec: &PreprocessSpec) -> Result<FrameInputs, Error> {
     let mut chw = Vec::with_capacity(frames.len());
     let mut size = None;
     for frame in frames {
@@ -257,5 +251,5 @@ fn preprocess_frames(
     }
     let (height, width) =
         size.ok_or_else(|| Error::InvalidArgument("the clip has no frames".into()))?;
-    stack(chw, height, width)
+    Ok(FrameInputs { chw, height, width })
 }
