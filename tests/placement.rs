@@ -1,8 +1,9 @@
 //! Where backbone features are kept. With `--feature-placement device` (the default) the
-//! backbone writes them into memory ONNX Runtime allocates for the execution provider, the heads
-//! read them there, and batches are split, concatenated and stacked by ONNX Runtime copies
-//! there: GPU memory under CUDA, host memory under the CPU provider, where these tests run the
-//! very same code path against plain host arrays (`--feature-placement host`).
+//! backbone writes them, through an IoBinding, into ONNX Runtime values in the execution
+//! provider's memory, the heads read them there, and batches are split, concatenated and stacked
+//! by ONNX Runtime copies there: GPU memory under CUDA, host memory under the CPU provider (exact
+//! size buffers from polyhead's pool), where these tests run the very same code path against
+//! plain host arrays (`--feature-placement host`).
 
 use polyhead_proto::v1;
 use polyhead_server::Config;

@@ -29,7 +29,7 @@ use polyhead_server::manifest::{HeadKind, Manifest};
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status};
 
-use crate::common::{encoded, make_clip, models_dir, photo};
+use crate::common::{encoded, make_clip, models_dir, noise_rgb, photo};
 use crate::process::{ServerProcess, poll};
 
 /// The stages every request records in `polyhead_stage_seconds`, per head.
@@ -113,6 +113,86 @@ async fn every_window_of_a_stream_records_its_stages() {
             "{name}: once per window"
         );
     }
+}
+
+#[tokio::test]
+async fn cached_features_stay_out_of_the_runtime_arena_and_a_batch_gives_its_memory_back() {
+    let server = ServerProcess::start(&[("POLYHEAD_CACHE_BYTES", "67108864")]).await;
+    let client = connect(server.addr).await;
+    let arena = |s: &Scrape| {
+        (
+            s.value("polyhead_runtime_arena_bytes", &[]),
+            s.value("polyhead_runtime_arena_in_use_bytes", &[]),
+        )
+    };
+    // At rest the arena's tensors are the models' weights.
+    let (_, weights) = arena(&scrape(server.metrics_addr).await);
+    assert!(weights > 0.0, "the weights live in the arena");
+
+    // New images: each run's features go to the feature cache, in buffers of their own.
+    for seed in 0..6 {
+        segment_noise(&client, seed).await;
+    }
+    // The worker publishes the arena after replying: poll until it has.
+    let single = poll("the arena after single images", SETTLE, async || {
+        let scrape = scrape(server.metrics_addr).await;
+        (arena(&scrape).1 == weights).then_some(scrape)
+    })
+    .await;
+    assert!(
+        single.value("polyhead_feature_cache_bytes", &[]) > 0.0,
+        "features are cached, outside the arena"
+    );
+    let (after_singles, _) = arena(&single);
+    assert!(
+        after_singles > weights,
+        "the runs' activations stay for the next run"
+    );
+
+    // One backbone run of 8 frames needs 8 images' activations...
+    let frames = vec![photo("chelsea.png"); 8];
+    let options = v1::ActionOptions {
+        num_frames: 8,
+        top_k: 1,
+        ..Default::default()
+    };
+    let got = client
+        .recognize_frames(frames, 8.0, options, "")
+        .await
+        .expect("RecognizeAction");
+    let timings = got.timings.expect("timings");
+    assert_eq!((timings.backbone_passes, timings.backbone_images), (1, 8));
+    poll("the arena to hold the batch", SETTLE, async || {
+        let (held, in_use) = arena(&scrape(server.metrics_addr).await);
+        (in_use == weights && held > after_singles).then_some(())
+    })
+    .await;
+    // ... and the next single image's run gives them back when it ends.
+    segment_noise(&client, 6).await;
+    poll(
+        "the arena to give the batch's memory back",
+        SETTLE,
+        async || {
+            let (held, in_use) = arena(&scrape(server.metrics_addr).await);
+            (in_use == weights && held <= after_singles).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Segments a 64x48 image of noise made from `seed`.
+async fn segment_noise(client: &Client, seed: u64) {
+    let image = v1::Image {
+        source: Some(v1::image::Source::Raw(v1::RawImage {
+            width: 64,
+            height: 48,
+            rgb: noise_rgb(seed, 64, 48),
+        })),
+    };
+    client
+        .segment(image, v1::SegmentOptions::default(), "")
+        .await
+        .expect("Segment");
 }
 
 /// Streams `clip` as windows of 8 frames every 4 to the end; returns how many windows came.

@@ -2,7 +2,9 @@
 //! threads that each own one session, and the batcher that shares backbone runs between
 //! concurrent requests.
 
+pub mod arena;
 mod batcher;
+pub mod buffers;
 mod runtime;
 mod tensor;
 mod worker;

@@ -69,6 +69,10 @@ impl Runtime {
     pub fn init(config: &RuntimeConfig) -> Result<Self, EngineError> {
         let env = environment(config.ort_dylib.as_deref())?;
         let device = settle_device(&env, config.device, config.allow_cpu_fallback)?;
+        if device == Device::Cpu {
+            super::arena::register(&env)
+                .map_err(|e| EngineError::Library(format!("the shared CPU arena: {e}")))?;
+        }
         tracing::info!(%device, "execution provider selected");
         Ok(Self {
             env,
@@ -101,6 +105,12 @@ impl Runtime {
         builder = builder
             .with_intra_op_spinning(self.intra_op_spinning)
             .map_err(|e| load_err(e.to_string()))?;
+        if self.device == Device::Cpu {
+            // The process's one CPU arena (see `arena`).
+            builder = builder
+                .with_env_allocators()
+                .map_err(|e| load_err(e.to_string()))?;
+        }
         if let Device::Cuda(id) = self.device {
             builder = builder
                 .with_execution_providers([cuda_provider(id)])

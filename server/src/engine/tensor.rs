@@ -14,8 +14,13 @@
 //! [`FeatureMemory::split`] allocate with the backbone session's allocator and copy part by part
 //! into (or out of) views of a range of the batch tensor.
 //!
-//! The one place in polyhead with `unsafe` code: such views are ONNX Runtime values over memory
-//! that something else owns ([`alias`]). Each use says why the memory outlives the view.
+//! Under the CPU provider, the backbone's outputs and these copies are host buffers of their
+//! exact size from a pool recycled by size ([`super::buffers`], [`DeviceTensor::pooled`]), bound
+//! as ONNX Runtime values, rather than tensors of ONNX Runtime's arena: features kept in the cache
+//! then hold no more memory than their bytes.
+//!
+//! This module's `unsafe` code makes such views: ONNX Runtime values over memory that something
+//! else owns ([`alias`]). Each use says why the memory outlives the view.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
@@ -29,6 +34,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynTensor, TensorRef};
 
+use super::buffers::PooledBuffer;
 use super::{Device, NamedTensors};
 use crate::telemetry::metrics;
 
@@ -66,9 +72,12 @@ pub enum Tensor {
 /// made there.
 #[derive(Debug)]
 pub struct DeviceTensor {
+    /// Dropped before `_buffer`, whose memory it may view.
     value: DynTensor,
     shape: Vec<usize>,
     memory: Memory,
+    /// The memory of a host tensor from the buffer pool, which `value` views: only held.
+    _buffer: Option<PooledBuffer>,
 }
 
 impl DeviceTensor {
@@ -95,7 +104,30 @@ impl DeviceTensor {
             value,
             shape,
             memory,
+            _buffer: None,
         })
+    }
+
+    /// A tensor of `shape` in host memory from the buffer pool (see [`super::buffers`]), for
+    /// ONNX Runtime to write whole: under the CPU provider, the backbone's outputs and the
+    /// copies made of them.
+    pub(super) fn pooled(shape: &[usize]) -> Result<Self, String> {
+        let mut buffer = PooledBuffer::new(shape.iter().product());
+        let data = buffer.as_mut_slice().as_mut_ptr();
+        // SAFETY: `data` holds the shape's element count of f32 in host memory; the buffer
+        // lives in the returned tensor, which drops the view first.
+        let value = unsafe { alias(&cpu_memory()?, data.cast(), shape) }?;
+        Ok(Self {
+            value,
+            shape: shape.to_vec(),
+            memory: Memory::Cpu,
+            _buffer: Some(buffer),
+        })
+    }
+
+    /// The ONNX Runtime value, to bind as a run's output.
+    pub(super) fn value_mut(&mut self) -> &mut DynTensor {
+        &mut self.value
     }
 }
 
@@ -321,8 +353,8 @@ impl FeatureMemory {
             // outlives the view.
             let view = unsafe {
                 alias(
-                    target.memory_info(),
-                    target.data_ptr().cast_mut().byte_add(offset),
+                    target.value.memory_info(),
+                    target.value.data_ptr().cast_mut().byte_add(offset),
                     part.shape(),
                 )
             }?;
@@ -332,7 +364,7 @@ impl FeatureMemory {
                 .map_err(|e| format!("copying into a batch: {e}"))?;
             offset += part.shape()[0] * item;
         }
-        device_tensor(target)
+        Ok(Tensor::Device(Arc::new(target)))
     }
 
     /// Splits `tensor` along axis 0 into parts of `sizes` items: views shared as they are for
@@ -369,9 +401,9 @@ impl FeatureMemory {
                     &shape,
                 )
             }?;
-            view.copy_into(&mut target)
+            view.copy_into(&mut target.value)
                 .map_err(|e| format!("copying out of a batch: {e}"))?;
-            parts.push(device_tensor(target)?);
+            parts.push(Tensor::Device(Arc::new(target)));
             offset += n * item;
         }
         Ok(parts)
@@ -431,14 +463,18 @@ impl FeatureMemory {
 }
 
 impl DeviceMemory {
-    fn allocate(&self, shape: &[usize]) -> Result<DynTensor, String> {
+    fn allocate(&self, shape: &[usize]) -> Result<DeviceTensor, String> {
+        if self.memory == Memory::Cpu {
+            return DeviceTensor::pooled(shape);
+        }
         let allocator = self
             .allocator
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        ort::value::Tensor::<f32>::new(&allocator, shape.to_vec())
+        let value = ort::value::Tensor::<f32>::new(&allocator, shape.to_vec())
             .map(|t| t.upcast())
-            .map_err(|e| format!("allocating {shape:?} in {} memory: {e}", self.memory))
+            .map_err(|e| format!("allocating {shape:?} in {} memory: {e}", self.memory))?;
+        DeviceTensor::new(value)
     }
 }
 
@@ -516,18 +552,7 @@ unsafe fn alias(
             &mut value,
         )
     };
-    if !status.0.is_null() {
-        // SAFETY: a non-null status is a live OrtStatus whose message is a C string; it is
-        // released once read.
-        let message = unsafe {
-            let message = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
-                .to_string_lossy()
-                .into_owned();
-            (api.ReleaseStatus)(status.0);
-            message
-        };
-        return Err(format!("a view of a tensor: {message}"));
-    }
+    super::arena::check(status).map_err(|message| format!("a view of a tensor: {message}"))?;
     let value = NonNull::new(value).ok_or("a view of a tensor: no value")?;
     // SAFETY: `value` is the tensor just created; releasing it later frees nothing of `data`.
     Ok(unsafe { DynTensor::from_ptr(value, Some(&Allocator::default())) })

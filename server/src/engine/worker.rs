@@ -6,13 +6,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ort::memory::MemoryInfo;
-use ort::session::Session;
+use ort::memory::{DeviceType, MemoryInfo};
+use ort::session::{RunOptions, Session};
 use ort::value::{DynTensorValueType, ValueType};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
-use super::tensor::{Bindable, device_tensor};
+use super::arena::{ArenaGauge, Release};
+use super::tensor::{Bindable, DeviceTensor, device_tensor};
 use super::{EngineError, NamedTensors, Tensor};
 use crate::telemetry::metrics;
 
@@ -205,15 +206,26 @@ fn serve(
     outputs: OutputMemory,
     mut jobs: mpsc::Receiver<Job>,
 ) {
+    let arena = ArenaGauge::new(&session);
+    let mut release = Release::default();
     while let Some(job) = jobs.blocking_recv() {
         metrics::add_queue_depth(&model, -1.0);
-        handle(&model, &mut session, &outputs, job);
+        handle(&model, &mut session, &outputs, &mut release, job);
+        if let Some(stats) = arena.as_ref().and_then(ArenaGauge::stats) {
+            metrics::set_runtime_arena(stats);
+        }
     }
     tracing::debug!(%model, "worker stopped");
 }
 
 /// Runs one job in its span and replies; a job whose caller has gone is skipped unrun.
-fn handle(model: &str, session: &mut Session, outputs: &OutputMemory, job: Job) {
+fn handle(
+    model: &str,
+    session: &mut Session,
+    outputs: &OutputMemory,
+    release: &mut Release,
+    job: Job,
+) {
     let Job {
         inputs,
         stage,
@@ -229,7 +241,7 @@ fn handle(model: &str, session: &mut Session, outputs: &OutputMemory, job: Job) 
     }
     let queued = enqueued.elapsed();
     let result = run_span(stage, &parent, model)
-        .in_scope(|| run_job(model, session, outputs, &inputs))
+        .in_scope(|| run_job(model, session, outputs, release, &inputs))
         .map(|(outputs, elapsed)| Run {
             outputs,
             queued,
@@ -260,17 +272,20 @@ fn run_job(
     model: &str,
     session: &mut Session,
     outputs: &OutputMemory,
+    release: &mut Release,
     inputs: &NamedTensors,
 ) -> Result<(NamedTensors, Duration), EngineError> {
-    if let Some((_, first)) = inputs.first() {
-        metrics::record_batch_size(model, first.shape().first().copied().unwrap_or(1));
-    }
+    let batch = batch_size(inputs);
+    metrics::record_batch_size(model, batch);
+    let options = release.options(batch);
     let started = Instant::now();
     std::panic::catch_unwind(AssertUnwindSafe(|| {
         injected_fault(model)?;
         match outputs {
-            OutputMemory::Host => run_plain(session, inputs),
-            OutputMemory::Bound { info, to_host } => run_bound(session, inputs, info, *to_host),
+            OutputMemory::Host => run_plain(session, inputs, options),
+            OutputMemory::Bound { info, to_host } => {
+                run_bound(session, inputs, options, info, *to_host)
+            }
         }
     }))
     .unwrap_or_else(|_| Err("the run panicked".to_string()))
@@ -297,13 +312,21 @@ fn injected_fault(_model: &str) -> Result<(), String> {
 }
 
 /// A plain run: inputs fed as views wherever they are, outputs copied to host arrays.
-fn run_plain(session: &mut Session, inputs: &NamedTensors) -> Result<NamedTensors, String> {
+fn run_plain(
+    session: &mut Session,
+    inputs: &NamedTensors,
+    options: Option<&RunOptions>,
+) -> Result<NamedTensors, String> {
     let mut values = Vec::with_capacity(inputs.len());
     for (name, tensor) in inputs {
         let value = tensor.input().map_err(|e| format!("input {name}: {e}"))?;
         values.push((name.as_str(), value));
     }
-    let outputs = session.run(values).map_err(|e| e.to_string())?;
+    let outputs = match options {
+        Some(options) => session.run_with_options(values, options),
+        None => session.run(values),
+    }
+    .map_err(|e| e.to_string())?;
     outputs
         .iter()
         .map(|(name, value)| {
@@ -322,6 +345,7 @@ fn run_plain(session: &mut Session, inputs: &NamedTensors) -> Result<NamedTensor
 fn run_bound(
     session: &mut Session,
     inputs: &NamedTensors,
+    options: Option<&RunOptions>,
     info: &MemoryInfo<'static>,
     to_host: bool,
 ) -> Result<NamedTensors, String> {
@@ -340,12 +364,41 @@ fn run_bound(
         .iter()
         .map(|o| o.name().to_string())
         .collect();
-    for name in &names {
-        binding
-            .bind_output_to_device(name.as_str(), info)
-            .map_err(|e| format!("output {name}: {e}"))?;
+    let batch = batch_size(inputs);
+    let exact = (info.device_type() == DeviceType::CPU && !to_host)
+        .then(|| exact_output_shapes(session, batch))
+        .flatten();
+    let mut written = Vec::new();
+    match exact {
+        Some(shapes) => {
+            for (name, shape) in names.iter().zip(shapes) {
+                let mut tensor = DeviceTensor::pooled(&shape)?;
+                binding
+                    .bind_output(name.as_str(), tensor.value_mut())
+                    .map_err(|e| format!("output {name}: {e}"))?;
+                written.push((name.clone(), tensor));
+            }
+        }
+        None => {
+            for name in &names {
+                binding
+                    .bind_output_to_device(name.as_str(), info)
+                    .map_err(|e| format!("output {name}: {e}"))?;
+            }
+        }
     }
-    let mut outputs = session.run_binding(&binding).map_err(|e| e.to_string())?;
+    let mut outputs = match options {
+        Some(options) => session.run_binding_with_options(&binding, options),
+        None => session.run_binding(&binding),
+    }
+    .map_err(|e| e.to_string())?;
+    if !written.is_empty() {
+        // Written in place: the tensors bound are the outputs.
+        return Ok(written
+            .into_iter()
+            .map(|(name, tensor)| (name, Tensor::Device(Arc::new(tensor))))
+            .collect());
+    }
     names
         .iter()
         .map(|name| {
@@ -361,6 +414,38 @@ fn run_bound(
                 tensor
             };
             Ok((name.clone(), tensor))
+        })
+        .collect()
+}
+
+/// Items in a run: the first input's leading dimension.
+fn batch_size(inputs: &NamedTensors) -> usize {
+    inputs
+        .first()
+        .and_then(|(_, tensor)| tensor.shape().first().copied())
+        .unwrap_or(1)
+}
+
+/// The shapes of `session`'s outputs for a run of `batch` items, when the model declares every
+/// dimension but the leading one: ONNX Runtime then writes them into tensors of exactly their
+/// size from the buffer pool, so that features kept for later (in the feature cache, for a
+/// feature handle) hold no more memory than their bytes, and none of the arena's.
+/// `None` when a dimension is only known once the model has run.
+fn exact_output_shapes(session: &Session, batch: usize) -> Option<Vec<Vec<usize>>> {
+    session
+        .outputs()
+        .iter()
+        .map(|outlet| match outlet.dtype() {
+            ValueType::Tensor { shape, .. } => shape
+                .iter()
+                .enumerate()
+                .map(|(axis, &dim)| match (axis, usize::try_from(dim)) {
+                    (0, _) => Some(batch),
+                    (_, Ok(dim)) => Some(dim),
+                    (_, Err(_)) => None,
+                })
+                .collect(),
+            _ => None,
         })
         .collect()
 }

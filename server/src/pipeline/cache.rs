@@ -153,6 +153,9 @@ impl FeatureCache {
             .await
             .map_err(Arc::unwrap_or_clone)?;
         let source = if entry.is_fresh() {
+            // Evict what the new entry pushed over the budget now, not at the cache's next
+            // housekeeping, so that the memory held stays within the budget.
+            entries.run_pending_tasks().await;
             Source::Computed
         } else {
             Source::Cached

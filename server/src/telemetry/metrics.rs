@@ -6,6 +6,7 @@ use std::time::Duration;
 use ::metrics::{SharedString, Unit, counter, gauge, histogram};
 use ::metrics::{describe_counter, describe_gauge, describe_histogram};
 
+use crate::engine::arena::ArenaStats;
 use crate::model_set::ModelSet;
 use crate::pipeline::Timings;
 
@@ -42,6 +43,10 @@ pub const FEATURE_CACHE_BYTES: &str = "polyhead_feature_cache_bytes";
 pub const FEATURE_CACHE_ENTRIES: &str = "polyhead_feature_cache_entries";
 /// Bytes of backbone features copied from device (GPU) memory to the host.
 pub const FEATURE_DEVICE_TO_HOST_BYTES: &str = "polyhead_feature_device_to_host_bytes_total";
+/// Bytes ONNX Runtime's shared CPU arena holds (CPU runtime only).
+pub const RUNTIME_ARENA_BYTES: &str = "polyhead_runtime_arena_bytes";
+/// Bytes of the shared CPU arena in use by tensors (CPU runtime only).
+pub const RUNTIME_ARENA_IN_USE_BYTES: &str = "polyhead_runtime_arena_in_use_bytes";
 /// Always 1; the labels describe each loaded model.
 pub const MODEL_INFO: &str = "polyhead_model_info";
 
@@ -113,6 +118,17 @@ pub(super) fn describe() {
         "Bytes of backbone features copied from device (GPU) memory to the host: 0 while features \
          stay on the device (--feature-placement device), except those a client asks for \
          (ModelInfer on the backbone)."
+    );
+    describe_gauge!(
+        RUNTIME_ARENA_BYTES,
+        Unit::Bytes,
+        "Bytes ONNX Runtime's CPU arena, shared by every model, holds: the weights, the \
+         activations of the runs in progress and the free space kept for the next run."
+    );
+    describe_gauge!(
+        RUNTIME_ARENA_IN_USE_BYTES,
+        Unit::Bytes,
+        "Bytes of ONNX Runtime's shared CPU arena in use by tensors."
     );
     describe_gauge!(
         MODEL_INFO,
@@ -187,6 +203,12 @@ pub fn record_feature_cache_eviction() {
 pub fn set_feature_cache_size(bytes: u64, entries: u64) {
     gauge!(FEATURE_CACHE_BYTES).set(bytes as f64);
     gauge!(FEATURE_CACHE_ENTRIES).set(entries as f64);
+}
+
+/// Publishes what ONNX Runtime's shared CPU arena holds.
+pub fn set_runtime_arena(stats: ArenaStats) {
+    gauge!(RUNTIME_ARENA_BYTES).set(stats.allocated as f64);
+    gauge!(RUNTIME_ARENA_IN_USE_BYTES).set(stats.in_use as f64);
 }
 
 /// Records the batch size of one run of `model`.

@@ -1,0 +1,182 @@
+//! ONNX Runtime's CPU memory arena, one for the whole process.
+//!
+//! By default every ONNX Runtime session has its own CPU arena: a best-fit allocator that grows
+//! by regions of doubling size and never gives memory back. With a backbone and three heads that
+//! is four arenas, each as large as the largest run its model ever made: one batch of eight
+//! frames leaves the backbone's arena eight images' activations larger for the life of the
+//! process.
+//!
+//! A CPU runtime registers one arena in the environment instead, which every session uses
+//! (`session.use_env_allocators`): the models share its free space, and once a burst of batched
+//! runs is over the worker asks it to release the regions nothing uses any more
+//! (`memory.enable_memory_arena_shrinkage`, see [`Release`]), so that the memory the batches
+//! needed goes back to the C heap. What it holds is exported as
+//! `polyhead_runtime_arena_bytes`. Backbone outputs are not in it: they are written into
+//! buffers of their exact size (see [`super::buffers`]).
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, c_char};
+use std::ptr;
+use std::sync::{Mutex, OnceLock};
+
+use ort::AsPointer;
+use ort::environment::Environment;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{RunOptions, Session};
+
+/// The run option that makes ONNX Runtime release the free regions of the CPU arena once the
+/// run is done.
+const SHRINK_KEY: &str = "memory.enable_memory_arena_shrinkage";
+
+/// Set once the shared arena is registered: sessions of a CPU runtime use it.
+static REGISTERED: OnceLock<()> = OnceLock::new();
+
+/// What the shared CPU arena holds, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArenaStats {
+    /// Regions the arena took from the C heap.
+    pub allocated: u64,
+    /// Bytes of those regions in use by tensors (weights, activations, outputs).
+    pub in_use: u64,
+}
+
+/// Registers the process's shared CPU arena in `env`, growing by exactly what is requested;
+/// once: later calls (more runtimes on the process's one environment) find it registered.
+pub(super) fn register(env: &Environment) -> Result<(), String> {
+    static REGISTERING: Mutex<()> = Mutex::new(());
+    let _serialised = REGISTERING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if REGISTERED.get().is_some() {
+        return Ok(());
+    }
+    let api = ort::api();
+    let info = arena_memory()?;
+    let mut config: *mut ort::sys::OrtArenaCfg = ptr::null_mut();
+    // 0: no limit; -1: ONNX Runtime's defaults (regions of doubling size).
+    // SAFETY: `config` is a valid out-pointer; the call only writes it.
+    check(unsafe { (api.CreateArenaCfg)(0, -1, -1, -1, &mut config) })?;
+    // SAFETY: `env`, `info` and `config` are live for the call, which copies what it keeps.
+    let registered = check(unsafe {
+        (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info.ptr(), config)
+    });
+    // SAFETY: `config` came from CreateArenaCfg and is released once.
+    unsafe { (api.ReleaseArenaCfg)(config) };
+    registered?;
+    let _ = REGISTERED.set(());
+    Ok(())
+}
+
+/// When a worker's runs release the arena's free regions: at the end of its first single-item
+/// run after batched ones. Consecutive batches (a clip's runs, batches under load) reuse the
+/// regions the first of them grew; once the burst is over, its memory goes back.
+#[derive(Debug, Default)]
+pub struct Release {
+    after_batches: bool,
+}
+
+impl Release {
+    /// The run options of a run of `batch` items: those that release the arena's free regions
+    /// when the run ends, or `None` to keep them.
+    pub fn options(&mut self, batch: usize) -> Option<&'static RunOptions> {
+        if !self.releases_after(batch) || REGISTERED.get().is_none() {
+            return None;
+        }
+        static RELEASE: OnceLock<Option<RunOptions>> = OnceLock::new();
+        RELEASE
+            .get_or_init(|| {
+                let mut options = RunOptions::new().ok()?;
+                options.set(SHRINK_KEY, "cpu:0").ok()?;
+                Some(options)
+            })
+            .as_ref()
+    }
+
+    /// Whether a run of `batch` items is the first single-item run after batched ones.
+    fn releases_after(&mut self, batch: usize) -> bool {
+        if batch > 1 {
+            self.after_batches = true;
+            return false;
+        }
+        std::mem::take(&mut self.after_batches)
+    }
+}
+
+/// Reads what the shared CPU arena holds, through one session's view of it.
+pub struct ArenaGauge(Allocator);
+
+impl ArenaGauge {
+    /// A gauge of the arena `session` allocates from; `None` unless the session uses the shared
+    /// arena (a CPU runtime).
+    pub fn new(session: &Session) -> Option<Self> {
+        REGISTERED.get()?;
+        Allocator::new(session, arena_memory().ok()?).ok().map(Self)
+    }
+
+    /// What the arena holds now.
+    pub fn stats(&self) -> Option<ArenaStats> {
+        let api = ort::api();
+        let mut pairs: *mut ort::sys::OrtKeyValuePairs = ptr::null_mut();
+        // SAFETY: the allocator is live for the call; `pairs` is a valid out-pointer.
+        check(unsafe { (api.AllocatorGetStats)(self.0.ptr(), &mut pairs) }).ok()?;
+        let pairs = ptr::NonNull::new(pairs)?;
+        let read = |key: &CStr| {
+            // SAFETY: `pairs` is live until released below; a value it returns is a C string it
+            // owns, read before then.
+            let value = unsafe {
+                let value = (api.GetKeyValue)(pairs.as_ptr(), key.as_ptr());
+                (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
+            };
+            value?.parse::<u64>().ok()
+        };
+        let stats = read(c"TotalAllocated")
+            .zip(read(c"InUse"))
+            .map(|(allocated, in_use)| ArenaStats { allocated, in_use });
+        // SAFETY: released once, after its last use.
+        unsafe { (api.ReleaseKeyValuePairs)(pairs.as_ptr()) };
+        stats
+    }
+}
+
+fn arena_memory() -> Result<MemoryInfo<'static>, String> {
+    MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Arena,
+        MemoryType::Default,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// An OrtStatus as a result: the message of a failed call, the status released.
+pub(super) fn check(status: ort::sys::OrtStatusPtr) -> Result<(), String> {
+    if status.0.is_null() {
+        return Ok(());
+    }
+    let api = ort::api();
+    // SAFETY: a non-null status is a live OrtStatus whose message is a C string; it is released
+    // once read.
+    let message = unsafe {
+        let message: *const c_char = (api.GetErrorMessage)(status.0);
+        let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(status.0);
+        text
+    };
+    Err(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_single_run_after_a_burst_of_batches_releases() {
+        let mut release = Release::default();
+        let runs = [1, 1, 8, 8, 3, 1, 1, 2, 1];
+        let released: Vec<bool> = runs.iter().map(|&n| release.releases_after(n)).collect();
+        assert_eq!(
+            released,
+            [false, false, false, false, false, true, false, false, true]
+        );
+    }
+}
