@@ -117,7 +117,11 @@ async fn every_window_of_a_stream_records_its_stages() {
 
 #[tokio::test]
 async fn cached_features_stay_out_of_the_runtime_arena_and_a_batch_gives_its_memory_back() {
-    let server = ServerProcess::start(&[("POLYHEAD_CACHE_BYTES", "67108864")]).await;
+    let server = ServerProcess::start(&[
+        ("POLYHEAD_CACHE_BYTES", "67108864"),
+        ("POLYHEAD_ARENA_RELEASE_SECONDS", "0"),
+    ])
+    .await;
     let client = connect(server.addr).await;
     let arena = |s: &Scrape| {
         (

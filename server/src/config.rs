@@ -129,6 +129,12 @@ pub struct RuntimeConfig {
     /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "POLYHEAD_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
+
+    /// Seconds without a batched run after which a model's next single-input run releases the
+    /// memory batches grew ONNX Runtime's CPU arena by (CPU provider; 0: at the first
+    /// single-input run after batches). Under steady load the arena keeps it for the next batch.
+    #[arg(long, env = "POLYHEAD_ARENA_RELEASE_SECONDS", default_value_t = 0)]
+    pub arena_release_seconds: u32,
 }
 
 /// Limits on what one request may ask for. Each is checked before the work it guards.

@@ -9,7 +9,7 @@
 //! model's outputs come in a few sizes), and at most [`FREE_LIMIT_BYTES`] of free buffers are
 //! kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{LazyLock, Mutex};
 
 /// Bytes of free buffers the pool keeps for reuse; beyond them a freed buffer goes back to the
@@ -28,6 +28,8 @@ struct Pool {
 struct Free {
     /// Free buffers by length.
     buffers: HashMap<usize, Vec<Box<[f32]>>>,
+    /// The lengths of the free buffers, oldest first.
+    order: VecDeque<usize>,
     bytes: usize,
 }
 
@@ -40,28 +42,65 @@ impl Pool {
     }
 
     fn take(&self, len: usize) -> Box<[f32]> {
-        let reused = {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            let buffer = free.buffers.get_mut(&len).and_then(Vec::pop);
-            if buffer.is_some() {
-                free.bytes -= len * size_of::<f32>();
-            }
-            buffer
-        };
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(len, Remove::Newest);
         reused.unwrap_or_else(|| vec![0.0; len].into_boxed_slice())
     }
 
+    /// Keeps `buffer` for reuse, letting the oldest free buffers go to stay within the limit,
+    /// so that the sizes in use now stay (a rare batch's buffers do not crowd out an image's).
     fn give(&self, buffer: Box<[f32]>) {
         let bytes = buffer.len() * size_of::<f32>();
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.bytes + bytes <= self.limit {
-            free.bytes += bytes;
-            free.buffers.entry(buffer.len()).or_default().push(buffer);
+        if bytes > self.limit {
+            return;
         }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while free.bytes + bytes > self.limit {
+            let Some(&oldest) = free.order.front() else {
+                break;
+            };
+            drop(free.remove(oldest, Remove::Oldest));
+        }
+        free.bytes += bytes;
+        free.order.push_back(buffer.len());
+        free.buffers.entry(buffer.len()).or_default().push(buffer);
     }
 
     fn free_bytes(&self) -> usize {
         self.free.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+}
+
+/// Which free buffer of a length [`Free::remove`] takes.
+#[derive(Clone, Copy)]
+enum Remove {
+    /// The one freed last (reused: its pages are the likeliest to be resident and cached).
+    Newest,
+    /// The one freed first (let go).
+    Oldest,
+}
+
+impl Free {
+    /// Takes a free buffer of `len` elements out of the pool, if there is one.
+    fn remove(&mut self, len: usize, which: Remove) -> Option<Box<[f32]>> {
+        let buffers = self.buffers.get_mut(&len)?;
+        let buffer = match which {
+            Remove::Newest => buffers.pop()?,
+            Remove::Oldest if buffers.is_empty() => return None,
+            Remove::Oldest => buffers.remove(0),
+        };
+        let position = match which {
+            Remove::Newest => self.order.iter().rposition(|&l| l == len),
+            Remove::Oldest => self.order.iter().position(|&l| l == len),
+        };
+        if let Some(position) = position {
+            self.order.remove(position);
+        }
+        self.bytes -= len * size_of::<f32>();
+        Some(buffer)
     }
 }
 
@@ -127,18 +166,34 @@ mod tests {
     }
 
     #[test]
-    fn free_buffers_beyond_the_limit_go_back_to_the_heap() {
+    fn beyond_the_limit_the_oldest_free_buffers_go_back_to_the_heap() {
         let pool = Pool::new(10_000);
-        let buffers: Vec<_> = (0..4).map(|_| pool.take(1000)).collect();
-        for buffer in buffers {
+        pool.give(pool.take(2000));
+        assert_eq!(pool.free_bytes(), 8000);
+        let small: Vec<_> = (0..2).map(|_| pool.take(500)).collect();
+        let addresses: Vec<_> = small.iter().map(|b| b.as_ptr()).collect();
+        for buffer in small {
             pool.give(buffer);
         }
+        // 8000 + 2000 fits; the second small buffer does not: the big one, oldest, goes.
+        assert_eq!(pool.free_bytes(), 4000, "two buffers of 2000 bytes");
+        assert_eq!(pool.take(2000).len(), 2000);
         assert_eq!(
             pool.free_bytes(),
-            8000,
-            "two buffers of 4000 bytes fit under 10000"
+            4000,
+            "the big buffer was let go, not reused"
         );
-        assert_eq!(pool.take(1000).len(), 1000);
-        assert_eq!(pool.free_bytes(), 4000);
+        let reused = [pool.take(500), pool.take(500)];
+        assert!(
+            reused.iter().all(|b| addresses.contains(&b.as_ptr())),
+            "both small ones were kept"
+        );
+        assert_eq!(pool.free_bytes(), 0);
+        pool.give(vec![0.0; 5000].into_boxed_slice());
+        assert_eq!(
+            pool.free_bytes(),
+            0,
+            "a buffer larger than the limit is not kept"
+        );
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use ort::environment::Environment;
 use ort::ep;
@@ -70,7 +71,8 @@ impl Runtime {
         let env = environment(config.ort_dylib.as_deref())?;
         let device = settle_device(&env, config.device, config.allow_cpu_fallback)?;
         if device == Device::Cpu {
-            super::arena::register(&env)
+            let release = Duration::from_secs(u64::from(config.arena_release_seconds));
+            super::arena::register(&env, release)
                 .map_err(|e| EngineError::Library(format!("the shared CPU arena: {e}")))?;
         }
         tracing::info!(%device, "execution provider selected");
