@@ -2,7 +2,7 @@
 """Soak test: minutes of mixed load with random cancellations against polyhead; reports the
 server's RSS growth and every status a call was not allowed to return.
 
-Usage: scripts/soak.py [--seconds 300] [--concurrency 8] [--warmup-seconds 60]
+Usage: scripts/soak.py [--seconds 300] [--concurrency 8] [--warmup-seconds 120]
                        [--max-growth-mb 50] [--json PATH] [--server ADDR --pid PID]
 
 Without `--server` it starts `target/release/polyhead-server` on the demo models on a free
@@ -437,9 +437,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=300.0, help="length of the load")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent workers")
     parser.add_argument("--warmup-seconds", type=float, default=None,
-                        help="warm-up excluded from the growth (default 60, at most a fifth "
-                             "of --seconds): ONNX Runtime's arenas grow until every batch "
-                             "size has been seen")
+                        help="warm-up excluded from the growth (default 120, at most two "
+                             "fifths of --seconds): ONNX Runtime's arena grows until every "
+                             "mix of batch sizes has been seen")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--json", help="write the report as JSON to this path")
     parser.add_argument("--server", help="address of a running server (default: start one)")
@@ -457,7 +457,7 @@ def main():
         args.seed = random.randrange(1 << 32)
     warmup = args.warmup_seconds
     if warmup is None:
-        warmup = min(60.0, args.seconds / 5)
+        warmup = min(120.0, args.seconds * 2 / 5)
     warmup = min(warmup, args.seconds / 2)
 
     work = Path(tempfile.mkdtemp(prefix="polyhead-soak-"))

@@ -50,7 +50,7 @@ impl Models {
             intra_threads,
             intra_op_spinning: false,
             queue_capacity: 1,
-            arena_release_seconds: 0,
+            arena_release_seconds: 10,
         };
         let runtime = Runtime::init(&config).map_err(|e| anyhow!("{e}"))?;
         let manifest = Manifest::load(dir).map_err(|e| anyhow!("{e}"))?;

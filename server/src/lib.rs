@@ -51,6 +51,8 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
         .await
         .map_err(|e| StartError::WarmUp(e.to_string()))?;
     tracing::info!(ms = took.as_millis() as u64, "warm-up done");
+    // The warm-up's batches (a clip's frames) say nothing of the traffic to come.
+    engine::arena::release_now();
     // Loading freed the models' parsed protobufs; the C heap would keep those pages.
     let released = heap::release_free_memory();
     tracing::debug!(released, "free heap memory returned to the system");

@@ -17,6 +17,7 @@
 
 use std::ffi::{CStr, c_char};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,18 @@ pub(super) fn register(env: &Environment, release: Duration) -> Result<(), Strin
 pub struct Release {
     /// When the last batched run since the last release started.
     last_batch: Option<Instant>,
+    /// The [`release_now`] calls this worker has seen.
+    seen_requests: u64,
+}
+
+/// Calls of [`release_now`] so far.
+static RELEASE_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every worker to release what batches grew the arena by at its next single-input run,
+/// without waiting for `--arena-release-seconds`: after the warm-up, whose batches are no sign of
+/// the traffic to come.
+pub fn release_now() {
+    RELEASE_REQUESTS.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Release {
@@ -86,6 +99,13 @@ impl Release {
     /// when the run ends, or `None` to keep them.
     pub fn options(&mut self, batch: usize) -> Option<&'static RunOptions> {
         let idle = *REGISTERED.get()?;
+        let requests = RELEASE_REQUESTS.load(Ordering::Relaxed);
+        let idle = if requests == self.seen_requests {
+            idle
+        } else {
+            self.seen_requests = requests;
+            Duration::ZERO
+        };
         if !self.releases_after(batch, Instant::now(), idle) {
             return None;
         }
