@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,28 +30,10 @@ from pathlib import Path
 
 import grpc
 
+from soak import free_port, load_stubs
+
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
-
-
-def stubs(out: Path):
-    """Python stubs for polyhead.v1, generated from the repository's proto."""
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}",
-         f"--grpc_python_out={out}", "polyhead/v1/polyhead.proto"],
-        check=True,
-    )
-    sys.path.insert(0, str(out))
-    from polyhead.v1 import polyhead_pb2, polyhead_pb2_grpc
-
-    return polyhead_pb2, polyhead_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory(pid: int) -> dict:
@@ -84,7 +65,7 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="polyhead-cache-memory-"))
-    pb, pb_grpc = stubs(work / "stubs")
+    pb, pb_grpc = load_stubs(work / "stubs")
     grpc_port, metrics_port = free_port(), free_port()
     log = open(work / "server.log", "w")
     server = subprocess.Popen(

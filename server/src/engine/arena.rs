@@ -98,14 +98,7 @@ impl Release {
     /// The run options of a run of `batch` inputs: those that release the arena's free regions
     /// when the run ends, or `None` to keep them.
     pub fn options(&mut self, batch: usize) -> Option<&'static RunOptions> {
-        let idle = *REGISTERED.get()?;
-        let requests = RELEASE_REQUESTS.load(Ordering::Relaxed);
-        let idle = if requests == self.seen_requests {
-            idle
-        } else {
-            self.seen_requests = requests;
-            Duration::ZERO
-        };
+        let idle = self.idle(*REGISTERED.get()?, RELEASE_REQUESTS.load(Ordering::Relaxed));
         if !self.releases_after(batch, Instant::now(), idle) {
             return None;
         }
@@ -117,6 +110,16 @@ impl Release {
                 Some(options)
             })
             .as_ref()
+    }
+
+    /// The idle time this run waits for: `configured`, or none once after a [`release_now`]
+    /// (`requests` is how many there have been).
+    fn idle(&mut self, configured: Duration, requests: u64) -> Duration {
+        if requests == self.seen_requests {
+            return configured;
+        }
+        self.seen_requests = requests;
+        Duration::ZERO
     }
 
     /// Whether a run of `batch` inputs starting `now` releases: a single-input run, `idle` or
@@ -229,6 +232,22 @@ mod tests {
                 "a run of {batch} at {ms} ms"
             );
         }
+    }
+
+    #[test]
+    fn after_a_release_request_the_next_single_run_does_not_wait() {
+        let now = Instant::now();
+        let ten = Duration::from_secs(10);
+        let mut release = Release::default();
+        let mut run = |batch: usize, requests: u64| {
+            let idle = release.idle(ten, requests);
+            release.releases_after(batch, now, idle)
+        };
+        assert!(!run(2, 0), "the warm-up's batch");
+        assert!(!run(1, 0), "ten seconds have not passed");
+        assert!(run(1, 1), "asked to release: at once");
+        assert!(!run(8, 1));
+        assert!(!run(1, 1), "the request was served; back to waiting");
     }
 
     #[test]
