@@ -132,7 +132,8 @@ pub struct RuntimeConfig {
 
     /// Seconds without a batched run after which a model's next single-input run releases the
     /// memory batches grew ONNX Runtime's CPU arena by (CPU provider; 0: at the first
-    /// single-input run after batches). Under steady load the arena keeps it for the next batch.
+    /// single-input run after batches). Under steady load the arena keeps it for the next batch;
+    /// what the warm-up's batches took goes at the first run after the warm-up.
     #[arg(long, env = "POLYHEAD_ARENA_RELEASE_SECONDS", default_value_t = 10)]
     pub arena_release_seconds: u32,
 }

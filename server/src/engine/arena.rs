@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ort::AsPointer;
 use ort::environment::Environment;
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::{Allocator, AllocatorType, MemoryInfo};
 use ort::session::{RunOptions, Session};
 
 /// The run option that makes ONNX Runtime release the free regions of the CPU arena once the
@@ -176,13 +176,7 @@ impl ArenaGauge {
 }
 
 fn arena_memory() -> Result<MemoryInfo<'static>, String> {
-    MemoryInfo::new(
-        AllocationDevice::CPU,
-        0,
-        AllocatorType::Arena,
-        MemoryType::Default,
-    )
-    .map_err(|e| e.to_string())
+    super::tensor::host_memory(AllocatorType::Arena)
 }
 
 /// An OrtStatus as a result: the message of a failed call, the status released.

@@ -515,13 +515,12 @@ pub fn device_memory(device: Device) -> Result<MemoryInfo<'static>, String> {
 }
 
 fn cpu_memory() -> Result<MemoryInfo<'static>, String> {
-    MemoryInfo::new(
-        AllocationDevice::CPU,
-        0,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )
-    .map_err(|e| e.to_string())
+    host_memory(AllocatorType::Device)
+}
+
+/// Host memory as ONNX Runtime names it, for an allocator of `kind` (a plain one or an arena).
+pub(super) fn host_memory(kind: AllocatorType) -> Result<MemoryInfo<'static>, String> {
+    MemoryInfo::new(AllocationDevice::CPU, 0, kind, MemoryType::Default).map_err(|e| e.to_string())
 }
 
 /// A tensor value over `shape` f32 at `data`, owning nothing: ONNX Runtime reads and writes the
