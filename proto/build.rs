@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .skip_protoc_run()
+        // `bytes` fields as `Bytes`, not `Vec<u8>`: zero-copy decoding and cheap clones.
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

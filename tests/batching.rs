@@ -25,7 +25,11 @@ fn noise(seed: u64) -> v1::Image {
     let (width, height) = (96 + 8 * seed as u32, 80 + 4 * seed as u32);
     let rgb = crate::common::noise_rgb(seed, width, height);
     v1::Image {
-        source: Some(v1::image::Source::Raw(v1::RawImage { width, height, rgb })),
+        source: Some(v1::image::Source::Raw(v1::RawImage {
+            width,
+            height,
+            rgb: rgb.into(),
+        })),
     }
 }
 

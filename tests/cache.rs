@@ -31,7 +31,7 @@ fn noise(seed: u64, width: u32, height: u32) -> (v1::Image, image::RgbImage) {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width,
             height,
-            rgb: rgb.clone(),
+            rgb: rgb.clone().into(),
         })),
     };
     let pixels = image::RgbImage::from_raw(width, height, rgb).expect("sized buffer");

@@ -110,7 +110,7 @@ pub fn photo(name: &str) -> Vec<u8> {
 /// An encoded image message.
 pub fn encoded(bytes: Vec<u8>) -> v1::Image {
     v1::Image {
-        source: Some(v1::image::Source::Encoded(bytes)),
+        source: Some(v1::image::Source::Encoded(bytes.into())),
     }
 }
 

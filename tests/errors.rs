@@ -56,7 +56,7 @@ async fn corrupt_and_empty_images_are_invalid_arguments() {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width: 10,
             height: 10,
-            rgb: vec![0; 7],
+            rgb: vec![0; 7].into(),
         })),
     };
     assert_invalid(detect_error(Some(raw), Default::default()).await, &["300"]);
@@ -130,7 +130,7 @@ async fn undecodable_videos_are_invalid_arguments() {
     );
     for clip in clips {
         let request = v1::RecognizeActionRequest {
-            clip: Some(Clip::Video(clip)),
+            clip: Some(Clip::Video(clip.into())),
             options: None,
             head: String::new(),
         };
@@ -142,7 +142,7 @@ async fn undecodable_videos_are_invalid_arguments() {
     }
     let too_many = v1::RecognizeActionRequest {
         clip: Some(Clip::Frames(v1::EncodedFrames {
-            frames: vec![photo("coffee.png")],
+            frames: vec![photo("coffee.png").into()],
             fps: 0.0,
         })),
         options: Some(v1::ActionOptions {

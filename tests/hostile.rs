@@ -159,7 +159,7 @@ async fn detect(bytes: Vec<u8>) -> Result<(), tonic::Status> {
 
 async fn recognize(bytes: Vec<u8>) -> Result<(), tonic::Status> {
     let request = v1::RecognizeActionRequest {
-        clip: Some(Clip::Video(bytes)),
+        clip: Some(Clip::Video(bytes.into())),
         options: None,
         head: String::new(),
     };

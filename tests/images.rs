@@ -108,7 +108,7 @@ async fn raw_pixels_and_png_give_the_same_detections() {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width: rgb.width(),
             height: rgb.height(),
-            rgb: rgb.into_raw(),
+            rgb: rgb.into_raw().into(),
         })),
     };
     let client = client().await;

@@ -42,7 +42,7 @@ fn noise_image(seed: u64) -> v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width: 96,
             height: 64,
-            rgb: noise_rgb(seed, 96, 64),
+            rgb: noise_rgb(seed, 96, 64).into(),
         })),
     }
 }

@@ -190,7 +190,7 @@ async fn segment_noise(client: &Client, seed: u64) {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width: 64,
             height: 48,
-            rgb: noise_rgb(seed, 64, 48),
+            rgb: noise_rgb(seed, 64, 48).into(),
         })),
     };
     client

@@ -36,7 +36,10 @@ async fn h264_clip_samples_frames_uniformly_in_one_backbone_pass() {
     let clip = make_clip("testsrc=size=320x240:rate=10", 4.0, "mp4", H264);
     let client = client().await;
     let response = client
-        .recognize_action(request(Clip::Video(clip), v1::ActionOptions::default()))
+        .recognize_action(request(
+            Clip::Video(clip.into()),
+            v1::ActionOptions::default(),
+        ))
         .await
         .expect("recognize");
     let actions = response.actions.expect("actions");
@@ -71,7 +74,7 @@ async fn vp9_webm_clip_with_stride_sampling() {
     };
     let client = client().await;
     let actions = client
-        .recognize_action(request(Clip::Video(clip), options))
+        .recognize_action(request(Clip::Video(clip.into()), options))
         .await
         .expect("recognize")
         .actions
@@ -87,11 +90,9 @@ async fn vp9_webm_clip_with_stride_sampling() {
 
 #[tokio::test]
 async fn a_list_of_encoded_frames_is_a_clip() {
-    let frames = vec![
-        photo("astronaut.png"),
-        photo("coffee.png"),
-        photo("rocket.jpg"),
-    ];
+    let frames = ["astronaut.png", "coffee.png", "rocket.jpg"]
+        .map(|name| photo(name).into())
+        .to_vec();
     let clip = Clip::Frames(v1::EncodedFrames { frames, fps: 2.0 });
     let client = client().await;
     let response = client

@@ -439,7 +439,7 @@ async fn a_client_that_goes_away_stops_the_work() {
             source: Some(v1::image::Source::Raw(v1::RawImage {
                 width: 64,
                 height: 48,
-                rgb: common::noise_rgb(seed, 64, 48),
+                rgb: common::noise_rgb(seed, 64, 48).into(),
             })),
         };
         client.detect(image, v1::DetectOptions::default(), "")

@@ -227,7 +227,7 @@ pub async fn windows(
             window_stride: stride,
             ..Default::default()
         }),
-        chunk: video.to_vec(),
+        chunk: video.to_vec().into(),
     };
     let request = client.request(tokio_stream::iter(vec![message]));
     let mut stream = client

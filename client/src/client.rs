@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use polyhead_proto::Bytes;
 use polyhead_proto::v1::{self, polyhead_client::PolyheadClient};
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
@@ -277,7 +278,7 @@ impl Client {
     /// Recognises the action in an encoded video file.
     pub async fn recognize_video(
         &self,
-        video: Vec<u8>,
+        video: impl Into<Bytes>,
         options: v1::ActionOptions,
         head: &str,
     ) -> Result<v1::RecognizeActionResponse> {
@@ -311,13 +312,13 @@ impl Client {
     /// whole stream; it is not retried.
     pub async fn recognize_windows(
         &self,
-        video: Vec<u8>,
+        video: impl Into<Bytes>,
         options: v1::WindowOptions,
         chunk_bytes: usize,
     ) -> Result<tonic::Streaming<v1::RecognizeActionWindowsResponse>> {
         let total = self.options.timeout;
         let request = self.request(tokio_stream::iter(window_messages(
-            video,
+            video.into(),
             options,
             chunk_bytes,
         )));
@@ -428,22 +429,23 @@ impl Client {
 /// The upload of a RecognizeActionWindows call: `options` and the first chunk, then the rest
 /// of `video` in chunks of at most `chunk_bytes` (at least 1).
 fn window_messages(
-    video: Vec<u8>,
+    video: Bytes,
     options: v1::WindowOptions,
     chunk_bytes: usize,
 ) -> Vec<v1::RecognizeActionWindowsRequest> {
+    let chunk_bytes = chunk_bytes.max(1);
     let mut options = Some(options);
-    let mut messages: Vec<_> = video
-        .chunks(chunk_bytes.max(1))
-        .map(|chunk| v1::RecognizeActionWindowsRequest {
+    let mut messages: Vec<_> = (0..video.len())
+        .step_by(chunk_bytes)
+        .map(|start| v1::RecognizeActionWindowsRequest {
             options: options.take(),
-            chunk: chunk.to_vec(),
+            chunk: video.slice(start..(start + chunk_bytes).min(video.len())),
         })
         .collect();
     if let Some(options) = options {
         messages.push(v1::RecognizeActionWindowsRequest {
             options: Some(options),
-            chunk: Vec::new(),
+            chunk: Bytes::new(),
         });
     }
     messages

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use polyhead_proto::Bytes;
 use polyhead_proto::v1::{self, recognize_action_request::Clip};
 
 use crate::error::{ClientError, Result};
@@ -22,14 +23,14 @@ pub fn image_from_path(path: impl AsRef<Path>) -> Result<v1::Image> {
 }
 
 /// An image from encoded file bytes (JPEG, PNG or WebP).
-pub fn image_from_bytes(encoded: impl Into<Vec<u8>>) -> v1::Image {
+pub fn image_from_bytes(encoded: impl Into<Bytes>) -> v1::Image {
     v1::Image {
         source: Some(v1::image::Source::Encoded(encoded.into())),
     }
 }
 
 /// An image from tightly packed RGB8 pixels, row-major, `width * height * 3` bytes.
-pub fn raw_image(width: u32, height: u32, rgb: impl Into<Vec<u8>>) -> v1::Image {
+pub fn raw_image(width: u32, height: u32, rgb: impl Into<Bytes>) -> v1::Image {
     v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width,
@@ -48,12 +49,13 @@ pub fn handle_image(handle: impl Into<String>) -> v1::Image {
 }
 
 /// A clip from an encoded video file's bytes.
-pub fn video_clip(video: impl Into<Vec<u8>>) -> Clip {
+pub fn video_clip(video: impl Into<Bytes>) -> Clip {
     Clip::Video(video.into())
 }
 
 /// A clip from encoded frames in temporal order, played at `fps` (0: 1 frame per second).
 pub fn frames_clip(frames: Vec<Vec<u8>>, fps: f32) -> Clip {
+    let frames = frames.into_iter().map(Bytes::from).collect();
     Clip::Frames(v1::EncodedFrames { frames, fps })
 }
 
@@ -66,15 +68,15 @@ mod tests {
         let encoded = image_from_bytes(vec![1, 2, 3]);
         assert_eq!(
             encoded.source,
-            Some(v1::image::Source::Encoded(vec![1, 2, 3]))
+            Some(v1::image::Source::Encoded(Bytes::from_static(&[1, 2, 3])))
         );
-        let raw = raw_image(1, 1, [9u8, 8, 7]);
+        let raw = raw_image(1, 1, vec![9u8, 8, 7]);
         let Some(v1::image::Source::Raw(pixels)) = raw.source else {
             panic!("not a raw image");
         };
         assert_eq!(
-            (pixels.width, pixels.height, pixels.rgb),
-            (1, 1, vec![9, 8, 7])
+            (pixels.width, pixels.height, pixels.rgb.as_ref()),
+            (1, 1, &[9, 8, 7][..])
         );
     }
 
@@ -90,7 +92,7 @@ mod tests {
 
     #[test]
     fn clips() {
-        assert_eq!(video_clip(vec![0u8; 4]), Clip::Video(vec![0; 4]));
+        assert_eq!(video_clip(vec![0u8; 4]), Clip::Video(vec![0; 4].into()));
         let Clip::Frames(frames) = frames_clip(vec![vec![1], vec![2]], 25.0) else {
             panic!("not frames");
         };

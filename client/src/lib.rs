@@ -33,4 +33,4 @@ pub use input::{
     frames_clip, handle_image, image_from_bytes, image_from_path, raw_image, read_file, video_clip,
 };
 /// The generated `polyhead.v1` messages and stubs.
-pub use polyhead_proto::v1;
+pub use polyhead_proto::{Bytes, v1};

@@ -228,7 +228,7 @@ fn detections(label: &str) -> v1::Detections {
 
 fn segmentation() -> v1::Segmentation {
     v1::Segmentation {
-        label_map_png: b"\x89PNG fake".to_vec(),
+        label_map_png: b"\x89PNG fake".to_vec().into(),
         width: 8,
         height: 6,
         class_names: vec!["sky".into()],

@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn coverage_in_percent() {
         let map = v1::Segmentation {
-            label_map_png: Vec::new(),
+            label_map_png: Vec::new().into(),
             width: 4,
             height: 2,
             class_names: vec!["sky".into(), "road".into(), "car".into()],

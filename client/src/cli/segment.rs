@@ -38,7 +38,7 @@ pub(crate) async fn run(session: &Session, out: &Output, args: SegmentArgs) -> a
         let png = response
             .segmentation
             .as_ref()
-            .map(|s| s.label_map_png.as_slice())
+            .map(|s| s.label_map_png.as_ref())
             .unwrap_or_default();
         std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))?;
     }

@@ -3,7 +3,7 @@
 
 use indicatif::ProgressBar;
 use polyhead_client::v1::recognize_action_windows_response::Event;
-use polyhead_client::{json, v1};
+use polyhead_client::{Bytes, json, v1};
 use serde::Serialize;
 
 use super::progress::Progress;
@@ -38,7 +38,7 @@ pub(super) async fn run(
     session: &Session,
     out: &Output,
     progress: &Progress,
-    video: Vec<u8>,
+    video: Bytes,
     options: v1::WindowOptions,
 ) -> anyhow::Result<()> {
     let client = session.connect().await?;

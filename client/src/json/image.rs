@@ -283,7 +283,7 @@ mod tests {
     fn segmentation_leaves_out_the_png() -> serde_json::Result<()> {
         let response = v1::SegmentResponse {
             segmentation: Some(v1::Segmentation {
-                label_map_png: vec![0x89, b'P', b'N', b'G'],
+                label_map_png: vec![0x89, b'P', b'N', b'G'].into(),
                 width: 4,
                 height: 2,
                 class_names: vec!["sky".into(), "road".into()],

@@ -325,7 +325,7 @@ fn detection(d: Detection, labels: &[String]) -> v1::Detection {
 /// A label map as sent on the wire.
 pub fn segmentation(s: Segmentation, labels: &[String]) -> v1::Segmentation {
     v1::Segmentation {
-        label_map_png: s.png,
+        label_map_png: s.png.into(),
         width: s.width,
         height: s.height,
         class_names: labels.to_vec(),

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use polyhead_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -98,17 +99,24 @@ async fn receive(
         .ok_or_else(|| invalid("the first message must carry options"))?;
     let settings = settings(call.pipeline.models(), &call.limits, options);
     let (head, plan, step, top_k) = settings.map_err(|e| call.status(e))?;
-    let mut video = first.chunk;
-    check_size(video.len(), &call.limits).map_err(|e| call.status(e))?;
+    let mut size = first.chunk.len();
+    check_size(size, &call.limits).map_err(|e| call.status(e))?;
+    let mut chunks = vec![first.chunk];
     while let Some(next) = incoming.message().await? {
-        check_size(video.len() + next.chunk.len(), &call.limits).map_err(|e| call.status(e))?;
-        video.extend_from_slice(&next.chunk);
+        size += next.chunk.len();
+        check_size(size, &call.limits).map_err(|e| call.status(e))?;
+        chunks.push(next.chunk);
     }
-    if video.is_empty() {
+    if size == 0 {
         return Err(invalid("the video is empty: send it in chunk"));
     }
+    // One chunk is the video as received; several are joined once.
+    let video = match <[Bytes; 1]>::try_from(chunks) {
+        Ok([video]) => video,
+        Err(chunks) => Bytes::from(chunks.concat()),
+    };
     Ok(WindowRequest {
-        video: Arc::from(video),
+        video,
         head,
         plan,
         step,

@@ -12,7 +12,9 @@
 //! rather than the clip length. Long videos are decoded frame by frame instead
 //! ([`stream_frames`]), each sampled frame handed on as soon as it is decoded.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
 use std::time::Instant;
 
 use ::image::RgbImage;
@@ -203,7 +205,7 @@ pub fn decode_clip(
     init()?;
     check_size(bytes, limits)?;
     sampling.validate(limits)?;
-    let data: Arc<[u8]> = Arc::from(bytes);
+    let data = Bytes::copy_from_slice(bytes);
     let started = Instant::now();
     let mut input = open(&data, limits)?;
     let info = StreamInfo::read(&input, limits)?;
@@ -281,19 +283,19 @@ fn decode_sampled(
 
 /// What every decoding pass over one clip shares.
 struct Job<'a> {
-    data: &'a Arc<[u8]>,
+    data: &'a Bytes,
     info: &'a StreamInfo,
     limits: &'a VideoLimits,
     started: Instant,
 }
 
 /// Opens the buffer as a container, refusing demuxers that are not allowed.
-fn open(data: &Arc<[u8]>, limits: &VideoLimits) -> Result<Input, MediaError> {
+fn open(data: &Bytes, limits: &VideoLimits) -> Result<Input, MediaError> {
     let allowed = allowed_parts(limits);
     if allowed.is_empty() {
         return Err(MediaError::UnnamedContainerNotAllowed("none".to_owned()));
     }
-    let io = StreamIo::from_read_seek(std::io::Cursor::new(Arc::clone(data)))
+    let io = StreamIo::from_read_seek(std::io::Cursor::new(data.clone()))
         .map_err(|e| MediaError::Internal(format!("custom I/O: {e}")))?;
     let mut options = Dictionary::new();
     options.set("format_whitelist", &allowed.join(","));

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use image::RgbImage;
 use tracing::Span;
 
@@ -122,7 +123,7 @@ impl Pipeline {
         frame
             .write_to(&mut png, image::ImageFormat::Png)
             .map_err(|e| Error::Internal(format!("warm-up frame: {e}")))?;
-        let frames = vec![png.into_inner(); 2];
+        let frames = vec![Bytes::from(png.into_inner()); 2];
         let request = ActionRequest {
             clip: ClipInput::Frames { frames, fps: 1.0 },
             head,
@@ -201,7 +202,7 @@ fn decode_video(
 
 /// Decodes the sampled subset of a list of encoded frames.
 fn decode_frames(
-    frames: &[Vec<u8>],
+    frames: &[Bytes],
     fps: f64,
     limits: &ImageLimits,
     sampling: &Sampling,

@@ -180,7 +180,7 @@ fn decode(image: ImageInput, limits: &ImageLimits) -> Result<RgbImage, Error> {
     Ok(match image {
         ImageInput::Encoded(bytes) => media::image::decode(&bytes, limits)?,
         ImageInput::Raw { width, height, rgb } => {
-            media::image::from_raw(width, height, rgb, limits)?
+            media::image::from_raw(width, height, Vec::from(rgb), limits)?
         }
         ImageInput::Handle(_) => {
             return Err(Error::Internal(

@@ -132,7 +132,7 @@ impl Pipeline {
         let image = ImageInput::Raw {
             width: 64,
             height: 48,
-            rgb: vec![128; 64 * 48 * 3],
+            rgb: vec![128; 64 * 48 * 3].into(),
         };
         let image_heads = self
             .models
@@ -242,9 +242,14 @@ fn output<'a>(
 }
 
 /// Stacks CHW images of equal size into one `[N, 3, H, W]` batch.
-fn stack(chw: Vec<Vec<f32>>, height: usize, width: usize) -> Result<ArrayD<f32>, Error> {
+fn stack(mut chw: Vec<Vec<f32>>, height: usize, width: usize) -> Result<ArrayD<f32>, Error> {
     let n = chw.len();
-    let data: Vec<f32> = chw.into_iter().flatten().collect();
+    // One image is its own batch: no copy.
+    let data = if n == 1 {
+        chw.swap_remove(0)
+    } else {
+        chw.concat()
+    };
     ArrayD::from_shape_vec(IxDyn(&[n, 3, height, width]), data)
         .map_err(|e| Error::Internal(format!("batch shape: {e}")))
 }

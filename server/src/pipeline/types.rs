@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+
 use crate::engine::Memory;
 use crate::heads::detection::DetectOptions;
 use crate::heads::{ClassScore, Detection};
@@ -13,13 +15,9 @@ use crate::model_set::Head;
 #[derive(Debug, Clone)]
 pub enum ImageInput {
     /// Encoded JPEG, PNG or WebP bytes.
-    Encoded(Vec<u8>),
+    Encoded(Bytes),
     /// Tightly packed RGB8 pixels.
-    Raw {
-        width: u32,
-        height: u32,
-        rgb: Vec<u8>,
-    },
+    Raw { width: u32, height: u32, rgb: Bytes },
     /// A feature handle from [`crate::pipeline::Pipeline::extract_features`]: the image's
     /// features are kept server-side.
     Handle(String),
@@ -29,9 +27,9 @@ pub enum ImageInput {
 #[derive(Debug, Clone)]
 pub enum ClipInput {
     /// An encoded video file.
-    Video(Vec<u8>),
+    Video(Bytes),
     /// Encoded images in temporal order, at `fps` frames per second.
-    Frames { frames: Vec<Vec<u8>>, fps: f64 },
+    Frames { frames: Vec<Bytes>, fps: f64 },
 }
 
 /// One head to run on an image, with its options.

@@ -13,6 +13,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::Span;
 
@@ -42,7 +43,7 @@ const MAX_DECODED_FPS: f64 = 240.0;
 /// A validated RecognizeActionWindows request.
 pub struct WindowRequest {
     /// The whole uploaded video file.
-    pub video: Arc<[u8]>,
+    pub video: Bytes,
     pub head: Arc<Head>,
     pub plan: WindowPlan,
     pub step: FrameStep,
@@ -137,7 +138,7 @@ impl Pipeline {
         tx: mpsc::Sender<Decoded>,
     ) -> tokio::task::JoinHandle<Result<usize, Error>> {
         let limits = self.stream_limits();
-        let video = Arc::clone(&request.video);
+        let video = request.video.clone();
         let step = request.step;
         let mut sink = ChannelSink {
             tx,

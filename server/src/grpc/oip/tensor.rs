@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use ndarray::{ArrayD, IxDyn};
 use polyhead_proto::inference::model_infer_request::{
     InferInputTensor, InferRequestedOutputTensor,
@@ -30,13 +31,13 @@ const UNSUPPORTED_PARAMETERS: &[&str] = &[
 ];
 
 /// Encoded outputs: one header per tensor and, in the same order, its raw bytes.
-pub(super) type EncodedOutputs = (Vec<InferOutputTensor>, Vec<Vec<u8>>);
+pub(super) type EncodedOutputs = (Vec<InferOutputTensor>, Vec<Bytes>);
 
 /// Reads the request's one input, checked against the model's `declared` input: name, datatype,
 /// shape (rank, fixed dimensions) and element count against the data sent.
 pub(super) fn read_input(
     inputs: Vec<InferInputTensor>,
-    raw: Vec<Vec<u8>>,
+    raw: Vec<Bytes>,
     declared: &TensorInfo,
 ) -> Result<ArrayD<f32>, Error> {
     let input = single(inputs, declared)?;
@@ -103,7 +104,7 @@ pub(super) fn encode_outputs(
         let host = tensor
             .to_host()
             .map_err(|e| Error::Internal(format!("{name}: {e}")))?;
-        raw.push(f32_to_le(host.iter().copied(), host.len()));
+        raw.push(f32_to_le(host.iter().copied(), host.len()).into());
     }
     Ok((headers, raw))
 }
@@ -195,7 +196,7 @@ fn element_count(name: &str, dims: &[usize]) -> Result<usize, Error> {
 }
 
 /// The input's values from `raw_input_contents` (when sent) or `contents.fp32_contents`.
-fn data(input: InferInputTensor, raw: Vec<Vec<u8>>, count: usize) -> Result<Vec<f32>, Error> {
+fn data(input: InferInputTensor, raw: Vec<Bytes>, count: usize) -> Result<Vec<f32>, Error> {
     let name = input.name;
     let contents = input.contents.unwrap_or_default();
     let entries = raw.len();

@@ -5,10 +5,10 @@
 //! video, so that the sink learns its outline before the first frame.
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::image::RgbImage;
+use bytes::Bytes;
 use ffmpeg::codec::decoder;
 use ffmpeg::util::frame;
 use ffmpeg_next as ffmpeg;
@@ -90,7 +90,7 @@ pub trait FrameSink {
 /// Decodes the video in `bytes`, within `limits`, handing the frames `step` samples to `sink`
 /// one by one. Returns how many frames were sampled (fewer when the sink stopped early).
 pub fn stream_frames(
-    bytes: &Arc<[u8]>,
+    bytes: &Bytes,
     limits: &VideoLimits,
     step: FrameStep,
     sink: &mut impl FrameSink,
@@ -286,7 +286,7 @@ mod tests {
     }
 
     /// A 3 s, 10 fps testsrc clip made with the ffmpeg CLI.
-    fn clip() -> Arc<[u8]> {
+    fn clip() -> Bytes {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("clip.mp4");
         let status = std::process::Command::new("ffmpeg")
@@ -302,7 +302,7 @@ mod tests {
             .status()
             .expect("the ffmpeg CLI");
         assert!(status.success());
-        Arc::from(std::fs::read(out).expect("clip"))
+        Bytes::from(std::fs::read(out).expect("clip"))
     }
 
     fn run(step: FrameStep, stop_after: Option<usize>) -> (Collect, usize) {
@@ -350,7 +350,7 @@ mod tests {
         assert!(matches!(zero, Err(MediaError::InvalidSampling(_))));
         let rate = stream_frames(&clip(), &limits, FrameStep::Rate(f64::NAN), &mut sink);
         assert!(matches!(rate, Err(MediaError::InvalidSampling(_))));
-        let junk: Arc<[u8]> = Arc::from(vec![7u8; 4096]);
+        let junk = Bytes::from(vec![7u8; 4096]);
         assert!(stream_frames(&junk, &limits, FrameStep::Every(1), &mut sink).is_err());
     }
 }

@@ -28,12 +28,12 @@ fn values(n: usize) -> Vec<f32> {
     (0..n).map(|i| i as f32 * 0.5 - 3.0).collect()
 }
 
-fn raw(n: usize) -> Vec<u8> {
-    f32_to_le(values(n).into_iter(), n)
+fn raw(n: usize) -> Bytes {
+    f32_to_le(values(n).into_iter(), n).into()
 }
 
 /// The INVALID_ARGUMENT message of a refused input.
-fn refusal(inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> String {
+fn refusal(inputs: Vec<InferInputTensor>, raw: Vec<Bytes>) -> String {
     match read_input(inputs, raw, &declared()) {
         Err(Error::InvalidArgument(message)) => message,
         other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
@@ -133,7 +133,7 @@ fn an_overflowing_shape_is_refused_without_panicking() {
 fn the_data_must_match_the_element_count() {
     let short = refusal(vec![input(&[1, 3, 2, 2])], vec![raw(11)]);
     assert_mentions(&short, &["12 FP32 elements", "48 bytes", "holds 44 bytes"]);
-    let odd = refusal(vec![input(&[1, 3, 2, 2])], vec![vec![0; 49]]);
+    let odd = refusal(vec![input(&[1, 3, 2, 2])], vec![vec![0; 49].into()]);
     assert_mentions(&odd, &["holds 49 bytes"]);
     let mut tensor = input(&[1, 3, 2, 2]);
     tensor.contents = Some(InferTensorContents {
