@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use polyhead_client::{Client, ClientOptions, v1};
+use polyhead_client::{Bytes, Client, ClientOptions, v1};
 use v1::recognize_action_windows_response::Event;
 
 use crate::raw::Timing;
 use crate::rounds::{self, Part, Variant};
 use crate::rss;
 use crate::server::Server;
-use crate::stats::{Row, Samples};
+use crate::stats::{Row, Samples, Stages};
 
 /// A client for benchmarking: no retries (a refused call is an error), generous deadline.
 pub async fn connect(server: &Server) -> Result<Client> {
@@ -30,7 +30,7 @@ pub async fn connect(server: &Server) -> Result<Client> {
 }
 
 /// Warms up, then measures `call` at `concurrency` for `timing.seconds`. `call(n)` gets a number
-/// unique within the run and answers the backbone passes its response reported.
+/// unique within the run and answers the timings its response reported.
 pub async fn measure<F, Fut>(
     server: &Server,
     name: &str,
@@ -41,7 +41,7 @@ pub async fn measure<F, Fut>(
 ) -> Result<Row>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<u32>> + Send + 'static,
+    Fut: Future<Output = Result<v1::Timings>> + Send + 'static,
 {
     let one = variant(
         server,
@@ -69,7 +69,7 @@ pub fn variant<'a, F, Fut>(
 ) -> Variant<'a>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<u32>> + Send + 'static,
+    Fut: Future<Output = Result<v1::Timings>> + Send + 'static,
 {
     let call = Arc::new(call);
     let counter = Arc::new(AtomicU64::new(0));
@@ -77,6 +77,7 @@ where
         name,
         kind: "grpc",
         concurrency,
+        interleaved: false,
         run: Box::new(move |timing| {
             let (call, counter) = (Arc::clone(&call), Arc::clone(&counter));
             Box::pin(async move {
@@ -104,9 +105,12 @@ async fn slice<F, Fut>(
 ) -> Result<Part>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<u32>> + Send + 'static,
+    Fut: Future<Output = Result<v1::Timings>> + Send + 'static,
 {
-    closed_loop(call, counter, concurrency, timing.warmup, items_per_request).await?;
+    // A loop runs at least one call: a zero warm-up is none at all.
+    if !timing.warmup.is_zero() {
+        closed_loop(call, counter, concurrency, timing.warmup, items_per_request).await?;
+    }
     let before = server.backbone_passes()?;
     let samples = closed_loop(
         call,
@@ -132,7 +136,7 @@ async fn closed_loop<F, Fut>(
 ) -> Result<Samples>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<u32>> + Send + 'static,
+    Fut: Future<Output = Result<v1::Timings>> + Send + 'static,
 {
     let start = Instant::now();
     let deadline = start + seconds;
@@ -146,9 +150,10 @@ where
                 };
                 while samples.latencies.is_empty() || Instant::now() < deadline {
                     let t = Instant::now();
-                    let passes = call(counter.fetch_add(1, Ordering::Relaxed)).await?;
+                    let timings = call(counter.fetch_add(1, Ordering::Relaxed)).await?;
                     samples.latencies.push(t.elapsed());
-                    samples.reported_passes += u64::from(passes);
+                    samples.reported_passes += u64::from(timings.backbone_passes);
+                    samples.stages.push(stages(&timings));
                 }
                 Ok::<_, anyhow::Error>(samples)
             })
@@ -161,63 +166,70 @@ where
     Ok(Samples::merge(parts, start.elapsed()))
 }
 
-fn passes(timings: Option<v1::Timings>) -> u32 {
-    timings.map_or(0, |t| t.backbone_passes)
+fn stages(t: &v1::Timings) -> Stages {
+    Stages {
+        decode_ms: t.decode_ms,
+        preprocess_ms: t.preprocess_ms,
+        backbone_ms: t.backbone_ms,
+        heads_ms: t.heads.iter().map(|h| h.inference_ms).sum(),
+        postprocess_ms: t.postprocess_ms,
+        total_ms: t.total_ms,
+    }
 }
 
 /// One Detect call (no masks).
-pub async fn detect(client: Client, image: v1::Image) -> Result<u32> {
+pub async fn detect(client: Client, image: v1::Image) -> Result<v1::Timings> {
     let response = client
         .detect(image, v1::DetectOptions::default(), "")
         .await
         .map_err(|e| anyhow!("Detect: {e}"))?;
-    Ok(passes(response.timings))
+    Ok(response.timings.unwrap_or_default())
 }
 
 /// One Segment call.
-pub async fn segment(client: Client, image: v1::Image) -> Result<u32> {
+pub async fn segment(client: Client, image: v1::Image) -> Result<v1::Timings> {
     let response = client
         .segment(image, v1::SegmentOptions::default(), "")
         .await
         .map_err(|e| anyhow!("Segment: {e}"))?;
-    Ok(passes(response.timings))
+    Ok(response.timings.unwrap_or_default())
 }
 
 /// One Analyze call running the detection and segmentation heads.
-pub async fn analyze(client: Client, image: v1::Image) -> Result<u32> {
+pub async fn analyze(client: Client, image: v1::Image) -> Result<v1::Timings> {
     let heads = vec!["detection".to_owned(), "segmentation".to_owned()];
     let response = client
         .analyze(image, heads, Default::default(), Default::default())
         .await
         .map_err(|e| anyhow!("Analyze: {e}"))?;
-    Ok(passes(response.timings))
+    Ok(response.timings.unwrap_or_default())
 }
 
 /// One RecognizeAction call on an encoded clip, `frames` frames sampled uniformly.
-pub async fn action(client: Client, clip: Arc<Vec<u8>>, frames: u32) -> Result<u32> {
+pub async fn action(client: Client, clip: Bytes, frames: u32) -> Result<v1::Timings> {
     let options = v1::ActionOptions {
         num_frames: frames,
         ..Default::default()
     };
     let response = client
-        .recognize_video(clip.to_vec(), options, "")
+        .recognize_video(clip, options, "")
         .await
         .map_err(|e| anyhow!("RecognizeAction: {e}"))?;
-    Ok(passes(response.timings))
+    Ok(response.timings.unwrap_or_default())
 }
 
 /// What one RecognizeActionWindows call answered.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WindowsCall {
     pub windows: u32,
-    pub backbone_images: u32,
-    pub backbone_passes: u32,
+    /// The summary's timings: the whole call's.
+    pub timings: v1::Timings,
 }
 
 /// One RecognizeActionWindows call over `video` in windows of `frames` frames, `stride` apart.
 pub async fn windows(
     client: Client,
-    video: Arc<Vec<u8>>,
+    video: Bytes,
     frames: u32,
     stride: u32,
 ) -> Result<WindowsCall> {
@@ -227,7 +239,7 @@ pub async fn windows(
             window_stride: stride,
             ..Default::default()
         }),
-        chunk: video.to_vec().into(),
+        chunk: video,
     };
     let request = client.request(tokio_stream::iter(vec![message]));
     let mut stream = client
@@ -239,11 +251,7 @@ pub async fn windows(
     while let Some(message) = stream.message().await? {
         match message.event {
             Some(Event::Window(_)) => answer.windows += 1,
-            Some(Event::Summary(summary)) => {
-                let timings = summary.timings.unwrap_or_default();
-                answer.backbone_images = timings.backbone_images;
-                answer.backbone_passes = timings.backbone_passes;
-            }
+            Some(Event::Summary(summary)) => answer.timings = summary.timings.unwrap_or_default(),
             None => {}
         }
     }

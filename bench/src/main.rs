@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use polyhead_client::{image_from_bytes, raw_image, v1};
+use polyhead_client::{Bytes, image_from_bytes, raw_image, v1};
 
 use crate::media::Photo;
 use crate::raw::{Tensor, Timing};
@@ -89,9 +89,9 @@ struct Args {
 /// Everything the variants share.
 struct Inputs {
     photo: Photo,
-    clip: Arc<Vec<u8>>,
+    clip: Bytes,
     clip_tensor: Tensor,
-    window_video: Arc<Vec<u8>>,
+    window_video: Bytes,
 }
 
 fn main() -> Result<()> {
@@ -191,9 +191,9 @@ fn prepare(args: &Args, models: &Path, out_dir: &Path) -> Result<Inputs> {
     )?)?;
     Ok(Inputs {
         photo,
-        clip: Arc::new(clip),
+        clip: clip.into(),
         clip_tensor,
-        window_video: Arc::new(window_video),
+        window_video: window_video.into(),
     })
 }
 
@@ -243,10 +243,11 @@ fn server_binary(args: &Args) -> PathBuf {
     })
 }
 
-/// Every variant compared in a ratio, measured side by side in rounds: the in-process sessions
-/// (raw and naive), and three servers with the feature cache off (the default, one with features
-/// copied to host arrays, one with spinning ONNX Runtime threads). Then the sliding windows on the
-/// default server.
+/// Every variant compared in a ratio, measured side by side: the in-process sessions (raw and
+/// naive), and three servers with the feature cache off (the default, one with features copied
+/// to host arrays, one with spinning ONNX Runtime threads). The single images at concurrency 1
+/// on the in-process sessions and the default server are interleaved request by request, the
+/// rest run in rounds. Then the sliding windows on the default server.
 async fn side_by_side(
     args: &Args,
     models: &Path,
@@ -272,30 +273,32 @@ async fn side_by_side(
     let image = image_from_bytes(inputs.photo.encoded.clone());
     let set = raw::Models::new(models, args.intra_threads)?;
     let mut variants = in_process(args, &set, inputs)?;
-    variants.extend(detect_levels(args, &server, &client, &image, GRPC_DETECT));
+    variants.extend(
+        detect_levels(args, &server, &client, &image, GRPC_DETECT)
+            .into_iter()
+            .map(rounds::Variant::interleaved),
+    );
     let (c2, i2) = (client.clone(), image.clone());
-    variants.push(grpc::variant(
-        &server,
-        GRPC_SEGMENT.into(),
-        1,
-        1,
-        move |_| grpc::segment(c2.clone(), i2.clone()),
-    ));
+    variants.push(
+        grpc::variant(&server, GRPC_SEGMENT.into(), 1, 1, move |_| {
+            grpc::segment(c2.clone(), i2.clone())
+        })
+        .interleaved(),
+    );
     let (c3, i3) = (client.clone(), image.clone());
-    variants.push(grpc::variant(
-        &server,
-        GRPC_ANALYZE.into(),
-        1,
-        1,
-        move |_| grpc::analyze(c3.clone(), i3.clone()),
-    ));
-    let (c4, clip, frames) = (client.clone(), Arc::clone(&inputs.clip), args.clip_frames);
+    variants.push(
+        grpc::variant(&server, GRPC_ANALYZE.into(), 1, 1, move |_| {
+            grpc::analyze(c3.clone(), i3.clone())
+        })
+        .interleaved(),
+    );
+    let (c4, clip, frames) = (client.clone(), inputs.clip.clone(), args.clip_frames);
     variants.push(grpc::variant(
         &server,
         GRPC_CLIP.into(),
         1,
         frames,
-        move |_| grpc::action(c4.clone(), Arc::clone(&clip), frames),
+        move |_| grpc::action(c4.clone(), clip.clone(), frames),
     ));
     for (other, prefix) in [(&host, GRPC_HOST), (&spinning, GRPC_SPINNING)] {
         let client = grpc::connect(other).await?;
@@ -310,7 +313,7 @@ async fn side_by_side(
             move |_| grpc::analyze(client.clone(), image.clone()),
         ));
     }
-    let rows = rounds::measure(variants, timing, rounds).await?;
+    let rows = rounds::measure_all(variants, timing, rounds).await?;
     for mut row in rows {
         match row.kind {
             // Each full model runs its own copy of the backbone.
@@ -359,23 +362,29 @@ fn in_process<'a>(
             .map(|_| set.shared(&["detection"]).map(|mut s| move || s.run(image)))
             .collect::<Result<Vec<_>>>()?;
         let name = format!("{RAW_DETECT} c={threads}");
-        variants.push(raw::variant(name, "raw", 1, workers));
+        variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
     let mut shared = set.shared(&["detection", "segmentation"])?;
-    variants.push(raw::variant(
-        format!("{RAW_SHARED} c=1"),
-        "raw",
-        1,
-        vec![move || shared.run(image)],
-    ));
+    variants.push(
+        raw::variant(
+            format!("{RAW_SHARED} c=1"),
+            "raw",
+            1,
+            vec![move || shared.run(image)],
+        )
+        .interleaved(),
+    );
     let input = set.input_name().to_owned();
     let mut pair = set.monolithic(&["reference_detection.onnx", "reference_segmentation.onnx"])?;
-    variants.push(raw::variant(
-        format!("{NAIVE_PAIR} c=1"),
-        "naive",
-        1,
-        vec![move || raw::run_monolithic(&mut pair, &input, image)],
-    ));
+    variants.push(
+        raw::variant(
+            format!("{NAIVE_PAIR} c=1"),
+            "naive",
+            1,
+            vec![move || raw::run_monolithic(&mut pair, &input, image)],
+        )
+        .interleaved(),
+    );
     let frames = &inputs.clip_tensor;
     let mut backbone = set.shared(&[])?;
     variants.push(raw::variant(
@@ -421,21 +430,18 @@ async fn windows(
     let mut per_window_images = Vec::new();
     let mut names = Vec::new();
     for stride in [args.window_stride, frames] {
-        let probe = grpc::windows(client.clone(), Arc::clone(video), frames, stride).await;
+        let probe = grpc::windows(client.clone(), video.clone(), frames, stride).await;
         let probe = match probe {
             Ok(probe) if probe.windows > 0 => probe,
             Ok(_) => return unavailable(report, "RecognizeActionWindows answered no windows"),
             Err(e) => return unavailable(report, &format!("RecognizeActionWindows: {e}")),
         };
-        per_window_images.push(f64::from(probe.backbone_images) / f64::from(probe.windows));
+        per_window_images.push(f64::from(probe.timings.backbone_images) / f64::from(probe.windows));
         let name = format!("{GRPC_WINDOWS} T={frames} s={stride} c=1");
-        let (client, video) = (client.clone(), Arc::clone(video));
+        let (client, video) = (client.clone(), video.clone());
         let row = grpc::measure(server, &name, 1, probe.windows, timing, move |_| {
-            let (client, video) = (client.clone(), Arc::clone(&video));
-            async move {
-                let call = grpc::windows(client, video, frames, stride).await?;
-                Ok(call.backbone_passes)
-            }
+            let (client, video) = (client.clone(), video.clone());
+            async move { Ok(grpc::windows(client, video, frames, stride).await?.timings) }
         })
         .await?;
         report.rows.push(row);
@@ -457,8 +463,8 @@ fn unavailable(report: &mut Report, why: &str) -> Result<Option<WindowRows>> {
 }
 
 /// The cache phase: a cold Segment (a new image every call) and a Segment on an image the
-/// server has seen, side by side in rounds, both sent as raw RGB so that they cost the same to
-/// decode; then new images until the cache holds its budget, for the memory figure.
+/// server has seen, interleaved request by request, both sent as raw RGB so that they cost the
+/// same to decode; then new images until the cache holds its budget, for the memory figure.
 async fn cached(
     inputs: &Inputs,
     timing: Timing,
@@ -503,7 +509,8 @@ async fn cached(
             grpc::segment(client.clone(), seen.clone())
         })
     };
-    for mut row in rounds::measure(vec![cold, warm], timing, rounds).await? {
+    let variants = vec![cold.interleaved(), warm.interleaved()];
+    for mut row in rounds::measure_all(variants, timing, rounds).await? {
         row.peak_rss_mb = rss::peak_mb(server.pid());
         report.rows.push(row);
     }

@@ -161,6 +161,7 @@ where
         name,
         kind,
         concurrency: workers.len(),
+        interleaved: false,
         run: Box::new(move |timing| {
             let samples = tokio::task::block_in_place(|| {
                 run_threads(&mut workers, timing, items_per_request)

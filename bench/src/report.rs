@@ -90,6 +90,7 @@ impl Report {
                 opt(r.peak_rss_mb, 0),
             );
         }
+        self.print_stages();
         for p in &self.phases {
             let held = p
                 .cache_held_bytes
@@ -122,6 +123,37 @@ impl Report {
             println!("not available: {u}");
         }
         println!("wall time: {:.0} s", self.wall_seconds);
+    }
+
+    /// Where the calls at concurrency 1 spent their time: the client's p50 beside the medians of
+    /// the stages the server reported; their difference is the transport and the client.
+    fn print_stages(&self) {
+        let rows: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|r| r.concurrency == 1)
+            .filter_map(|r| r.server_stages_p50.map(|s| (r, s)))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        println!(
+            "\n{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "at c=1, p50 ms", "client", "server", "decode", "prep", "backbone", "heads", "post"
+        );
+        for (r, s) in rows {
+            println!(
+                "{:<44} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                r.variant,
+                r.p50_ms,
+                s.total_ms,
+                s.decode_ms,
+                s.preprocess_ms,
+                s.backbone_ms,
+                s.heads_ms,
+                s.postprocess_ms
+            );
+        }
     }
 
     /// Writes the report as pretty JSON, creating the directory.

@@ -3,14 +3,20 @@
 //! tenants, the page cache, thermal state); measured in rounds, the drift weighs on every variant
 //! alike and their ratios hold, where back-to-back blocks of seconds each would compare one
 //! minute's machine with another's.
+//!
+//! Latency at concurrency 1 drifts faster than that: on a shared 2-core machine the p50 of one
+//! 2-second slice can be 40% above the next one's. Variants marked [`Variant::interleaved`] are
+//! therefore measured request by request in turn (one request of each, then the next), so that
+//! a difference of a few milliseconds between two of them is not drowned by that drift.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
 use crate::raw::Timing;
-use crate::stats::{Row, Samples};
+use crate::stats::{Row, Samples, p50};
 
 /// What one slice of a variant measured.
 pub struct Part {
@@ -29,6 +35,81 @@ pub struct Variant<'a> {
     pub kind: &'static str,
     pub concurrency: usize,
     pub run: Box<dyn FnMut(Timing) -> Slice<'a> + Send + 'a>,
+    /// Measured one request at a time, in turn with the other interleaved variants.
+    pub interleaved: bool,
+}
+
+impl Variant<'_> {
+    /// Marks the variant to be measured request by request, interleaved with the others so
+    /// marked; only meaningful at concurrency 1.
+    pub fn interleaved(mut self) -> Self {
+        self.interleaved = self.concurrency == 1;
+        self
+    }
+}
+
+/// Measures every variant and answers their rows in the order given: first the interleaved ones
+/// (see [`interleave`]), then the others in rounds (see [`measure`]).
+pub async fn measure_all(
+    variants: Vec<Variant<'_>>,
+    timing: Timing,
+    rounds: u32,
+) -> Result<Vec<Row>> {
+    let (interleaved, in_rounds): (Vec<_>, Vec<_>) = variants
+        .into_iter()
+        .enumerate()
+        .partition(|(_, v)| v.interleaved);
+    let (first, interleaved): (Vec<usize>, Vec<_>) = interleaved.into_iter().unzip();
+    let (then, in_rounds): (Vec<usize>, Vec<_>) = in_rounds.into_iter().unzip();
+    let mut rows: Vec<(usize, Row)> = first
+        .into_iter()
+        .zip(interleave(interleaved, timing, rounds).await?)
+        .collect();
+    rows.extend(
+        then.into_iter()
+            .zip(measure(in_rounds, timing, rounds).await?),
+    );
+    rows.sort_by_key(|(at, _)| *at);
+    Ok(rows.into_iter().map(|(_, row)| row).collect())
+}
+
+/// Warms every variant up in turn, then runs one request of each in turn, over and over, for
+/// about `timing.seconds` per variant (and at least `blocks` times). A row's per-round p50s are
+/// those of `blocks` consecutive runs of its requests.
+pub async fn interleave(
+    mut variants: Vec<Variant<'_>>,
+    timing: Timing,
+    blocks: u32,
+) -> Result<Vec<Row>> {
+    if variants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let one = Timing {
+        warmup: Duration::ZERO,
+        seconds: Duration::ZERO,
+    };
+    for variant in &mut variants {
+        eprintln!("bench: {} (warm-up, interleaved)", variant.name);
+        (variant.run)(Timing {
+            warmup: timing.warmup,
+            ..one
+        })
+        .await?;
+    }
+    eprintln!("bench: {} variants interleaved", variants.len());
+    let budget = timing.seconds * variants.len() as u32;
+    let started = Instant::now();
+    let mut parts: Vec<Vec<Part>> = variants.iter().map(|_| Vec::new()).collect();
+    while started.elapsed() < budget || parts[0].len() < blocks as usize {
+        for (variant, parts) in variants.iter_mut().zip(&mut parts) {
+            parts.push((variant.run)(one).await?);
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(parts)
+        .map(|(variant, parts)| row(variant, parts, blocks))
+        .collect())
 }
 
 /// Runs `rounds` rounds of every variant in turn, each slice `timing.seconds / rounds` long after
@@ -58,16 +139,32 @@ pub async fn measure(
     Ok(variants
         .iter()
         .zip(parts)
-        .map(|(variant, parts)| row(variant, parts))
+        .map(|(variant, parts)| {
+            let rounds = parts.len() as u32;
+            row(variant, parts, rounds)
+        })
         .collect())
 }
 
-/// The row of a variant's slices: their samples together over their summed wall time.
-fn row(variant: &Variant<'_>, parts: Vec<Part>) -> Row {
+/// The row of a variant's slices: their samples together over their summed wall time, with the
+/// p50 of each of `blocks` runs of consecutive slices.
+fn row(variant: &Variant<'_>, parts: Vec<Part>, blocks: u32) -> Row {
     let wall = parts.iter().map(|p| p.samples.wall).sum();
     let server_passes: Option<f64> = parts.iter().map(|p| p.server_passes).sum();
+    let per_block = parts.len().div_ceil(blocks.max(1) as usize).max(1);
+    let round_p50_ms = parts
+        .chunks(per_block)
+        .map(|block| {
+            let latencies: Vec<Duration> = block
+                .iter()
+                .flat_map(|p| p.samples.latencies.iter().copied())
+                .collect();
+            p50(&latencies)
+        })
+        .collect();
     let merged = Samples::merge(parts.into_iter().map(|p| p.samples).collect(), wall);
     let mut row = Row::new(&variant.name, variant.kind, variant.concurrency, &merged);
+    row.round_p50_ms = round_p50_ms;
     if let Some(passes) = server_passes
         && row.requests > 0
     {
@@ -83,8 +180,9 @@ mod tests {
 
     use super::*;
 
-    /// A variant whose every request takes `ms` and reports `passes` server passes per slice;
-    /// it logs its slices' timings into `log`.
+    /// A variant whose requests take `ms` in its first slice, twice that in its second and so
+    /// on, and that reports `passes` server passes per slice; it logs its slices' timings into
+    /// `log`.
     fn fake(
         name: &str,
         ms: u64,
@@ -93,19 +191,24 @@ mod tests {
     ) -> Variant<'static> {
         let name = name.to_owned();
         let label = name.clone();
+        let mut slice = 0;
         Variant {
             name,
             kind: "raw",
             concurrency: 1,
+            interleaved: false,
             run: Box::new(move |timing| {
                 log.lock()
                     .expect("log")
                     .push(format!("{label} {:?} {:?}", timing.warmup, timing.seconds));
+                slice += 1;
+                let ms = ms * slice;
                 let samples = Samples {
                     latencies: vec![Duration::from_millis(ms); 4],
                     wall: Duration::from_millis(4 * ms),
                     reported_passes: 4,
                     items_per_request: 1,
+                    stages: Vec::new(),
                 };
                 Box::pin(std::future::ready(Ok(Part {
                     samples,
@@ -141,11 +244,56 @@ mod tests {
         );
         let (a, b) = (&rows[0], &rows[1]);
         assert_eq!((a.variant.as_str(), a.requests), ("a", 12));
-        assert!((a.seconds - 0.12).abs() < 1e-9);
-        assert_eq!(a.p50_ms, 10.0);
+        assert!((a.seconds - 0.24).abs() < 1e-9);
+        assert_eq!(a.p50_ms, 20.0);
+        assert_eq!(a.round_p50_ms, [10.0, 20.0, 30.0]);
         // In-process rows count their own passes; server rows take the server's count.
         assert_eq!(a.backbone_passes_per_request, Some(1.0));
-        assert_eq!((b.requests, b.p50_ms), (12, 20.0));
+        assert_eq!((b.requests, b.p50_ms), (12, 40.0));
         assert_eq!(b.backbone_passes_per_request, Some(0.5));
+    }
+
+    #[tokio::test]
+    async fn interleaved_variants_run_one_request_each_in_turn_before_the_rounds() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let variants = vec![
+            fake("a", 10, None, Arc::clone(&log)).interleaved(),
+            fake("b", 20, None, Arc::clone(&log)),
+            fake("c", 30, Some(4.0), Arc::clone(&log)).interleaved(),
+        ];
+        // No measured time: the interleaved ones run the minimum of one request per block.
+        let timing = Timing {
+            warmup: Duration::from_millis(400),
+            seconds: Duration::ZERO,
+        };
+        let rows = measure_all(variants, timing, 2).await.expect("measured");
+        let order: Vec<String> = log.lock().expect("log").clone();
+        assert_eq!(
+            order,
+            [
+                "a 400ms 0ns",
+                "c 400ms 0ns",
+                "a 0ns 0ns",
+                "c 0ns 0ns",
+                "a 0ns 0ns",
+                "c 0ns 0ns",
+                "b 400ms 0ns",
+                "b 100ms 0ns",
+            ]
+        );
+        let names: Vec<&str> = rows.iter().map(|r| r.variant.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        // The warm-up's slice is not measured: a's slices took 20 and 30 ms.
+        let (a, c) = (&rows[0], &rows[2]);
+        assert_eq!(
+            (a.requests, a.round_p50_ms.as_slice()),
+            (8, &[20.0, 30.0][..])
+        );
+        assert_eq!(
+            (c.requests, c.round_p50_ms.as_slice()),
+            (8, &[60.0, 90.0][..])
+        );
+        assert_eq!(c.backbone_passes_per_request, Some(1.0));
+        assert_eq!(rows[1].round_p50_ms, [20.0, 40.0]);
     }
 }

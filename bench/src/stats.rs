@@ -16,6 +16,44 @@ pub struct Samples {
     pub reported_passes: u64,
     /// Items each request carried (1 per image, T per clip): throughput is also given per item.
     pub items_per_request: u32,
+    /// The stage timings the server reported, one per request (empty for in-process loops).
+    pub stages: Vec<Stages>,
+}
+
+/// Where the server says one request's time went (its response's timings), in milliseconds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Stages {
+    pub decode_ms: f64,
+    pub preprocess_ms: f64,
+    pub backbone_ms: f64,
+    /// The heads' ONNX Runtime runs, summed.
+    pub heads_ms: f64,
+    /// Post-processing of the heads' outputs into the response, summed.
+    pub postprocess_ms: f64,
+    /// From the request's arrival to its response.
+    pub total_ms: f64,
+}
+
+impl Stages {
+    /// The median of every stage on its own (so the stages need not add up to `total_ms`).
+    pub fn median(all: &[Stages]) -> Option<Stages> {
+        if all.is_empty() {
+            return None;
+        }
+        let median = |stage: fn(&Stages) -> f64| {
+            let mut values: Vec<f64> = all.iter().map(stage).collect();
+            values.sort_unstable_by(f64::total_cmp);
+            values[(values.len() - 1) / 2]
+        };
+        Some(Stages {
+            decode_ms: median(|s| s.decode_ms),
+            preprocess_ms: median(|s| s.preprocess_ms),
+            backbone_ms: median(|s| s.backbone_ms),
+            heads_ms: median(|s| s.heads_ms),
+            postprocess_ms: median(|s| s.postprocess_ms),
+            total_ms: median(|s| s.total_ms),
+        })
+    }
 }
 
 impl Samples {
@@ -30,6 +68,7 @@ impl Samples {
         for part in parts {
             merged.latencies.extend(part.latencies);
             merged.reported_passes += part.reported_passes;
+            merged.stages.extend(part.stages);
         }
         merged
     }
@@ -57,6 +96,13 @@ pub struct Row {
     pub backbone_passes_per_request: Option<f64>,
     /// Peak resident memory (VmHWM) of the process that did the work, in MB.
     pub peak_rss_mb: Option<f64>,
+    /// The p50 of each round's slice, in order, when the row was measured in rounds: shows
+    /// whether the machine drifted, or a variant's latency had two modes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_p50_ms: Vec<f64>,
+    /// The median of each stage the server reported, for rows measured over gRPC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_stages_p50: Option<Stages>,
 }
 
 impl Row {
@@ -86,8 +132,17 @@ impl Row {
             mean_ms: mean * 1e3,
             backbone_passes_per_request: (n > 0).then(|| s.reported_passes as f64 / n as f64),
             peak_rss_mb: None,
+            round_p50_ms: Vec::new(),
+            server_stages_p50: Stages::median(&s.stages),
         }
     }
+}
+
+/// The p50 of `latencies`, in milliseconds.
+pub fn p50(latencies: &[Duration]) -> f64 {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    percentile(&sorted, 0.5)
 }
 
 /// The nearest-rank percentile `q` (0..=1) of sorted latencies, in milliseconds (0 when empty).
@@ -123,6 +178,7 @@ mod tests {
             wall: Duration::from_secs(2),
             reported_passes: 4,
             items_per_request: 16,
+            stages: Vec::new(),
         };
         let row = Row::new("x", "raw", 1, &samples);
         assert_eq!(row.requests, 4);
@@ -131,5 +187,24 @@ mod tests {
         assert_eq!(row.p50_ms, 20.0);
         assert_eq!(row.mean_ms, 25.0);
         assert_eq!(row.backbone_passes_per_request, Some(1.0));
+        assert_eq!(row.server_stages_p50, None);
+    }
+
+    #[test]
+    fn stage_medians_are_taken_stage_by_stage() {
+        let stage = |decode_ms, total_ms| Stages {
+            decode_ms,
+            total_ms,
+            ..Stages::default()
+        };
+        let all = [
+            stage(1.0, 30.0),
+            stage(3.0, 10.0),
+            stage(2.0, 20.0),
+            stage(9.0, 5.0),
+        ];
+        let median = Stages::median(&all).expect("a median");
+        assert_eq!((median.decode_ms, median.total_ms), (2.0, 10.0));
+        assert_eq!(Stages::median(&[]), None);
     }
 }
