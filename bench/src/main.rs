@@ -53,7 +53,8 @@ struct Args {
     warmup: Option<f64>,
     /// Rounds the measured seconds of the side-by-side variants are split into: every round runs
     /// each variant once, so that the machine's drift during the run weighs on all alike
-    /// (default 5, or 2 with --smoke).
+    /// (default 5, or 2 with --smoke). The single images at concurrency 1 run interleaved request
+    /// by request instead; the report gives their p50 over this many blocks of requests.
     #[arg(long)]
     rounds: Option<u32>,
     /// ONNX Runtime intra-op threads per session, for the server and the in-process sessions.
