@@ -76,7 +76,7 @@ pub async fn measure_all(
 /// Warms every variant up in turn, then runs one request of each in turn, over and over, for
 /// about `timing.seconds` per variant (and at least `blocks` times). A row's per-round p50s are
 /// those of `blocks` consecutive runs of its requests.
-pub async fn interleave(
+async fn interleave(
     mut variants: Vec<Variant<'_>>,
     timing: Timing,
     blocks: u32,

@@ -96,8 +96,8 @@ pub struct Row {
     pub backbone_passes_per_request: Option<f64>,
     /// Peak resident memory (VmHWM) of the process that did the work, in MB.
     pub peak_rss_mb: Option<f64>,
-    /// The p50 of each round's slice, in order, when the row was measured in rounds: shows
-    /// whether the machine drifted, or a variant's latency had two modes.
+    /// The p50 of each round's slice in order (of each block of consecutive requests, when the
+    /// row was measured interleaved): shows whether the machine drifted during the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_p50_ms: Vec<f64>,
     /// The median of each stage the server reported, for rows measured over gRPC.
