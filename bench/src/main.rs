@@ -178,11 +178,11 @@ fn prepare(args: &Args, models: &Path, out_dir: &Path) -> Result<Inputs> {
         .and_then(|s| s.to_str())
         .unwrap_or("clip");
     let clip_path = out_dir.join(format!("{stem}-{}.mp4", args.clip_frames));
-    let clip = read(&media::make_clip(
+    let clip = Bytes::from(read(&media::make_clip(
         &args.clip_photo,
         args.clip_frames as usize,
         &clip_path,
-    )?)?;
+    )?)?);
     let clip_tensor = media::clip_tensor(&clip, args.clip_frames as usize, &spec)?;
     let long_path = out_dir.join(format!("{stem}-{}.mp4", args.window_video_frames));
     let window_video = read(&media::make_clip(
@@ -192,7 +192,7 @@ fn prepare(args: &Args, models: &Path, out_dir: &Path) -> Result<Inputs> {
     )?)?;
     Ok(Inputs {
         photo,
-        clip: clip.into(),
+        clip,
         clip_tensor,
         window_video: window_video.into(),
     })

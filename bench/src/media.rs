@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
+use polyhead_client::Bytes;
 use polyhead_server::manifest::Manifest;
 use polyhead_server::media::image::{ImageLimits, decode};
 use polyhead_server::media::preprocess::{PreprocessSpec, preprocess};
@@ -83,7 +84,7 @@ pub fn make_clip(photo: &Path, frames: usize, out: &Path) -> Result<PathBuf> {
 
 /// The clip's `frames` uniformly sampled frames, decoded by the server's decoder and
 /// preprocessed into one `[frames, 3, H, W]` batch.
-pub fn clip_tensor(clip: &[u8], frames: usize, spec: &PreprocessSpec) -> Result<Tensor> {
+pub fn clip_tensor(clip: &Bytes, frames: usize, spec: &PreprocessSpec) -> Result<Tensor> {
     let decoded = decode_clip(clip, &VideoLimits::default(), &Sampling::uniform(frames))
         .map_err(|e| anyhow!("{e}"))?;
     let mut data = Vec::new();

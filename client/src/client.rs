@@ -427,7 +427,7 @@ impl Client {
 }
 
 /// The upload of a RecognizeActionWindows call: `options` and the first chunk, then the rest
-/// of `video` in chunks of at most `chunk_bytes` (at least 1).
+/// of `video` in chunks of at most `chunk_bytes` (at least 1), each a view of `video`.
 fn window_messages(
     video: Bytes,
     options: v1::WindowOptions,

@@ -196,18 +196,18 @@ fn cap_allocations() {
     unsafe { ffmpeg::ffi::av_max_alloc(MAX_FFMPEG_ALLOCATION) };
 }
 
-/// Decodes the frames `sampling` selects from the clip in `bytes`, within `limits`.
+/// Decodes the frames `sampling` selects from the clip in `bytes`, within `limits`. FFmpeg reads
+/// `bytes` where they are (a view of the request message), not a copy.
 pub fn decode_clip(
-    bytes: &[u8],
+    bytes: &Bytes,
     limits: &VideoLimits,
     sampling: &Sampling,
 ) -> Result<DecodedClip, MediaError> {
     init()?;
     check_size(bytes, limits)?;
     sampling.validate(limits)?;
-    let data = Bytes::copy_from_slice(bytes);
     let started = Instant::now();
-    let mut input = open(&data, limits)?;
+    let mut input = open(bytes, limits)?;
     let info = StreamInfo::read(&input, limits)?;
     check_output_size(sampling, &info, limits)?;
     let scan = scan(&mut input, &info, &mut Budget::new(limits, started))?;
@@ -216,7 +216,7 @@ pub fn decode_clip(
         return Err(MediaError::NoFrames);
     }
     let job = Job {
-        data: &data,
+        data: bytes,
         info: &info,
         limits,
         started,
@@ -893,6 +893,15 @@ mod tests {
 
     use super::*;
 
+    /// [`decode_clip`] on a copy of `bytes`.
+    fn decode(
+        bytes: &[u8],
+        limits: &VideoLimits,
+        sampling: &Sampling,
+    ) -> Result<DecodedClip, MediaError> {
+        decode_clip(&Bytes::copy_from_slice(bytes), limits, sampling)
+    }
+
     /// Runs the `ffmpeg` CLI, which the tests need to make clips.
     fn ffmpeg_cli(args: &[&str]) {
         let status = Command::new("ffmpeg")
@@ -933,7 +942,7 @@ mod tests {
     #[test]
     fn uniform_sampling_picks_evenly_spaced_frames() {
         let dir = tempdir();
-        let clip = decode_clip(
+        let clip = decode(
             &h264_mp4(dir.path()),
             &VideoLimits::default(),
             &Sampling::uniform(4),
@@ -977,8 +986,7 @@ mod tests {
             raw.to_str().expect("path"),
         ]);
         let reference = std::fs::read(raw).expect("reference frame");
-        let clip =
-            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
+        let clip = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
         let ours = clip.frames[1].as_raw();
         assert_eq!(ours.len(), reference.len());
         let diff: u64 = ours
@@ -995,14 +1003,14 @@ mod tests {
         let dir = tempdir();
         let bytes = h264_mp4(dir.path());
         let limits = VideoLimits::default();
-        let clip = decode_clip(&bytes, &limits, &Sampling::strided(3, 5)).expect("decode");
+        let clip = decode(&bytes, &limits, &Sampling::strided(3, 5)).expect("decode");
         assert!(
             clip.timestamps_s
                 .iter()
                 .zip([0.0, 0.5, 1.0])
                 .all(|(&t, e)| close(t, e))
         );
-        let clip = decode_clip(&bytes, &limits, &Sampling::strided(10, 6)).expect("decode");
+        let clip = decode(&bytes, &limits, &Sampling::strided(10, 6)).expect("decode");
         assert_eq!(clip.frames.len(), 4, "frames 0, 6, 12 and 18 exist");
         assert!(close(clip.timestamps_s[3], 1.8));
     }
@@ -1010,7 +1018,7 @@ mod tests {
     #[test]
     fn short_clips_repeat_frames_for_uniform_sampling() {
         let dir = tempdir();
-        let clip = decode_clip(
+        let clip = decode(
             &h264_mp4(dir.path()),
             &VideoLimits::default(),
             &Sampling::uniform(30),
@@ -1037,7 +1045,7 @@ mod tests {
         ];
         for (name, encode) in cases {
             let bytes = std::fs::read(make(dir.path(), name, PATTERN, encode)).expect("read");
-            let clip = decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(2))
+            let clip = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(2))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(clip.total_frames, 20, "{name}");
             assert!(
@@ -1059,8 +1067,7 @@ mod tests {
             &["-c:v", "mjpeg"],
         );
         let bytes = std::fs::read(path).expect("read");
-        let clip =
-            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect("decode");
+        let clip = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect("decode");
         let pixel = clip.frames[0].get_pixel(32, 24).0;
         assert!(
             pixel[0] > 235 && pixel[1] < 20 && pixel[2] < 20,
@@ -1073,7 +1080,7 @@ mod tests {
         let dir = tempdir();
         let start = Instant::now();
         let plain = h264_mp4(dir.path());
-        let err = decode_clip(
+        let err = decode(
             &plain[..plain.len() / 2],
             &VideoLimits::default(),
             &Sampling::uniform(4),
@@ -1082,7 +1089,7 @@ mod tests {
         assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
         let encode = ["-c:v", "libx264", "-g", "1", "-movflags", "+faststart"];
         let intra = std::fs::read(make(dir.path(), "intra.mp4", PATTERN, &encode)).expect("read");
-        let clip = decode_clip(
+        let clip = decode(
             &intra[..intra.len() * 6 / 10],
             &VideoLimits::default(),
             &Sampling::uniform(4),
@@ -1095,7 +1102,7 @@ mod tests {
         );
         assert!(clip.duration_s < 2.0 && clip.timestamps_s.iter().all(|&t| t < clip.duration_s));
         for cut in [intra.len() / 3, intra.len() - 100, 3000, 200] {
-            let result = decode_clip(
+            let result = decode(
                 &intra[..cut],
                 &VideoLimits::default(),
                 &Sampling::uniform(4),
@@ -1117,10 +1124,10 @@ mod tests {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let limits = VideoLimits::default();
-        let err = decode_clip(&noise, &limits, &Sampling::uniform(4)).expect_err("noise");
+        let err = decode(&noise, &limits, &Sampling::uniform(4)).expect_err("noise");
         assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
         assert_eq!(
-            decode_clip(&[], &limits, &Sampling::uniform(4)),
+            decode(&[], &limits, &Sampling::uniform(4)),
             Err(MediaError::Empty("video"))
         );
     }
@@ -1134,10 +1141,9 @@ mod tests {
             format!("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{canary}\n#EXT-X-ENDLIST\n");
         let concat = format!("ffconcat version 1.0\nfile '{canary}'\n");
         let limits = VideoLimits::default();
-        let err = decode_clip(hls.as_bytes(), &limits, &Sampling::uniform(1)).expect_err("hls");
+        let err = decode(hls.as_bytes(), &limits, &Sampling::uniform(1)).expect_err("hls");
         assert_eq!(err.to_string(), "video container 'hls' is not allowed");
-        let err =
-            decode_clip(concat.as_bytes(), &limits, &Sampling::uniform(1)).expect_err("concat");
+        let err = decode(concat.as_bytes(), &limits, &Sampling::uniform(1)).expect_err("concat");
         assert_eq!(err.to_string(), "video container 'concat' is not allowed");
     }
 
@@ -1179,7 +1185,7 @@ mod tests {
             allowed_formats: vec!["concat".into(), "mpegts".into()],
             ..VideoLimits::default()
         };
-        let err = decode_clip(list.as_bytes(), &permissive, &Sampling::uniform(1))
+        let err = decode(list.as_bytes(), &permissive, &Sampling::uniform(1))
             .expect_err("the canary must not be read");
         assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
     }
@@ -1194,15 +1200,13 @@ mod tests {
             &["-frames:v", "1"],
         );
         let bytes = std::fs::read(png).expect("read");
-        let err =
-            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("png");
+        let err = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("png");
         assert_eq!(err.to_string(), "video container 'png_pipe' is not allowed");
         let mkv_only = VideoLimits {
             allowed_formats: vec!["matroska,webm".into()],
             ..VideoLimits::default()
         };
-        let err =
-            decode_clip(&h264_mp4(dir.path()), &mkv_only, &Sampling::uniform(1)).expect_err("mp4");
+        let err = decode(&h264_mp4(dir.path()), &mkv_only, &Sampling::uniform(1)).expect_err("mp4");
         assert_eq!(
             err.to_string(),
             "video container 'mov,mp4,m4a,3gp,3g2,mj2' is not allowed"
@@ -1214,8 +1218,7 @@ mod tests {
             &["-c:v", "libx264", "-f", "h264"],
         );
         let bytes = std::fs::read(raw).expect("read");
-        let err =
-            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("raw");
+        let err = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("raw");
         assert_eq!(
             err.to_string(),
             "video container is not allowed: accepted containers are \
@@ -1234,7 +1237,7 @@ mod tests {
         );
         let bytes = std::fs::read(path).expect("read");
         let err =
-            decode_clip(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("audio");
+            decode(&bytes, &VideoLimits::default(), &Sampling::uniform(1)).expect_err("audio");
         assert_eq!(err, MediaError::NoVideoStream);
     }
 
@@ -1289,7 +1292,7 @@ mod tests {
             ),
         ];
         for (limits, message) in cases {
-            let err = decode_clip(&bytes, &limits, &one).expect_err(message);
+            let err = decode(&bytes, &limits, &one).expect_err(message);
             assert_eq!(err.to_string(), message);
             assert!(err.is_limit());
         }
@@ -1297,7 +1300,7 @@ mod tests {
             max_bytes: 100,
             ..base.clone()
         };
-        let err = decode_clip(&bytes, &small, &one).expect_err("too many bytes");
+        let err = decode(&bytes, &small, &one).expect_err("too many bytes");
         assert!(
             matches!(err, MediaError::TooManyBytes { limit: 100, .. }),
             "{err}"
@@ -1312,7 +1315,7 @@ mod tests {
             Sampling::strided(4, 0),
             Sampling::uniform(1_000_000),
         ] {
-            let err = decode_clip(b"whatever", &limits, &sampling).expect_err("invalid");
+            let err = decode(b"whatever", &limits, &sampling).expect_err("invalid");
             assert!(matches!(err, MediaError::InvalidSampling(_)), "{err}");
         }
     }

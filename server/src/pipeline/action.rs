@@ -192,7 +192,7 @@ fn decode_clip(
 }
 
 fn decode_video(
-    bytes: &[u8],
+    bytes: &Bytes,
     limits: &VideoLimits,
     sampling: &Sampling,
 ) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
