@@ -32,5 +32,8 @@ pub use error::{ClientError, Result};
 pub use input::{
     frames_clip, handle_image, image_from_bytes, image_from_path, raw_image, read_file, video_clip,
 };
+/// The type of every `bytes` field of the messages: cheap to clone, so one image can go out in
+/// many calls without a copy for each.
+pub use polyhead_proto::Bytes;
 /// The generated `polyhead.v1` messages and stubs.
-pub use polyhead_proto::{Bytes, v1};
+pub use polyhead_proto::v1;
