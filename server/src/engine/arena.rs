@@ -10,12 +10,12 @@
 //! (`session.use_env_allocators`): the models share its free space, and once no batch has run
 //! for `--arena-release-seconds` a worker asks it to release the regions nothing uses any more
 //! (`memory.enable_memory_arena_shrinkage`, see [`Release`]), so that the memory a burst of
-//! batches needed goes back to the C heap, while batches under steady load keep reusing it. What it holds is exported as
-//! `polyhead_runtime_arena_bytes`. Backbone outputs are not in it: they are written into
+//! batches needed goes back to the C heap, while batches under steady load keep reusing it. What
+//! it holds is exported as `polyhead_runtime_arena_bytes`. Backbone outputs are not in it: they are written into
 //! buffers of their exact size (see [`super::buffers`]).
 #![allow(unsafe_code)]
 
-use std::ffi::{CStr, c_char};
+use std::ffi::CStr;
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -25,6 +25,8 @@ use ort::AsPointer;
 use ort::environment::Environment;
 use ort::memory::{Allocator, AllocatorType, MemoryInfo};
 use ort::session::{RunOptions, Session};
+
+use super::status::check;
 
 /// The run option that makes ONNX Runtime release the free regions of the CPU arena once the
 /// run is done.
@@ -177,23 +179,6 @@ impl ArenaGauge {
 
 fn arena_memory() -> Result<MemoryInfo<'static>, String> {
     super::tensor::host_memory(AllocatorType::Arena)
-}
-
-/// An OrtStatus as a result: the message of a failed call, the status released.
-pub(super) fn check(status: ort::sys::OrtStatusPtr) -> Result<(), String> {
-    if status.0.is_null() {
-        return Ok(());
-    }
-    let api = ort::api();
-    // SAFETY: a non-null status is a live OrtStatus whose message is a C string; it is released
-    // once read.
-    let message = unsafe {
-        let message: *const c_char = (api.GetErrorMessage)(status.0);
-        let text = CStr::from_ptr(message).to_string_lossy().into_owned();
-        (api.ReleaseStatus)(status.0);
-        text
-    };
-    Err(message)
 }
 
 #[cfg(test)]

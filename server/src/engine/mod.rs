@@ -6,6 +6,7 @@ pub mod arena;
 mod batcher;
 pub mod buffers;
 mod runtime;
+mod status;
 mod tensor;
 mod worker;
 

@@ -551,7 +551,7 @@ unsafe fn alias(
             &mut value,
         )
     };
-    super::arena::check(status).map_err(|message| format!("a view of a tensor: {message}"))?;
+    super::status::check(status).map_err(|message| format!("a view of a tensor: {message}"))?;
     let value = NonNull::new(value).ok_or("a view of a tensor: no value")?;
     // SAFETY: `value` is the tensor just created; releasing it later frees nothing of `data`.
     Ok(unsafe { DynTensor::from_ptr(value, Some(&Allocator::default())) })

@@ -284,7 +284,7 @@ fn run_job(
         match outputs {
             OutputMemory::Host => run_plain(session, inputs, options),
             OutputMemory::Bound { info, to_host } => {
-                run_bound(session, inputs, options, info, *to_host)
+                run_bound(session, inputs, batch, options, info, *to_host)
             }
         }
     }))
@@ -339,12 +339,13 @@ fn run_plain(
         .collect()
 }
 
-/// A run through an IoBinding: every output is written into `info`'s memory and kept there (or,
-/// with `to_host`, copied to the host after the run). A fresh binding per run, so that ONNX
+/// A run of `batch` items through an IoBinding: every output is written into `info`'s memory and
+/// kept there (or, with `to_host`, copied to the host after the run). A fresh binding per run, so that ONNX
 /// Runtime allocates new outputs rather than reusing the last run's, which callers still hold.
 fn run_bound(
     session: &mut Session,
     inputs: &NamedTensors,
+    batch: usize,
     options: Option<&RunOptions>,
     info: &MemoryInfo<'static>,
     to_host: bool,
@@ -364,7 +365,6 @@ fn run_bound(
         .iter()
         .map(|o| o.name().to_string())
         .collect();
-    let batch = batch_size(inputs);
     let exact = (info.device_type() == DeviceType::CPU && !to_host)
         .then(|| exact_output_shapes(session, batch))
         .flatten();
