@@ -8,8 +8,8 @@ use ndarray::ArrayD;
 
 use crate::config::Config;
 use crate::engine::{
-    Batcher, Device, EngineError, FeatureMemory, NamedTensors, OutputMemory, Placement, Run,
-    Runtime, SessionWorker, Stage, Tensor, TensorInfo, WorkerRunner, device_memory,
+    BatchQueue, Batcher, Device, EngineError, FeatureMemory, NamedTensors, OutputMemory, Placement,
+    Run, Runtime, SessionWorker, Stage, Tensor, TensorInfo, device_memory,
 };
 use crate::manifest::{
     BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
@@ -180,9 +180,9 @@ fn load_backbone(
         }
     };
     let memory = Arc::new(memory);
-    let worker = SessionWorker::spawn_with(&spec.name, session, capacity, outputs)?;
+    let (batcher, batches) = batcher(&spec.name, Stage::Backbone, config, &memory);
+    let worker = SessionWorker::spawn_batching(&spec.name, session, capacity, outputs, batches)?;
     check_backbone(spec, &worker).map_err(|m| ManifestError::new(&path, m))?;
-    let batcher = spawn_batcher(&spec.name, &worker, Stage::Backbone, config, &memory)?;
     let backbone = Backbone {
         preprocess: preprocess_spec(spec),
         spec: spec.clone(),
@@ -193,19 +193,15 @@ fn load_backbone(
     Ok((backbone, memory))
 }
 
-fn spawn_batcher(
+/// A batcher for `model`'s runs as `stage`, and the queue its worker thread serves.
+fn batcher(
     model: &str,
-    worker: &SessionWorker,
     stage: Stage,
     config: &Config,
     memory: &Arc<FeatureMemory>,
-) -> Result<Batcher, EngineError> {
-    let runner = WorkerRunner {
-        worker: worker.clone(),
-        stage,
-    };
+) -> (Batcher, BatchQueue) {
     let capacity = config.runtime.queue_capacity;
-    Batcher::spawn(model, runner, &config.batch, capacity, Arc::clone(memory))
+    Batcher::new(model, stage, &config.batch, capacity, Arc::clone(memory))
 }
 
 fn load_head(
@@ -219,20 +215,20 @@ fn load_head(
     let path = dir.join(&spec.file);
     let labels = read_labels(&dir.join(&spec.labels))?;
     let capacity = config.runtime.queue_capacity;
-    let worker = SessionWorker::spawn(&spec.name, runtime.load(&path)?, capacity)?;
+    let session = runtime.load(&path)?;
+    let (batcher, worker) = match spec.kind {
+        HeadKind::Action => (None, SessionWorker::spawn(&spec.name, session, capacity)?),
+        HeadKind::Detection | HeadKind::Segmentation => {
+            let (batcher, batches) = batcher(&spec.name, Stage::Head, config, memory);
+            let outputs = OutputMemory::Host;
+            let worker =
+                SessionWorker::spawn_batching(&spec.name, session, capacity, outputs, batches)?;
+            (Some(batcher), worker)
+        }
+    };
     check_head_inputs(spec, backbone, &worker).map_err(|m| ManifestError::new(&path, m))?;
     check_head_outputs(spec, labels.len(), &worker).map_err(|m| ManifestError::new(&path, m))?;
     let params = spec.params().map_err(|m| ManifestError::new(&path, m))?;
-    let batcher = match spec.kind {
-        HeadKind::Action => None,
-        HeadKind::Detection | HeadKind::Segmentation => Some(spawn_batcher(
-            &spec.name,
-            &worker,
-            Stage::Head,
-            config,
-            memory,
-        )?),
-    };
     Ok(Head {
         spec: spec.clone(),
         params,

@@ -1,9 +1,11 @@
-//! Dynamic batching in front of a session worker: the backbone's, and each per-image head's. A
-//! task of its own collects pending requests until they hold `max_batch` images or `max_delay`
-//! has passed since the first, drops those whose caller has gone, runs every group of requests
-//! whose inputs have equal shapes and one item each (`[1, ...]`) as ONE batch, every input
-//! concatenated along axis 0, and splits each output back per request along axis 0. A request of
-//! several items (a clip's frames) runs on its own, unbatched.
+//! Dynamic batching in front of a session: the backbone's, and each per-image head's. The
+//! thread that owns the session also serves its batcher's queue ([`BatchQueue`]): it collects
+//! pending requests until they hold `max_batch` images or `max_delay` has passed since the first,
+//! drops those whose caller has gone, runs every group of requests whose inputs have equal shapes
+//! and one item each (`[1, ...]`) as ONE batch, every input concatenated along axis 0, and splits
+//! each output back per request along axis 0. A request of several items (a clip's frames) runs
+//! on its own, unbatched. Batching where the session runs costs a request one thread hand-off
+//! each way per stage, as an unbatched run would.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
-use super::{EngineError, FeatureMemory, NamedTensors, Run, SessionWorker, Stage};
+use super::{EngineError, FeatureMemory, NamedTensors, Run, Stage};
 use crate::telemetry::metrics;
 
 /// The batchers' settings, shared by the backbone and the per-image heads.
@@ -47,43 +49,19 @@ impl BatchConfig {
     }
 }
 
-/// What runs a batch: a session worker, or a stand-in in tests.
-pub trait BatchRunner: Send + Sync + 'static {
-    /// Runs `inputs` as one batch, its spans children of `parent`.
+/// What runs a batch: a session worker's thread, or a stand-in in tests.
+pub trait BatchRunner {
+    /// Runs `inputs` as one batch of `stage`, its spans children of `parent`.
     fn run(
-        &self,
+        &mut self,
+        stage: Stage,
         inputs: NamedTensors,
         parent: Span,
-    ) -> impl Future<Output = Result<Run, EngineError>> + Send;
-
-    /// The stage its runs are; a backbone run counts as a backbone pass.
-    fn stage(&self) -> Stage {
-        Stage::Backbone
-    }
-}
-
-/// A session worker whose runs are `stage` of the requests they serve.
-pub struct WorkerRunner {
-    pub worker: SessionWorker,
-    pub stage: Stage,
-}
-
-impl BatchRunner for WorkerRunner {
-    fn run(
-        &self,
-        inputs: NamedTensors,
-        parent: Span,
-    ) -> impl Future<Output = Result<Run, EngineError>> + Send {
-        self.worker.run_in(self.stage, inputs, parent)
-    }
-
-    fn stage(&self) -> Stage {
-        self.stage
-    }
+    ) -> impl Future<Output = Result<Run, EngineError>>;
 }
 
 /// A request waiting for its batch.
-struct Pending {
+pub struct Pending {
     inputs: NamedTensors,
     enqueued: Instant,
     /// The caller's span, parent of the run's span when the request leads its batch.
@@ -115,7 +93,7 @@ struct Counts {
     images: AtomicU64,
 }
 
-/// The handle to a batcher task. Cheap to share; the task stops when the last handle is dropped.
+/// The handle to a batcher. Cheap to share; its queue closes when the last handle is dropped.
 #[derive(Clone)]
 pub struct Batcher {
     model: Arc<str>,
@@ -124,46 +102,42 @@ pub struct Batcher {
     counts: Arc<Counts>,
 }
 
+/// The receiving end of a batcher's queue, served by the thread that owns the session its
+/// batches run on (see [`super::SessionWorker::spawn_batching`]).
+pub struct BatchQueue {
+    pending: mpsc::Receiver<Pending>,
+    task: Task,
+}
+
 impl Batcher {
-    /// Starts a batcher for `model` in front of `runner` on a thread of its own, holding at most
-    /// `capacity` waiting requests. Batches are concatenated, and outputs split, in `memory`
-    /// (on the device for features kept there).
-    pub fn spawn<R: BatchRunner>(
+    /// A batcher for `model` whose runs are `stage` of the requests they serve, holding at most
+    /// `capacity` waiting requests, and the queue its runner's thread serves. Batches are
+    /// concatenated, and outputs split, in `memory` (on the device for features kept there).
+    pub fn new(
         model: &str,
-        runner: R,
+        stage: Stage,
         config: &BatchConfig,
         capacity: usize,
         memory: Arc<FeatureMemory>,
-    ) -> Result<Self, EngineError> {
+    ) -> (Self, BatchQueue) {
         let capacity = capacity.max(1);
         let (queue, pending) = mpsc::channel(capacity);
         let counts = Arc::new(Counts::default());
         let task = Task {
             model: model.to_string(),
-            runner,
+            stage,
             max_images: config.max_batch.max(1) as usize,
             max_delay: config.max_delay(),
             counts: Arc::clone(&counts),
             memory,
         };
-        let start_error = |e: std::io::Error| EngineError::Run {
-            model: model.to_string(),
-            message: format!("cannot start the batcher: {e}"),
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(start_error)?;
-        std::thread::Builder::new()
-            .name(format!("batch-{model}"))
-            .spawn(move || runtime.block_on(task.serve(pending)))
-            .map_err(start_error)?;
-        Ok(Self {
+        let batcher = Self {
             model: model.into(),
             queue,
             capacity,
             counts,
-        })
+        };
+        (batcher, BatchQueue { pending, task })
     }
 
     /// Runs `inputs` (each `[N, ...]`) as a stage of the current request: a single image may
@@ -208,28 +182,32 @@ impl Batcher {
     }
 }
 
-/// The batcher task's state.
-struct Task<R> {
+impl BatchQueue {
+    /// The next waiting request; `None` once every [`Batcher`] handle is gone. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Pending> {
+        self.pending.recv().await
+    }
+
+    /// Runs `first` on `runner`, with the requests that join its batch, and answers each.
+    pub async fn serve<R: BatchRunner>(&mut self, first: Pending, runner: &mut R) {
+        let collected = self.task.collect(first, &mut self.pending).await;
+        for group in group_by_shape(collected, Pending::shapes) {
+            self.task.run_group(runner, group).await;
+        }
+    }
+}
+
+/// A batcher's state.
+struct Task {
     model: String,
-    runner: R,
+    stage: Stage,
     max_images: usize,
     max_delay: Duration,
     counts: Arc<Counts>,
     memory: Arc<FeatureMemory>,
 }
 
-impl<R: BatchRunner> Task<R> {
-    /// Collects, groups and runs batches, one run at a time, until every handle is gone.
-    async fn serve(self, mut queue: mpsc::Receiver<Pending>) {
-        while let Some(first) = queue.recv().await {
-            let collected = self.collect(first, &mut queue).await;
-            for group in group_by_shape(collected, Pending::shapes) {
-                self.run_group(group).await;
-            }
-        }
-        tracing::debug!(model = %self.model, "batcher stopped");
-    }
-
+impl Task {
     /// `first` and the requests that follow it until they hold `max_images` images or
     /// `max_delay` has passed; requests whose caller has gone are dropped as they come. Requests
     /// already queued join at once; with no delay, nothing is waited for. (A timer would not do
@@ -269,7 +247,7 @@ impl<R: BatchRunner> Task<R> {
     }
 
     /// Runs the live requests of `group` (equal shapes) as one batch and answers each.
-    async fn run_group(&self, group: Vec<Pending>) {
+    async fn run_group<R: BatchRunner>(&self, runner: &mut R, group: Vec<Pending>) {
         let live: Vec<Pending> = group.into_iter().filter(|p| !p.reply.is_closed()).collect();
         let Some(parent) = live.first().map(|p| p.parent.clone()) else {
             return;
@@ -288,7 +266,7 @@ impl<R: BatchRunner> Task<R> {
             inputs.push(pending.inputs);
         }
         let result = match self.memory.concat_named(inputs) {
-            Ok(batch) => self.run_batch(batch, parent, &sizes).await,
+            Ok(batch) => self.run_batch(runner, batch, parent, &sizes).await,
             Err(message) => {
                 drop(parent);
                 Err(EngineError::Run {
@@ -301,17 +279,18 @@ impl<R: BatchRunner> Task<R> {
     }
 
     /// Runs one concatenated batch and splits its outputs per request, `sizes[i]` items each.
-    async fn run_batch(
+    async fn run_batch<R: BatchRunner>(
         &self,
+        runner: &mut R,
         batch: NamedTensors,
         parent: Span,
         sizes: &[usize],
     ) -> Result<(Vec<NamedTensors>, Run), EngineError> {
         let images = sizes.iter().sum::<usize>() as u64;
-        let run = self.runner.run(batch, parent).await?;
+        let run = runner.run(self.stage, batch, parent).await?;
         self.counts.runs.fetch_add(1, Ordering::Relaxed);
         self.counts.images.fetch_add(images, Ordering::Relaxed);
-        if self.runner.stage() == Stage::Backbone {
+        if self.stage == Stage::Backbone {
             metrics::record_backbone_pass();
         }
         let parts = self

@@ -1,6 +1,6 @@
 //! ONNX Runtime: loading the shared library, choosing the execution provider, the worker
-//! threads that each own one session, and the batcher that shares backbone runs between
-//! concurrent requests.
+//! threads that each own one session, and the batchers, served by those threads, that share
+//! runs between concurrent requests.
 
 pub mod arena;
 mod batcher;
@@ -10,7 +10,7 @@ mod status;
 mod tensor;
 mod worker;
 
-pub use batcher::{BatchConfig, BatchRunner, Batcher, WorkerRunner};
+pub use batcher::{BatchConfig, BatchQueue, BatchRunner, Batcher};
 pub use runtime::{Device, RUNTIME_TELEMETRY_VAR, Runtime, disable_runtime_telemetry};
 pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor, device_memory};
 pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};

@@ -1,7 +1,9 @@
 //! A dedicated OS thread that owns one ONNX Runtime session (`Session::run` takes `&mut self`)
-//! and serves a bounded queue of jobs; callers await a oneshot reply. Each job reports how long
-//! it waited in the queue and how long it ran, and both show as spans of the caller's trace.
+//! and serves a bounded queue of jobs, and its batcher's queue when it has one; callers await a
+//! oneshot reply. Each job reports how long it waited in the queue and how long it ran, and both
+//! show as spans of the caller's trace.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use super::arena::{ArenaGauge, Release};
+use super::batcher::{BatchQueue, BatchRunner};
 use super::tensor::{Bindable, DeviceTensor, device_tensor};
 use super::{EngineError, NamedTensors, Tensor};
 use crate::telemetry::metrics;
@@ -96,20 +99,52 @@ impl SessionWorker {
         capacity: usize,
         outputs: OutputMemory,
     ) -> Result<Self, EngineError> {
+        Self::start(name, session, capacity, outputs, None)
+    }
+
+    /// [`SessionWorker::spawn_with`], its thread also serving `batches`: the queue of the
+    /// [`super::Batcher`] whose batches run on this session.
+    pub fn spawn_batching(
+        name: &str,
+        session: Session,
+        capacity: usize,
+        outputs: OutputMemory,
+        batches: BatchQueue,
+    ) -> Result<Self, EngineError> {
+        Self::start(name, session, capacity, outputs, Some(batches))
+    }
+
+    fn start(
+        name: &str,
+        session: Session,
+        capacity: usize,
+        placement: OutputMemory,
+        batches: Option<BatchQueue>,
+    ) -> Result<Self, EngineError> {
         let inputs: Arc<[TensorInfo]> = session.inputs().iter().map(outlet_info).collect();
-        let placement = outputs;
         let outputs: Arc<[TensorInfo]> = session.outputs().iter().map(outlet_info).collect();
         let capacity = capacity.max(1);
         let (queue, jobs) = mpsc::channel(capacity);
-        let thread_name = format!("ort-{name}");
-        let model = name.to_string();
+        let start_error = |what: &str, e: std::io::Error| EngineError::Run {
+            model: name.to_string(),
+            message: format!("cannot start the worker {what}: {e}"),
+        };
+        // The thread's own runtime: a batch waits for more requests on its timer.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| start_error("runtime", e))?;
+        let runner = SessionRunner {
+            arena: ArenaGauge::new(&session),
+            model: name.to_string(),
+            session,
+            outputs: placement,
+            release: Release::default(),
+        };
         std::thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || serve(model, session, placement, jobs))
-            .map_err(|e| EngineError::Run {
-                model: name.to_string(),
-                message: format!("cannot start the worker thread: {e}"),
-            })?;
+            .name(format!("ort-{name}"))
+            .spawn(move || runtime.block_on(serve(runner, jobs, batches)))
+            .map_err(|e| start_error("thread", e))?;
         Ok(Self {
             name: name.into(),
             queue,
@@ -147,18 +182,6 @@ impl SessionWorker {
         let queue_span = tracing::info_span!("queue", model = %self.name);
         self.submit(stage, inputs, Span::current(), queue_span)
             .await
-    }
-
-    /// Runs the model on `inputs` as `stage` of the request whose span is `parent`, for a
-    /// caller that traces the wait itself (the batcher). Fails at once with `Overloaded` when
-    /// the queue is full.
-    pub async fn run_in(
-        &self,
-        stage: Stage,
-        inputs: NamedTensors,
-        parent: Span,
-    ) -> Result<Run, EngineError> {
-        self.submit(stage, inputs, parent, Span::none()).await
     }
 
     async fn submit(
@@ -199,58 +222,113 @@ impl SessionWorker {
     }
 }
 
-/// The worker loop: one job at a time.
-fn serve(
+/// The session and what its runs need, owned by the worker thread.
+struct SessionRunner {
     model: String,
-    mut session: Session,
+    session: Session,
     outputs: OutputMemory,
-    mut jobs: mpsc::Receiver<Job>,
-) {
-    let arena = ArenaGauge::new(&session);
-    let mut release = Release::default();
-    while let Some(job) = jobs.blocking_recv() {
-        metrics::add_queue_depth(&model, -1.0);
-        handle(&model, &mut session, &outputs, &mut release, job);
+    release: Release,
+    arena: Option<ArenaGauge>,
+}
+
+impl SessionRunner {
+    /// Runs one job in its span and replies; a job whose caller has gone is skipped unrun.
+    fn handle(&mut self, job: Job) {
+        let Job {
+            inputs,
+            stage,
+            enqueued,
+            parent,
+            queue_span,
+            reply,
+        } = job;
+        drop(queue_span);
+        if reply.is_closed() {
+            tracing::debug!(model = %self.model, "caller gone; job dropped before running");
+            return;
+        }
+        let queued = enqueued.elapsed();
+        let result = self
+            .run_in(stage, &inputs, parent)
+            .map(|run| Run { queued, ..run });
+        // The caller may have gone while the model ran; its result is simply dropped.
+        let _ = reply.send(result);
+    }
+
+    /// Runs `inputs` in a span of `stage` under `parent`, and reads the arena's use after it.
+    fn run_in(
+        &mut self,
+        stage: Stage,
+        inputs: &NamedTensors,
+        parent: Span,
+    ) -> Result<Run, EngineError> {
+        let Self {
+            model,
+            session,
+            outputs,
+            release,
+            arena,
+        } = self;
+        let result = run_span(stage, &parent, model)
+            .in_scope(|| run_job(model, session, outputs, release, inputs))
+            .map(|(outputs, elapsed)| Run {
+                outputs,
+                queued: Duration::ZERO,
+                elapsed,
+            });
+        // Released before replying, so that the caller's span can close as soon as it is done.
+        drop(parent);
         if let Some(stats) = arena.as_ref().and_then(ArenaGauge::stats) {
             metrics::set_runtime_arena(stats);
         }
+        result
     }
-    tracing::debug!(%model, "worker stopped");
 }
 
-/// Runs one job in its span and replies; a job whose caller has gone is skipped unrun.
-fn handle(
-    model: &str,
-    session: &mut Session,
-    outputs: &OutputMemory,
-    release: &mut Release,
-    job: Job,
-) {
-    let Job {
-        inputs,
-        stage,
-        enqueued,
-        parent,
-        queue_span,
-        reply,
-    } = job;
-    drop(queue_span);
-    if reply.is_closed() {
-        tracing::debug!(%model, "caller gone; job dropped before running");
-        return;
+impl BatchRunner for SessionRunner {
+    /// Runs the batch at once, on this thread: the thread has nothing else to do meanwhile.
+    fn run(
+        &mut self,
+        stage: Stage,
+        inputs: NamedTensors,
+        parent: Span,
+    ) -> impl Future<Output = Result<Run, EngineError>> {
+        std::future::ready(self.run_in(stage, &inputs, parent))
     }
-    let queued = enqueued.elapsed();
-    let result = run_span(stage, &parent, model)
-        .in_scope(|| run_job(model, session, outputs, release, &inputs))
-        .map(|(outputs, elapsed)| Run {
-            outputs,
-            queued,
-            elapsed,
-        });
-    // Released before replying, so that the caller's span can close as soon as it is done.
-    drop(parent);
-    // The caller may have gone while the model ran; its result is simply dropped.
-    let _ = reply.send(result);
+}
+
+/// The worker loop: one job, or one batch, at a time, until every handle is gone.
+async fn serve(
+    mut runner: SessionRunner,
+    mut jobs: mpsc::Receiver<Job>,
+    mut batches: Option<BatchQueue>,
+) {
+    let mut jobs_open = true;
+    loop {
+        tokio::select! {
+            job = jobs.recv(), if jobs_open => match job {
+                Some(job) => {
+                    metrics::add_queue_depth(&runner.model, -1.0);
+                    runner.handle(job);
+                }
+                None => jobs_open = false,
+            },
+            first = next_batch(&mut batches), if batches.is_some() => match (first, &mut batches) {
+                (Some(first), Some(queue)) => queue.serve(first, &mut runner).await,
+                _ => batches = None,
+            },
+            else => break,
+        }
+    }
+    tracing::debug!(model = %runner.model, "worker stopped");
+}
+
+/// The next request of `batches`; never, without a batcher.
+async fn next_batch(batches: &mut Option<BatchQueue>) -> Option<super::batcher::Pending> {
+    match batches {
+        Some(queue) => queue.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The span of one run, a child of the caller's span.

@@ -22,10 +22,11 @@ struct Fake {
 
 impl BatchRunner for Fake {
     fn run(
-        &self,
+        &mut self,
+        _stage: Stage,
         inputs: NamedTensors,
         _parent: Span,
-    ) -> impl Future<Output = Result<Run, EngineError>> + Send {
+    ) -> impl Future<Output = Result<Run, EngineError>> {
         let fake = self.clone();
         async move {
             let input = inputs[0].1.array().expect("a host array").to_owned();
@@ -81,20 +82,31 @@ fn setup(max_batch: u32, delay_ms: u64, capacity: usize, open: bool) -> Setup {
         max_batch,
         max_batch_delay_ms: delay_ms,
     };
-    let batcher = Batcher::spawn(
-        "backbone",
-        fake,
-        &config,
-        capacity,
-        Arc::new(FeatureMemory::host()),
-    )
-    .expect("spawn");
+    let memory = Arc::new(FeatureMemory::host());
+    let (batcher, queue) = Batcher::new("backbone", Stage::Backbone, &config, capacity, memory);
+    serve_on_a_thread(queue, fake);
     Setup {
         batcher,
         shapes,
         gate,
         started,
     }
+}
+
+/// Serves `queue` with `runner` on a thread of its own, as a session worker does, until every
+/// handle is gone.
+fn serve_on_a_thread(mut queue: BatchQueue, mut runner: Fake) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            while let Some(first) = queue.recv().await {
+                queue.serve(first, &mut runner).await;
+            }
+        })
+    });
 }
 
 /// `n` images of `side` x `side` pixels, every value `fill`.
@@ -319,17 +331,11 @@ fn flags_default_to_8_images_and_no_delay() {
     assert!(Flags::try_parse_from(["test", "--max-batch", "0"]).is_err());
 }
 
-/// A task of `max_images` and `delay`, its runner never called.
-fn task(max_images: usize, delay: Duration) -> Task<Fake> {
-    let (_gate, gate) = watch::channel(true);
-    let (started, _) = mpsc::unbounded_channel();
+/// A task of `max_images` and `delay`.
+fn task(max_images: usize, delay: Duration) -> Task {
     Task {
         model: "backbone".into(),
-        runner: Fake {
-            shapes: Arc::default(),
-            gate,
-            started,
-        },
+        stage: Stage::Backbone,
         max_images,
         max_delay: delay,
         counts: Arc::default(),
