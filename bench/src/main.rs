@@ -217,7 +217,7 @@ fn settings(args: &Args, models: &Path, timing: Timing) -> serde_json::Value {
         "clip_frames": args.clip_frames,
         "window_video_frames": args.window_video_frames,
         "window_stride": args.window_stride,
-        "raw_inputs": "preprocessed tensors: decoding, preprocessing and post-processing excluded",
+        "raw_inputs": "preprocessed tensors (decoding, preprocessing and post-processing excluded), but for the raw Detect from the photo, which does all three",
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     })
 }
@@ -365,6 +365,17 @@ fn in_process<'a>(
         let name = format!("{RAW_DETECT} c={threads}");
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
+    let photo = &inputs.photo;
+    let mut detect = set.photo_detect("detection", &photo.encoded, photo.spec)?;
+    variants.push(
+        raw::variant(
+            RAW_PHOTO_DETECT.into(),
+            "raw",
+            1,
+            vec![move || detect.run().map(drop)],
+        )
+        .interleaved(),
+    );
     let mut shared = set.shared(&["detection", "segmentation"])?;
     variants.push(
         raw::variant(

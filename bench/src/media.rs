@@ -29,6 +29,8 @@ pub struct Photo {
     pub height: u32,
     pub rgb: Vec<u8>,
     pub tensor: Tensor,
+    /// The preprocessing that made `tensor`.
+    pub spec: PreprocessSpec,
 }
 
 /// Decodes and preprocesses the photo at `path` as the server would.
@@ -48,6 +50,7 @@ pub fn photo(path: &Path, spec: &PreprocessSpec) -> Result<Photo> {
         height: image.height(),
         rgb: image.into_raw(),
         tensor: Tensor { shape, data },
+        spec: *spec,
     })
 }
 

@@ -1,19 +1,25 @@
 //! The in-process variants: ONNX Runtime sessions of the model set driven directly, with the
 //! server's own runtime set-up (library search, optimisation level, intra-op threads).
 //!
-//! Every variant here starts from the already preprocessed input tensor: decoding, resizing and
-//! post-processing are excluded, so these rows are the ONNX Runtime cost alone.
+//! Most variants here start from the already preprocessed input tensor: decoding, resizing and
+//! post-processing are excluded, so these rows are the ONNX Runtime cost alone. [`PhotoDetect`]
+//! starts from the photo's encoded bytes and does every step the server's Detect does, with the
+//! server's own functions, in this process: the limit for the server on a photo.
 
 use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use ort::session::Session;
+use ndarray::{ArrayView, Axis, Dimension};
+use ort::session::{Session, SessionOutputs};
 use ort::value::TensorRef;
 use polyhead_server::config::RuntimeConfig;
 use polyhead_server::engine::{Device, Placement, Runtime};
-use polyhead_server::manifest::Manifest;
+use polyhead_server::heads::detection::{self, DetectOptions, DetectionParams};
+use polyhead_server::manifest::{HeadParams, Manifest};
+use polyhead_server::media::image::{ImageLimits, decode};
+use polyhead_server::media::preprocess::{PreprocessSpec, preprocess};
 
 use crate::rounds::{Part, Variant};
 use crate::stats::Samples;
@@ -94,6 +100,32 @@ impl Models {
         files.iter().map(|f| self.session(Path::new(f))).collect()
     }
 
+    /// Detect on `encoded` as the server runs it, with the head called `head`.
+    pub fn photo_detect<'a>(
+        &self,
+        head: &str,
+        encoded: &'a [u8],
+        spec: PreprocessSpec,
+    ) -> Result<PhotoDetect<'a>> {
+        let params = self
+            .manifest
+            .heads
+            .iter()
+            .find(|h| h.name == head)
+            .with_context(|| format!("no head called {head} in the manifest"))?
+            .params()
+            .map_err(err)?;
+        let HeadParams::Detection(params) = params else {
+            return Err(anyhow!("head {head} is not a detection head"));
+        };
+        Ok(PhotoDetect {
+            shared: self.shared(&[head])?,
+            encoded,
+            spec,
+            params,
+        })
+    }
+
     /// Name of the backbone's input tensor.
     pub fn input_name(&self) -> &str {
         &self.manifest.backbone.input
@@ -110,6 +142,15 @@ pub struct Shared {
 impl Shared {
     /// One backbone pass, then every head on its outputs (outputs discarded).
     pub fn run(&mut self, tensor: &Tensor) -> Result<()> {
+        self.run_each(tensor, |_| Ok(()))
+    }
+
+    /// One backbone pass, then every head on its outputs, each head's outputs given to `each`.
+    fn run_each(
+        &mut self,
+        tensor: &Tensor,
+        mut each: impl FnMut(&SessionOutputs<'_>) -> Result<()>,
+    ) -> Result<()> {
         let input = TensorRef::from_array_view((tensor.shape, &tensor.data[..])).map_err(err)?;
         let outputs = self
             .backbone
@@ -127,10 +168,68 @@ impl Shared {
                     TensorRef::from_array_view(view).map_err(err)?,
                 ));
             }
-            head.run(values).map_err(err)?;
+            each(&head.run(values).map_err(err)?)?;
         }
         Ok(())
     }
+}
+
+/// Detect from a photo's encoded bytes, every step in this process with the server's functions:
+/// decoding, preprocessing, the backbone and detection sessions, and the detection head's
+/// post-processing with the options a Detect request without options gets.
+pub struct PhotoDetect<'a> {
+    shared: Shared,
+    encoded: &'a [u8],
+    spec: PreprocessSpec,
+    params: DetectionParams,
+}
+
+impl PhotoDetect<'_> {
+    /// One Detect; returns the number of detections.
+    pub fn run(&mut self) -> Result<usize> {
+        let image = decode(self.encoded, &ImageLimits::default()).map_err(err)?;
+        let (data, geometry) = preprocess(&image, &self.spec);
+        let shape = [
+            1,
+            3,
+            geometry.input_height as usize,
+            geometry.input_width as usize,
+        ];
+        let tensor = Tensor { shape, data };
+        let (params, options) = (&self.params, DetectOptions::defaults(&self.params));
+        let mut found = 0;
+        self.shared.run_each(&tensor, |outputs| {
+            let detections = detection::postprocess(
+                first(outputs, "scores")?,
+                first(outputs, "boxes")?,
+                first(outputs, "mask_coeffs")?,
+                first(outputs, "mask_protos")?,
+                &geometry,
+                params,
+                &options,
+            )
+            .map_err(err)?;
+            found = detections.len();
+            Ok(())
+        })?;
+        Ok(found)
+    }
+}
+
+/// The first item of the output called `name`, as a `D`-dimensional view.
+fn first<'a, D: Dimension>(
+    outputs: &'a SessionOutputs<'_>,
+    name: &str,
+) -> Result<ArrayView<'a, f32, D>> {
+    let value = outputs
+        .get(name)
+        .with_context(|| format!("the detection head has no output {name}"))?;
+    value
+        .try_extract_array::<f32>()
+        .map_err(err)?
+        .index_axis_move(Axis(0), 0)
+        .into_dimensionality::<D>()
+        .map_err(err)
 }
 
 /// Runs every monolithic model on `tensor`, one after the other.

@@ -40,11 +40,8 @@ impl Stages {
         if all.is_empty() {
             return None;
         }
-        let median = |stage: fn(&Stages) -> f64| {
-            let mut values: Vec<f64> = all.iter().map(stage).collect();
-            values.sort_unstable_by(f64::total_cmp);
-            values[(values.len() - 1) / 2]
-        };
+        let median =
+            |stage: fn(&Stages) -> f64| median(all.iter().map(stage).collect()).unwrap_or_default();
         Some(Stages {
             decode_ms: median(|s| s.decode_ms),
             preprocess_ms: median(|s| s.preprocess_ms),
@@ -136,6 +133,12 @@ impl Row {
             server_stages_p50: Stages::median(&s.stages),
         }
     }
+}
+
+/// The median of `values` (the lower of the middle two of an even count); `None` when empty.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_unstable_by(f64::total_cmp);
+    values.get(values.len().checked_sub(1)? / 2).copied()
 }
 
 /// The p50 of `latencies`, in milliseconds.
