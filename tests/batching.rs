@@ -1,7 +1,7 @@
 //! Dynamic batching of backbone and head runs end to end, on servers of these tests' own with the
 //! feature cache off: concurrent requests share backbone runs and detection-head runs and each
 //! still gets its own image's result, as an unbatched server gives it; a request whose caller has
-//! gone is never computed.
+//! gone is never computed; the thread that owns a session serves plain runs beside its batches.
 
 use std::time::Duration;
 
@@ -153,5 +153,41 @@ async fn a_call_that_gives_up_before_its_batch_runs_is_not_computed() {
         own.pipeline.backbone_images() - images_before,
         1,
         "the abandoned image never went through the backbone"
+    );
+}
+
+#[tokio::test]
+async fn a_session_thread_serves_plain_runs_and_batches_side_by_side() {
+    const CALLS: u64 = 4;
+    let own = start_server(config(8, 20));
+    let client = crate::common::connect(own.addr).await;
+    let backbone = &own.pipeline.models().backbone;
+    let named = || {
+        vec![(
+            backbone.spec.input.clone(),
+            crate::equivalence::batch(&["astronaut.png"]),
+        )]
+    };
+    let (alone, _) = backbone.worker.run(named()).await.expect("a plain run");
+    let runs_before = own.pipeline.backbone_runs();
+    // Plain runs (as ModelInfer sends them) queue on the backbone's thread while Detect calls
+    // queue on its batcher, which the same thread serves.
+    let plain = (0..CALLS).map(|_| backbone.worker.run(named()));
+    let calls = (0..CALLS).map(|seed| client.detect(noise(seed), options(), ""));
+    let (plain, calls) = tokio::join!(
+        futures_util::future::try_join_all(plain),
+        futures_util::future::try_join_all(calls)
+    );
+    for (outputs, _) in plain.expect("plain runs") {
+        crate::equivalence::assert_close(&outputs, &alone);
+    }
+    for response in calls.expect("batched calls") {
+        let timings = response.timings.expect("timings");
+        assert_eq!((timings.backbone_passes, timings.backbone_images), (1, 1));
+    }
+    let runs = own.pipeline.backbone_runs() - runs_before;
+    assert!(
+        (1..=CALLS).contains(&runs),
+        "{CALLS} Detect calls took {runs} batched backbone runs"
     );
 }

@@ -75,7 +75,8 @@ pub async fn measure_all(
 
 /// Warms every variant up in turn, then runs one request of each in turn, over and over, for
 /// about `timing.seconds` per variant (and at least `blocks` times). A row's per-round p50s are
-/// those of `blocks` consecutive runs of its requests.
+/// those of `blocks` consecutive runs of its requests; its `turn_ms` holds each request's latency,
+/// turn by turn, the same turns for every row.
 async fn interleave(
     mut variants: Vec<Variant<'_>>,
     timing: Timing,
@@ -108,7 +109,13 @@ async fn interleave(
     Ok(variants
         .iter()
         .zip(parts)
-        .map(|(variant, parts)| row(variant, parts, blocks))
+        .map(|(variant, parts)| {
+            let turns = parts.iter().map(|p| p50(&p.samples.latencies)).collect();
+            Row {
+                turn_ms: turns,
+                ..row(variant, parts, blocks)
+            }
+        })
         .collect())
 }
 
@@ -295,5 +302,14 @@ mod tests {
         );
         assert_eq!(c.backbone_passes_per_request, Some(1.0));
         assert_eq!(rows[1].round_p50_ms, [20.0, 40.0]);
+        // Turn by turn (each of a's slices gives 4 requests of equal time).
+        assert_eq!(
+            (a.turn_ms.as_slice(), c.turn_ms.as_slice()),
+            (&[20.0, 30.0][..], &[60.0, 90.0][..])
+        );
+        assert!(
+            rows[1].turn_ms.is_empty(),
+            "measured in rounds, not in turns"
+        );
     }
 }

@@ -97,6 +97,10 @@ pub struct Row {
     /// row was measured interleaved): shows whether the machine drifted during the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_p50_ms: Vec<f64>,
+    /// For rows measured interleaved, the latency of each request in turn: the i-th of every
+    /// interleaved row ran in the same turn, within a second of one another.
+    #[serde(skip)]
+    pub turn_ms: Vec<f64>,
     /// The median of each stage the server reported, for rows measured over gRPC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_stages_p50: Option<Stages>,
@@ -130,6 +134,7 @@ impl Row {
             backbone_passes_per_request: (n > 0).then(|| s.reported_passes as f64 / n as f64),
             peak_rss_mb: None,
             round_p50_ms: Vec::new(),
+            turn_ms: Vec::new(),
             server_stages_p50: Stages::median(&s.stages),
         }
     }

@@ -187,19 +187,19 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-/// `f(a, b)` of the p50s of two rows measured interleaved, block by block, and the median over
-/// the blocks: each block of requests of the two ran over the same seconds, so the machine's drift
-/// weighs on both alike. From the rows' whole-run p50s when they have no blocks to pair.
+/// `f(a, b)` of two rows measured interleaved, request by request, and the median over their
+/// turns: the two requests of a turn ran within a second of each other, so the machine's drift,
+/// which moves a 2-second p50 by up to 40% here, weighs on both alike. From the rows' whole-run
+/// p50s when they have no turns to pair.
 fn paired(report: &Report, a: &str, b: &str, f: impl Fn(f64, f64) -> Option<f64>) -> Option<f64> {
     let (a, b) = (report.row(a)?, report.row(b)?);
-    let (blocks_a, blocks_b) = (&a.round_p50_ms, &b.round_p50_ms);
-    if blocks_a.is_empty() || blocks_a.len() != blocks_b.len() {
+    if a.turn_ms.is_empty() || a.turn_ms.len() != b.turn_ms.len() {
         return f(a.p50_ms, b.p50_ms);
     }
     median(
-        blocks_a
+        a.turn_ms
             .iter()
-            .zip(blocks_b)
+            .zip(&b.turn_ms)
             .filter_map(|(&a, &b)| f(a, b))
             .collect(),
     )
@@ -218,10 +218,10 @@ mod tests {
     use super::*;
     use crate::stats::{Row, Samples};
 
-    fn row(name: &str, p50_ms: f64, blocks: &[f64]) -> Row {
+    fn row(name: &str, p50_ms: f64, turns: &[f64]) -> Row {
         let mut row = Row::new(name, "grpc", 1, &Samples::default());
         row.p50_ms = p50_ms;
-        row.round_p50_ms = blocks.to_vec();
+        row.turn_ms = turns.to_vec();
         row
     }
 
@@ -238,9 +238,9 @@ mod tests {
     }
 
     #[test]
-    fn interleaved_rows_are_compared_block_by_block() {
-        // The machine slowed down in the second block; each block's difference is 1-3 ms, while
-        // the whole-run p50s (from unequal halves of the slow block) differ by 9 ms.
+    fn interleaved_rows_are_compared_turn_by_turn() {
+        // The machine slowed down in the second turn; each turn's difference is 1-3 ms, while
+        // the whole-run p50s differ by 9 ms.
         let report = report(vec![
             row("a", 100.0, &[92.0, 101.0, 95.0]),
             row("b", 91.0, &[90.0, 100.0, 92.0]),
