@@ -39,8 +39,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server and waits until it reports SERVING.
+    /// Starts the server and waits until it reports SERVING. A port found free can be taken
+    /// before the server binds it (by an outgoing connection's local port): the server is then
+    /// started again on other ports, up to three times in all.
     pub async fn start(spec: &ServerSpec) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(spec).await {
+                Err(e) if attempt < 3 && port_taken(&spec.log) => {
+                    eprintln!("bench: {e}; starting it on other ports");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(spec: &ServerSpec) -> Result<Self> {
         let (addr, metrics_addr) = (free_port()?, free_port()?);
         let log =
             File::create(&spec.log).with_context(|| format!("create {}", spec.log.display()))?;
@@ -131,6 +146,11 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether the server's log says a port it was given was in use.
+fn port_taken(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|text| text.contains("Address already in use"))
 }
 
 /// A loopback address nobody listens on right now.

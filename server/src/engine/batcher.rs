@@ -37,7 +37,8 @@ pub struct BatchConfig {
 
     /// How long a batch waits for more images after its first request, in milliseconds. 0: no
     /// waiting; a batch takes what queued up while the model ran the previous one, so a lone
-    /// request pays no delay and a busy model still batches.
+    /// request pays no delay and a busy model still batches. The model's thread waits with the
+    /// batch: a ModelInfer call to the same model waits too.
     #[arg(long, env = "POLYHEAD_MAX_BATCH_DELAY_MS", default_value_t = 0)]
     pub max_batch_delay_ms: u64,
 }
