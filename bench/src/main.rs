@@ -372,7 +372,7 @@ fn in_process<'a>(
             RAW_PHOTO_DETECT.into(),
             "raw",
             1,
-            vec![move || detect.run().map(drop)],
+            vec![move || detect.run()],
         )
         .interleaved(),
     );
