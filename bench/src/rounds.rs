@@ -6,8 +6,9 @@
 //!
 //! Latency at concurrency 1 drifts faster than that: on a shared 2-core machine the p50 of one
 //! 2-second slice can be 40% above the next one's. Variants marked [`Variant::interleaved`] are
-//! therefore measured request by request in turn (one request of each, then the next), so that
-//! a difference of a few milliseconds between two of them is not drowned by that drift.
+//! therefore measured request by request in turn (one request of each, in a new order each
+//! turn, then the next turn), so that a difference of a few milliseconds between two of them is
+//! not drowned by that drift.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -73,8 +74,12 @@ pub async fn measure_all(
     Ok(rows.into_iter().map(|(_, row)| row).collect())
 }
 
+/// Seeds the order of the interleaved variants' turns.
+const TURN_ORDER_SEED: u64 = 0x706f_6c79;
+
 /// Warms every variant up in turn, then runs one request of each in turn, over and over, for
-/// about `timing.seconds` per variant (and at least `blocks` times). A row's per-round p50s are
+/// about `timing.seconds` per variant (and at least `blocks` times), each turn in a shuffled
+/// order. A row's per-round p50s are
 /// those of `blocks` consecutive runs of its requests; its `turn_ms` holds each request's latency,
 /// turn by turn, the same turns for every row.
 async fn interleave(
@@ -101,9 +106,14 @@ async fn interleave(
     let budget = timing.seconds * variants.len() as u32;
     let started = Instant::now();
     let mut parts: Vec<Vec<Part>> = variants.iter().map(|_| Vec::new()).collect();
+    // Each turn in a new order (the same in every run), so that no variant always follows the
+    // same neighbour and inherits what it leaves behind (caches, sleeping threads).
+    let mut order: Vec<usize> = (0..variants.len()).collect();
+    let mut rng = fastrand::Rng::with_seed(TURN_ORDER_SEED);
     while started.elapsed() < budget || parts[0].len() < blocks as usize {
-        for (variant, parts) in variants.iter_mut().zip(&mut parts) {
-            parts.push((variant.run)(one).await?);
+        rng.shuffle(&mut order);
+        for &i in &order {
+            parts[i].push((variants[i].run)(one).await?);
         }
     }
     Ok(variants
@@ -275,18 +285,17 @@ mod tests {
         };
         let rows = measure_all(variants, timing, 2).await.expect("measured");
         let order: Vec<String> = log.lock().expect("log").clone();
+        assert_eq!(order[..2], ["a 400ms 0ns", "c 400ms 0ns"], "warm-ups first");
+        // Then two turns of one request each, in either order.
+        for turn in order[2..6].chunks(2) {
+            let mut turn = turn.to_vec();
+            turn.sort();
+            assert_eq!(turn, ["a 0ns 0ns", "c 0ns 0ns"]);
+        }
         assert_eq!(
-            order,
-            [
-                "a 400ms 0ns",
-                "c 400ms 0ns",
-                "a 0ns 0ns",
-                "c 0ns 0ns",
-                "a 0ns 0ns",
-                "c 0ns 0ns",
-                "b 400ms 0ns",
-                "b 100ms 0ns",
-            ]
+            order[6..],
+            ["b 400ms 0ns", "b 100ms 0ns"],
+            "then the rounds"
         );
         let names: Vec<&str> = rows.iter().map(|r| r.variant.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
@@ -311,5 +320,32 @@ mod tests {
             rows[1].turn_ms.is_empty(),
             "measured in rounds, not in turns"
         );
+    }
+
+    #[tokio::test]
+    async fn each_turn_takes_the_interleaved_variants_in_a_new_order() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let variants = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| fake(name, 10, None, Arc::clone(&log)).interleaved())
+            .collect();
+        let timing = Timing {
+            warmup: Duration::ZERO,
+            seconds: Duration::ZERO,
+        };
+        measure_all(variants, timing, 12).await.expect("measured");
+        let order: Vec<String> = log.lock().expect("log").clone();
+        let turns: Vec<Vec<&str>> = order[3..]
+            .chunks(3)
+            .map(|turn| turn.iter().map(|e| &e[..1]).collect())
+            .collect();
+        assert_eq!(turns.len(), 12);
+        for turn in &turns {
+            let mut names = turn.clone();
+            names.sort_unstable();
+            assert_eq!(names, ["a", "b", "c"], "each variant once per turn");
+        }
+        let firsts: std::collections::HashSet<&str> = turns.iter().map(|t| t[0]).collect();
+        assert_eq!(firsts.len(), 3, "every variant leads some turn: {turns:?}");
     }
 }
