@@ -365,8 +365,7 @@ fn in_process<'a>(
         let name = format!("{RAW_DETECT} c={threads}");
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
-    let photo = &inputs.photo;
-    let mut detect = set.photo_detect("detection", &photo.encoded, photo.spec)?;
+    let mut detect = set.photo_detect("detection", &inputs.photo)?;
     variants.push(
         raw::variant(
             RAW_PHOTO_DETECT.into(),

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
+use image::RgbImage;
 use polyhead_client::Bytes;
+use polyhead_server::geometry::Geometry;
 use polyhead_server::manifest::Manifest;
 use polyhead_server::media::image::{ImageLimits, decode};
 use polyhead_server::media::preprocess::{PreprocessSpec, preprocess};
@@ -36,7 +38,21 @@ pub struct Photo {
 /// Decodes and preprocesses the photo at `path` as the server would.
 pub fn photo(path: &Path, spec: &PreprocessSpec) -> Result<Photo> {
     let encoded = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    let image = decode(&encoded, &ImageLimits::default()).map_err(|e| anyhow!("{e}"))?;
+    let (image, tensor, _) = prepare(&encoded, spec)?;
+    Ok(Photo {
+        encoded,
+        width: image.width(),
+        height: image.height(),
+        rgb: image.into_raw(),
+        tensor,
+        spec: *spec,
+    })
+}
+
+/// `encoded` decoded and preprocessed with the server's own functions: its pixels, its
+/// `[1, 3, H, W]` backbone input and the geometry that maps results back onto it.
+pub fn prepare(encoded: &[u8], spec: &PreprocessSpec) -> Result<(RgbImage, Tensor, Geometry)> {
+    let image = decode(encoded, &ImageLimits::default()).map_err(|e| anyhow!("{e}"))?;
     let (data, geometry) = preprocess(&image, spec);
     let shape = [
         1,
@@ -44,14 +60,7 @@ pub fn photo(path: &Path, spec: &PreprocessSpec) -> Result<Photo> {
         geometry.input_height as usize,
         geometry.input_width as usize,
     ];
-    Ok(Photo {
-        encoded,
-        width: image.width(),
-        height: image.height(),
-        rgb: image.into_raw(),
-        tensor: Tensor { shape, data },
-        spec: *spec,
-    })
+    Ok((image, Tensor { shape, data }, geometry))
 }
 
 /// Makes an H.264 MP4 of `frames` frames at 16 frames/s from `photo`, a window panning across it

@@ -18,9 +18,8 @@ use polyhead_server::config::RuntimeConfig;
 use polyhead_server::engine::{Device, Placement, Runtime};
 use polyhead_server::heads::detection::{self, DetectOptions, DetectionParams};
 use polyhead_server::manifest::{HeadParams, Manifest};
-use polyhead_server::media::image::{ImageLimits, decode};
-use polyhead_server::media::preprocess::{PreprocessSpec, preprocess};
 
+use crate::media::{self, Photo};
 use crate::rounds::{Part, Variant};
 use crate::stats::Samples;
 
@@ -100,13 +99,8 @@ impl Models {
         files.iter().map(|f| self.session(Path::new(f))).collect()
     }
 
-    /// Detect on `encoded` as the server runs it, with the head called `head`.
-    pub fn photo_detect<'a>(
-        &self,
-        head: &str,
-        encoded: &'a [u8],
-        spec: PreprocessSpec,
-    ) -> Result<PhotoDetect<'a>> {
+    /// Detect on `photo`'s encoded bytes as the server runs it, with the head called `head`.
+    pub fn photo_detect<'a>(&self, head: &str, photo: &'a Photo) -> Result<PhotoDetect<'a>> {
         let params = self
             .manifest
             .heads
@@ -120,8 +114,7 @@ impl Models {
         };
         Ok(PhotoDetect {
             shared: self.shared(&[head])?,
-            encoded,
-            spec,
+            photo,
             params,
         })
     }
@@ -179,23 +172,14 @@ impl Shared {
 /// post-processing with the options a Detect request without options gets.
 pub struct PhotoDetect<'a> {
     shared: Shared,
-    encoded: &'a [u8],
-    spec: PreprocessSpec,
+    photo: &'a Photo,
     params: DetectionParams,
 }
 
 impl PhotoDetect<'_> {
     /// One Detect.
     pub fn run(&mut self) -> Result<()> {
-        let image = decode(self.encoded, &ImageLimits::default()).map_err(err)?;
-        let (data, geometry) = preprocess(&image, &self.spec);
-        let shape = [
-            1,
-            3,
-            geometry.input_height as usize,
-            geometry.input_width as usize,
-        ];
-        let tensor = Tensor { shape, data };
+        let (_, tensor, geometry) = media::prepare(&self.photo.encoded, &self.photo.spec)?;
         let (params, options) = (&self.params, DetectOptions::defaults(&self.params));
         self.shared.run_each(&tensor, |outputs| {
             detection::postprocess(

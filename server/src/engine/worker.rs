@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use super::arena::{ArenaGauge, Release};
-use super::batcher::{BatchQueue, BatchRunner};
+use super::batcher::{BatchQueue, BatchRunner, Pending};
 use super::tensor::{Bindable, DeviceTensor, device_tensor};
 use super::{EngineError, NamedTensors, Tensor};
 use crate::telemetry::metrics;
@@ -262,15 +262,8 @@ impl SessionRunner {
         inputs: &NamedTensors,
         parent: Span,
     ) -> Result<Run, EngineError> {
-        let Self {
-            model,
-            session,
-            outputs,
-            release,
-            arena,
-        } = self;
-        let result = run_span(stage, &parent, model)
-            .in_scope(|| run_job(model, session, outputs, release, inputs))
+        let result = run_span(stage, &parent, &self.model)
+            .in_scope(|| self.run_job(inputs))
             .map(|(outputs, elapsed)| Run {
                 outputs,
                 queued: Duration::ZERO,
@@ -278,10 +271,33 @@ impl SessionRunner {
             });
         // Released before replying, so that the caller's span can close as soon as it is done.
         drop(parent);
-        if let Some(stats) = arena.as_ref().and_then(ArenaGauge::stats) {
+        if let Some(stats) = self.arena.as_ref().and_then(ArenaGauge::stats) {
             metrics::set_runtime_arena(stats);
         }
         result
+    }
+
+    /// Runs one job, turning a panic into an error, and records its batch size.
+    fn run_job(&mut self, inputs: &NamedTensors) -> Result<(NamedTensors, Duration), EngineError> {
+        let batch = batch_size(inputs);
+        metrics::record_batch_size(&self.model, batch);
+        let options = self.release.options(batch);
+        let started = Instant::now();
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            injected_fault(&self.model)?;
+            match &self.outputs {
+                OutputMemory::Host => run_plain(&mut self.session, inputs, options),
+                OutputMemory::Bound { info, to_host } => {
+                    run_bound(&mut self.session, inputs, batch, options, info, *to_host)
+                }
+            }
+        }))
+        .unwrap_or_else(|_| Err("the run panicked".to_string()))
+        .map(|outputs| (outputs, started.elapsed()))
+        .map_err(|message| EngineError::Run {
+            model: self.model.clone(),
+            message,
+        })
     }
 }
 
@@ -324,7 +340,7 @@ async fn serve(
 }
 
 /// The next request of `batches`; never, without a batcher.
-async fn next_batch(batches: &mut Option<BatchQueue>) -> Option<super::batcher::Pending> {
+async fn next_batch(batches: &mut Option<BatchQueue>) -> Option<Pending> {
     match batches {
         Some(queue) => queue.recv().await,
         None => std::future::pending().await,
@@ -343,35 +359,6 @@ fn run_span(stage: Stage, parent: &Span, model: &str) -> Span {
         ),
         Stage::Model => tracing::info_span!(parent: parent, "run", model),
     }
-}
-
-/// Runs one job, turning a panic into an error, and records its batch size.
-fn run_job(
-    model: &str,
-    session: &mut Session,
-    outputs: &OutputMemory,
-    release: &mut Release,
-    inputs: &NamedTensors,
-) -> Result<(NamedTensors, Duration), EngineError> {
-    let batch = batch_size(inputs);
-    metrics::record_batch_size(model, batch);
-    let options = release.options(batch);
-    let started = Instant::now();
-    std::panic::catch_unwind(AssertUnwindSafe(|| {
-        injected_fault(model)?;
-        match outputs {
-            OutputMemory::Host => run_plain(session, inputs, options),
-            OutputMemory::Bound { info, to_host } => {
-                run_bound(session, inputs, batch, options, info, *to_host)
-            }
-        }
-    }))
-    .unwrap_or_else(|_| Err("the run panicked".to_string()))
-    .map(|outputs| (outputs, started.elapsed()))
-    .map_err(|message| EngineError::Run {
-        model: model.to_string(),
-        message,
-    })
 }
 
 /// The fault a test injected into `model`'s runs through the `session-run/<model>` failpoint:
