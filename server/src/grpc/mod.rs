@@ -33,6 +33,16 @@ use crate::security::Security;
 /// Largest response message, in bytes: label maps of large images are big.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
+/// Largest HTTP/2 frame a client may send (the protocol's default is 16 KiB): an image arrives
+/// in a few frames rather than in one per 16 KiB, each read, parsed and handed on alone. On
+/// loopback this took ~0.4 ms off a Detect of a 791 KB photo.
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+/// HTTP/2 flow-control windows: how much a client may send before the server has taken it in.
+/// With hyper's 1 MiB, an upload of a few MiB stalls for window updates on its way; the request
+/// size itself is bounded by `--max-message-bytes`.
+const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 /// How the gRPC server is put together.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -94,7 +104,11 @@ pub async fn serve_secured(
         .then(|| ok_or_log(reflection().build_v1alpha()))
         .flatten();
     let drain = drain(Arc::clone(&lifecycle), shutdown, options.drain_timeout);
-    let mut builder = Server::builder().max_concurrent_streams(options.max_concurrent_streams);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls)?;
     }
