@@ -31,10 +31,17 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// Processing work panicked: a bug, never the client's input.
+    pub fn panicked() -> Self {
+        Self::Internal("a processing task panicked".into())
+    }
+}
+
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         if e.is_panic() {
-            Self::Internal("a processing task panicked".into())
+            Self::panicked()
         } else {
             Self::Internal("a processing task was cancelled".into())
         }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use ndarray::Axis;
-use tracing::Span;
+use tracing::Instrument;
 
 use super::types::{
     Detections, HeadOptions, HeadOutput, HeadTask, HeadTiming, ImageInput, ImageRequest,
@@ -128,17 +128,12 @@ impl Pipeline {
         })
     }
 
-    /// Decodes, preprocesses and (with the cache on) hashes on a blocking thread, in the
-    /// current span.
+    /// Decodes, preprocesses and (with the cache on) hashes, off the async workers.
     async fn prepare(&self, image: ImageInput) -> Result<Prepared, Error> {
         let limits = self.image_limits.clone();
         let spec = self.models.backbone.preprocess;
         let hash = self.cache.is_enabled();
-        let span = Span::current();
-        tokio::task::spawn_blocking(move || {
-            span.in_scope(|| prepare_blocking(image, &limits, &spec, hash))
-        })
-        .await?
+        super::cpu_bound(move || prepare_blocking(image, &limits, &spec, hash)).await?
     }
 }
 
@@ -199,7 +194,7 @@ fn preprocess(rgb: &RgbImage, spec: &PreprocessSpec) -> (Vec<f32>, Geometry) {
     media::preprocess::preprocess(rgb, spec)
 }
 
-/// Runs one head on the shared features and post-processes its outputs on a blocking thread.
+/// Runs one head on the shared features and post-processes its outputs, off the async workers.
 async fn run_head(
     features: &Features,
     task: HeadTask,
@@ -214,10 +209,9 @@ async fn run_head(
     let name = task.head.name().to_string();
     let span = tracing::info_span!("postprocess", head = %name);
     let started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
-        span.in_scope(|| postprocess(&task, &outputs, &geometry))
-    })
-    .await??;
+    let out = super::cpu_bound(move || postprocess(&task, &outputs, &geometry))
+        .instrument(span)
+        .await??;
     let timing = HeadTiming {
         head: name.clone(),
         queue: queued,
