@@ -153,7 +153,10 @@ where
                     let timings = call(counter.fetch_add(1, Ordering::Relaxed)).await?;
                     samples.latencies.push(t.elapsed());
                     samples.reported_passes += u64::from(timings.backbone_passes);
-                    samples.stages.push(stages(&timings));
+                    let stages = stages(&timings);
+                    let runs = stages.backbone_ms + stages.heads_ms;
+                    samples.model_runs.push(Duration::from_secs_f64(runs / 1e3));
+                    samples.stages.push(stages);
                 }
                 Ok::<_, anyhow::Error>(samples)
             })

@@ -133,22 +133,26 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// One backbone pass, then every head on its outputs (outputs discarded).
-    pub fn run(&mut self, tensor: &Tensor) -> Result<()> {
+    /// One backbone pass, then every head on its outputs (outputs discarded). Answers the time
+    /// the session runs took.
+    pub fn run(&mut self, tensor: &Tensor) -> Result<Duration> {
         self.run_each(tensor, |_| Ok(()))
     }
 
     /// One backbone pass, then every head on its outputs, each head's outputs given to `each`.
+    /// Answers the time the session runs took (`each` not included).
     fn run_each(
         &mut self,
         tensor: &Tensor,
         mut each: impl FnMut(&SessionOutputs<'_>) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
+        let started = Instant::now();
         let input = TensorRef::from_array_view((tensor.shape, &tensor.data[..])).map_err(err)?;
         let outputs = self
             .backbone
             .run(vec![(self.input.as_str(), input)])
             .map_err(err)?;
+        let mut runs = started.elapsed();
         for (head, names) in &mut self.heads {
             let mut values = Vec::with_capacity(names.len());
             for name in names.iter() {
@@ -161,9 +165,12 @@ impl Shared {
                     TensorRef::from_array_view(view).map_err(err)?,
                 ));
             }
-            each(&head.run(values).map_err(err)?)?;
+            let started = Instant::now();
+            let outputs = head.run(values).map_err(err)?;
+            runs += started.elapsed();
+            each(&outputs)?;
         }
-        Ok(())
+        Ok(runs)
     }
 }
 
@@ -177,8 +184,8 @@ pub struct PhotoDetect<'a> {
 }
 
 impl PhotoDetect<'_> {
-    /// One Detect.
-    pub fn run(&mut self) -> Result<()> {
+    /// One Detect; answers the time its session runs took.
+    pub fn run(&mut self) -> Result<Duration> {
         let (_, tensor, geometry) = media::prepare(&self.photo.encoded, &self.photo.spec)?;
         let (params, options) = (&self.params, DetectOptions::defaults(&self.params));
         self.shared.run_each(&tensor, |outputs| {
@@ -213,13 +220,14 @@ fn first<'a, D: Dimension>(
         .map_err(err)
 }
 
-/// Runs every monolithic model on `tensor`, one after the other.
-pub fn run_monolithic(models: &mut [Session], input: &str, tensor: &Tensor) -> Result<()> {
+/// Runs every monolithic model on `tensor`, one after the other; answers the time they took.
+pub fn run_monolithic(models: &mut [Session], input: &str, tensor: &Tensor) -> Result<Duration> {
+    let started = Instant::now();
     for model in models {
         let value = TensorRef::from_array_view((tensor.shape, &tensor.data[..])).map_err(err)?;
         model.run(vec![(input, value)]).map_err(err)?;
     }
-    Ok(())
+    Ok(started.elapsed())
 }
 
 fn err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -228,7 +236,8 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
 
 /// An in-process variant for [`rounds::measure`]: every slice runs `workers` together, one
 /// thread each (each owning its sessions), first for the warm-up, then for the measured time; a
-/// single worker runs on the benchmark's own (long-lived) thread.
+/// single worker runs on the benchmark's own (long-lived) thread. A worker's call is one request
+/// and answers the time its session runs took.
 pub fn variant<'a, W>(
     name: String,
     kind: &'static str,
@@ -236,7 +245,7 @@ pub fn variant<'a, W>(
     mut workers: Vec<W>,
 ) -> Variant<'a>
 where
-    W: FnMut() -> Result<()> + Send + 'a,
+    W: FnMut() -> Result<Duration> + Send + 'a,
 {
     Variant {
         name,
@@ -258,7 +267,7 @@ where
 /// Runs the slice: a lone worker on the calling thread, several on a thread each.
 fn run_threads<W>(workers: &mut [W], timing: Timing, items_per_request: u32) -> Result<Samples>
 where
-    W: FnMut() -> Result<()> + Send,
+    W: FnMut() -> Result<Duration> + Send,
 {
     // A thread started for each request (an interleaved variant's slice is one) would pay for
     // its fresh malloc arena: page faults on every buffer, ~1.2 ms per call for a photo's
@@ -306,7 +315,7 @@ where
 
 /// Calls `work` until `deadline` (at least once); returns the samples and when the last call ended.
 fn timed_loop(
-    work: &mut impl FnMut() -> Result<()>,
+    work: &mut impl FnMut() -> Result<Duration>,
     deadline: Instant,
     items_per_request: u32,
 ) -> Result<(Samples, Instant)> {
@@ -317,9 +326,10 @@ fn timed_loop(
     let mut end = Instant::now();
     while samples.latencies.is_empty() || end < deadline {
         let t = Instant::now();
-        work()?;
+        let runs = work()?;
         end = Instant::now();
         samples.latencies.push(end - t);
+        samples.model_runs.push(runs);
         // Every in-process request runs exactly one backbone pass.
         samples.reported_passes += 1;
     }

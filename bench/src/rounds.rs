@@ -81,7 +81,8 @@ const TURN_ORDER_SEED: u64 = 0x706f_6c79;
 /// about `timing.seconds` per variant (and at least `blocks` times), each turn in a shuffled
 /// order. A row's per-round p50s are
 /// those of `blocks` consecutive runs of its requests; its `turn_ms` holds each request's latency,
-/// turn by turn, the same turns for every row.
+/// turn by turn, the same turns for every row, and its `turn_model_ms` the time each spent in
+/// ONNX Runtime runs.
 async fn interleave(
     mut variants: Vec<Variant<'_>>,
     timing: Timing,
@@ -121,8 +122,15 @@ async fn interleave(
         .zip(parts)
         .map(|(variant, parts)| {
             let turns = parts.iter().map(|p| p50(&p.samples.latencies)).collect();
+            let model_known = parts.iter().all(|p| !p.samples.model_runs.is_empty());
+            let model_turns = parts
+                .iter()
+                .filter(|_| model_known)
+                .map(|p| p50(&p.samples.model_runs))
+                .collect();
             Row {
                 turn_ms: turns,
+                turn_model_ms: model_turns,
                 ..row(variant, parts, blocks)
             }
         })
@@ -226,6 +234,7 @@ mod tests {
                     reported_passes: 4,
                     items_per_request: 1,
                     stages: Vec::new(),
+                    model_runs: vec![Duration::from_millis(ms / 2); 4],
                 };
                 Box::pin(std::future::ready(Ok(Part {
                     samples,
@@ -316,8 +325,9 @@ mod tests {
             (a.turn_ms.as_slice(), c.turn_ms.as_slice()),
             (&[20.0, 30.0][..], &[60.0, 90.0][..])
         );
+        assert_eq!(a.turn_model_ms, [10.0, 15.0], "the model runs of each turn");
         assert!(
-            rows[1].turn_ms.is_empty(),
+            rows[1].turn_ms.is_empty() && rows[1].turn_model_ms.is_empty(),
             "measured in rounds, not in turns"
         );
     }

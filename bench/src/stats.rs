@@ -18,6 +18,9 @@ pub struct Samples {
     pub items_per_request: u32,
     /// The stage timings the server reported, one per request (empty for in-process loops).
     pub stages: Vec<Stages>,
+    /// The time each request spent in ONNX Runtime runs: its backbone and head runs as the
+    /// server reported them, or the in-process sessions' runs timed around each call.
+    pub model_runs: Vec<Duration>,
 }
 
 /// Where the server says one request's time went (its response's timings), in milliseconds.
@@ -66,6 +69,7 @@ impl Samples {
             merged.latencies.extend(part.latencies);
             merged.reported_passes += part.reported_passes;
             merged.stages.extend(part.stages);
+            merged.model_runs.extend(part.model_runs);
         }
         merged
     }
@@ -99,8 +103,12 @@ pub struct Row {
     pub round_p50_ms: Vec<f64>,
     /// For rows measured interleaved, the latency of each request in turn: the i-th of every
     /// interleaved row ran in the same turn, within a second of one another.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub turn_ms: Vec<f64>,
+    /// For rows measured interleaved, the time each of those requests spent in ONNX Runtime
+    /// runs (see [`Samples::model_runs`]); empty when not known for every turn.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub turn_model_ms: Vec<f64>,
     /// The median of each stage the server reported, for rows measured over gRPC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_stages_p50: Option<Stages>,
@@ -135,6 +143,7 @@ impl Row {
             peak_rss_mb: None,
             round_p50_ms: Vec::new(),
             turn_ms: Vec::new(),
+            turn_model_ms: Vec::new(),
             server_stages_p50: Stages::median(&s.stages),
         }
     }
@@ -186,7 +195,7 @@ mod tests {
             wall: Duration::from_secs(2),
             reported_passes: 4,
             items_per_request: 16,
-            stages: Vec::new(),
+            ..Samples::default()
         };
         let row = Row::new("x", "raw", 1, &samples);
         assert_eq!(row.requests, 4);
