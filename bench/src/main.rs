@@ -36,6 +36,12 @@ struct Args {
     /// Smoke mode: the tiny model set and about a second per variant, to prove every variant runs.
     #[arg(long)]
     smoke: bool,
+    /// Measure only what the c=1 Detect target compares: the server's Detect and the Detect from
+    /// the photo's bytes in process, interleaved request by request for `--seconds` each. A run
+    /// of a few minutes pairs enough turns to tell differences of a fraction of a millisecond
+    /// that the full run's ~100 turns cannot.
+    #[arg(long)]
+    c1_detect_only: bool,
     /// Model set directory (default: models/generated/swin-t, or tiny with --smoke).
     #[arg(long)]
     models: Option<PathBuf>,
@@ -143,16 +149,23 @@ async fn run() -> Result<()> {
         spinning: false,
         log: out_dir.join(format!("server-{phase}.log")),
     };
-    let windows = side_by_side(&args, &models, &inputs, timing, rounds, &spec, &mut report).await?;
-    cached(
-        &inputs,
-        timing,
-        rounds,
-        &spec(cache_bytes, "cached"),
-        &mut report,
-    )
-    .await?;
-    report.targets = targets::evaluate(&report, windows.as_ref(), cache_bytes);
+    if args.c1_detect_only {
+        c1_detect(&args, &models, &inputs, timing, &spec(0, "c1"), &mut report).await?;
+        report.targets = targets::evaluate(&report, None, cache_bytes);
+        report.targets.retain(|t| t.pass.is_some());
+    } else {
+        let windows =
+            side_by_side(&args, &models, &inputs, timing, rounds, &spec, &mut report).await?;
+        cached(
+            &inputs,
+            timing,
+            rounds,
+            &spec(cache_bytes, "cached"),
+            &mut report,
+        )
+        .await?;
+        report.targets = targets::evaluate(&report, windows.as_ref(), cache_bytes);
+    }
     report.wall_seconds = started.elapsed().as_secs_f64();
     report.print();
     report.write(&args.json)?;
@@ -405,6 +418,43 @@ fn in_process<'a>(
         vec![move || backbone.run(frames)],
     ));
     Ok(variants)
+}
+
+/// The server's Detect and the in-process Detect from the photo's bytes, interleaved (see
+/// `--c1-detect-only`).
+async fn c1_detect(
+    args: &Args,
+    models: &Path,
+    inputs: &Inputs,
+    timing: Timing,
+    spec: &ServerSpec,
+    report: &mut Report,
+) -> Result<()> {
+    eprintln!("bench: starting the server (cache off)");
+    let server = Server::start(spec).await?;
+    let client = grpc::connect(&server).await?;
+    let image = image_from_bytes(inputs.photo.encoded.clone());
+    let set = raw::Models::new(models, args.intra_threads)?;
+    let mut detect = set.photo_detect("detection", &inputs.photo)?;
+    let variants = vec![
+        raw::variant(
+            RAW_PHOTO_DETECT.into(),
+            "raw",
+            1,
+            vec![move || detect.run()],
+        )
+        .interleaved(),
+        grpc::variant(&server, GRPC_DETECT_C1.into(), 1, 1, move |_| {
+            grpc::detect(client.clone(), image.clone())
+        })
+        .interleaved(),
+    ];
+    let rounds = args.rounds.unwrap_or(5);
+    report
+        .rows
+        .extend(rounds::measure_all(variants, timing, rounds).await?);
+    drop(set);
+    server.stop().await
 }
 
 /// Detect at concurrency 1 and at every `--concurrency` level, variants named `<name> c=<level>`.

@@ -2,7 +2,7 @@
 //! machines of the same shape.
 
 use crate::report::{Report, Target};
-use crate::stats::median;
+use crate::stats::{Row, median};
 
 /// Variant names shared by the runner and the targets.
 pub mod names {
@@ -73,14 +73,15 @@ pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64)
             2.0,
             true,
             format!(
-                "outside the model runs: {} ms (model runs p50: {} ms in the server, {} ms in \
-                 process); whole-run p50s: {} ms; minus the sessions alone: {} ms, of which the \
-                 photo's decode, preprocess and post-processing in process: {} ms",
+                "outside the model runs: {} ms; the runs: {} ms (p50s: {} ms in the server, {} \
+                 ms in process); whole-run p50s: {} ms; minus the sessions alone: {} ms, of \
+                 which the photo's decode, preprocess and post-processing in process: {} ms",
                 fmt(paired_outside_runs(
                     report,
                     GRPC_DETECT_C1,
                     RAW_PHOTO_DETECT
                 )),
+                fmt(paired_runs(report, GRPC_DETECT_C1, RAW_PHOTO_DETECT)),
                 fmt(model_p50(GRPC_DETECT_C1)),
                 fmt(model_p50(RAW_PHOTO_DETECT)),
                 fmt(diff(p50(GRPC_DETECT_C1), p50(RAW_PHOTO_DETECT))),
@@ -226,17 +227,29 @@ fn paired(report: &Report, a: &str, b: &str, f: impl Fn(f64, f64) -> Option<f64>
 /// A server's runs as it reports them include binding their inputs and outputs. `None` without
 /// the runs of every turn.
 fn paired_outside_runs(report: &Report, a: &str, b: &str) -> Option<f64> {
-    let outside = |name: &str| {
+    paired_turns(report, a, b, |row| {
+        row.turn_ms
+            .iter()
+            .zip(&row.turn_model_ms)
+            .map(|(latency, runs)| latency - runs)
+            .collect()
+    })
+}
+
+/// How much longer `a`'s model runs took than `b`'s, the median over their turns.
+fn paired_runs(report: &Report, a: &str, b: &str) -> Option<f64> {
+    paired_turns(report, a, b, |row| row.turn_model_ms.clone())
+}
+
+/// The median over the turns of two interleaved rows of `value(a) - value(b)`, `value` giving a
+/// row's figure per turn; `None` unless both rows have their runs for every turn.
+fn paired_turns(report: &Report, a: &str, b: &str, value: fn(&Row) -> Vec<f64>) -> Option<f64> {
+    let per_turn = |name: &str| {
         let row = report.row(name)?;
-        (!row.turn_ms.is_empty() && row.turn_model_ms.len() == row.turn_ms.len()).then(|| {
-            row.turn_ms
-                .iter()
-                .zip(&row.turn_model_ms)
-                .map(|(latency, runs)| latency - runs)
-                .collect::<Vec<_>>()
-        })
+        (!row.turn_ms.is_empty() && row.turn_model_ms.len() == row.turn_ms.len())
+            .then(|| value(row))
     };
-    let (a, b) = (outside(a)?, outside(b)?);
+    let (a, b) = (per_turn(a)?, per_turn(b)?);
     if a.len() != b.len() {
         return None;
     }
@@ -310,6 +323,7 @@ mod tests {
             with_runs(row("short", 0.0, &[95.0, 96.0]), &[90.0, 91.0]),
         ]);
         assert_eq!(paired_outside_runs(&report, "a", "b"), Some(2.0));
+        assert_eq!(paired_runs(&report, "a", "b"), Some(5.0));
         assert_eq!(paired_outside_runs(&report, "a", "no runs"), None);
         assert_eq!(paired_outside_runs(&report, "a", "short"), None);
         assert_eq!(paired_outside_runs(&report, "a", "missing"), None);
