@@ -36,9 +36,11 @@ test: build
 	.venv/bin/python -m pytest -q tests/python
 	$(MAKE) fuzz-smoke
 	$(BENCH_SMOKE)
+	$(BENCH_SMOKE_C1)
 
 BENCH_ARGS ?=
 BENCH_SMOKE := ./target/release/polyhead-bench --smoke --json target/bench/smoke.json
+BENCH_SMOKE_C1 := ./target/release/polyhead-bench --smoke --c1-detect-only --json target/bench/smoke-c1.json
 ## Every variant side by side on the swin-t demo set and a real photo, with the same thread
 ## settings: ONNX Runtime sessions driven in-process (raw), the server over gRPC on loopback, one
 ## full model per task (naive). Prints a table and the targets; JSON in target/bench/bench.json.
@@ -50,6 +52,7 @@ bench: build
 ## The same on the tiny set, about a second per variant: proves every variant runs.
 bench-smoke: build
 	$(BENCH_SMOKE)
+	$(BENCH_SMOKE_C1)
 
 SOAK_SECONDS ?= 300
 SOAK_CONCURRENCY ?= 8

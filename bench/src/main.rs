@@ -150,7 +150,17 @@ async fn run() -> Result<()> {
         log: out_dir.join(format!("server-{phase}.log")),
     };
     if args.c1_detect_only {
-        c1_detect(&args, &models, &inputs, timing, &spec(0, "c1"), &mut report).await?;
+        let server = spec(0, "c1");
+        c1_detect(
+            &args,
+            &models,
+            &inputs,
+            timing,
+            rounds,
+            &server,
+            &mut report,
+        )
+        .await?;
         report.targets = targets::evaluate(&report, None, cache_bytes);
         report.targets.retain(|t| t.pass.is_some());
     } else {
@@ -218,6 +228,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 fn settings(args: &Args, models: &Path, timing: Timing) -> serde_json::Value {
     serde_json::json!({
         "models": models.display().to_string(),
+        "c1_detect_only": args.c1_detect_only,
         "photo": args.photo.display().to_string(),
         "clip_photo": args.clip_photo.display().to_string(),
         "intra_threads": args.intra_threads,
@@ -378,16 +389,7 @@ fn in_process<'a>(
         let name = format!("{RAW_DETECT} c={threads}");
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
-    let mut detect = set.photo_detect("detection", &inputs.photo)?;
-    variants.push(
-        raw::variant(
-            RAW_PHOTO_DETECT.into(),
-            "raw",
-            1,
-            vec![move || detect.run()],
-        )
-        .interleaved(),
-    );
+    variants.push(photo_detect(set, inputs)?);
     let mut shared = set.shared(&["detection", "segmentation"])?;
     variants.push(
         raw::variant(
@@ -420,6 +422,13 @@ fn in_process<'a>(
     Ok(variants)
 }
 
+/// The Detect from the photo's bytes in process, interleaved with the other c=1 variants.
+fn photo_detect<'a>(set: &raw::Models, inputs: &'a Inputs) -> Result<rounds::Variant<'a>> {
+    let mut detect = set.photo_detect("detection", &inputs.photo)?;
+    let run = move || detect.run();
+    Ok(raw::variant(RAW_PHOTO_DETECT.into(), "raw", 1, vec![run]).interleaved())
+}
+
 /// The server's Detect and the in-process Detect from the photo's bytes, interleaved (see
 /// `--c1-detect-only`).
 async fn c1_detect(
@@ -427,6 +436,7 @@ async fn c1_detect(
     models: &Path,
     inputs: &Inputs,
     timing: Timing,
+    rounds: u32,
     spec: &ServerSpec,
     report: &mut Report,
 ) -> Result<()> {
@@ -435,21 +445,13 @@ async fn c1_detect(
     let client = grpc::connect(&server).await?;
     let image = image_from_bytes(inputs.photo.encoded.clone());
     let set = raw::Models::new(models, args.intra_threads)?;
-    let mut detect = set.photo_detect("detection", &inputs.photo)?;
     let variants = vec![
-        raw::variant(
-            RAW_PHOTO_DETECT.into(),
-            "raw",
-            1,
-            vec![move || detect.run()],
-        )
-        .interleaved(),
+        photo_detect(&set, inputs)?,
         grpc::variant(&server, GRPC_DETECT_C1.into(), 1, 1, move |_| {
             grpc::detect(client.clone(), image.clone())
         })
         .interleaved(),
     ];
-    let rounds = args.rounds.unwrap_or(5);
     report
         .rows
         .extend(rounds::measure_all(variants, timing, rounds).await?);
