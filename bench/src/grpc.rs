@@ -154,8 +154,7 @@ where
                     samples.latencies.push(t.elapsed());
                     samples.reported_passes += u64::from(timings.backbone_passes);
                     let stages = stages(&timings);
-                    let runs = stages.backbone_ms + stages.heads_ms;
-                    samples.model_runs.push(Duration::from_secs_f64(runs / 1e3));
+                    samples.model_runs.push(stages.model_runs());
                     samples.stages.push(stages);
                 }
                 Ok::<_, anyhow::Error>(samples)

@@ -122,12 +122,12 @@ async fn interleave(
         .zip(parts)
         .map(|(variant, parts)| {
             let turns = parts.iter().map(|p| p50(&p.samples.latencies)).collect();
-            let model_known = parts.iter().all(|p| !p.samples.model_runs.is_empty());
-            let model_turns = parts
-                .iter()
-                .filter(|_| model_known)
-                .map(|p| p50(&p.samples.model_runs))
-                .collect();
+            // Only when every turn's runs are known, so that turns stay aligned across rows.
+            let model_turns = if parts.iter().all(|p| !p.samples.model_runs.is_empty()) {
+                parts.iter().map(|p| p50(&p.samples.model_runs)).collect()
+            } else {
+                Vec::new()
+            };
             Row {
                 turn_ms: turns,
                 turn_model_ms: model_turns,

@@ -38,6 +38,11 @@ pub struct Stages {
 }
 
 impl Stages {
+    /// The request's ONNX Runtime runs: the backbone's and the heads' (summed).
+    pub fn model_runs(&self) -> Duration {
+        Duration::from_secs_f64((self.backbone_ms + self.heads_ms) / 1e3)
+    }
+
     /// The median of every stage on its own (so the stages need not add up to `total_ms`).
     pub fn median(all: &[Stages]) -> Option<Stages> {
         if all.is_empty() {

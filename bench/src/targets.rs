@@ -42,11 +42,6 @@ pub struct WindowRows {
 /// Evaluates every target against `report`'s rows.
 pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64) -> Vec<Target> {
     let p50 = |name: &str| report.row(name).map(|r| r.p50_ms);
-    let model_p50 = |name: &str| {
-        report
-            .row(name)
-            .and_then(|r| median(r.turn_model_ms.clone()))
-    };
     let raw_best = report.best(RAW_DETECT);
     let detect_best = report.best(GRPC_DETECT);
     let raw_c1 = format!("{RAW_DETECT} c=1");
@@ -72,22 +67,7 @@ pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64)
             paired(report, GRPC_DETECT_C1, RAW_PHOTO_DETECT, minus),
             2.0,
             true,
-            format!(
-                "outside the model runs: {} ms; the runs: {} ms (p50s: {} ms in the server, {} \
-                 ms in process); whole-run p50s: {} ms; minus the sessions alone: {} ms, of \
-                 which the photo's decode, preprocess and post-processing in process: {} ms",
-                fmt(paired_outside_runs(
-                    report,
-                    GRPC_DETECT_C1,
-                    RAW_PHOTO_DETECT
-                )),
-                fmt(paired_runs(report, GRPC_DETECT_C1, RAW_PHOTO_DETECT)),
-                fmt(model_p50(GRPC_DETECT_C1)),
-                fmt(model_p50(RAW_PHOTO_DETECT)),
-                fmt(diff(p50(GRPC_DETECT_C1), p50(RAW_PHOTO_DETECT))),
-                fmt(paired(report, GRPC_DETECT_C1, &raw_c1, minus)),
-                fmt(paired(report, RAW_PHOTO_DETECT, &raw_c1, minus)),
-            ),
+            c1_note(report, &raw_c1),
         ),
         Target::new(
             "sharing: Analyze(det+seg) / Detect p50 at c=1",
@@ -254,6 +234,36 @@ fn paired_turns(report: &Report, a: &str, b: &str, value: fn(&Row) -> Vec<f64>) 
         return None;
     }
     median(a.iter().zip(&b).map(|(a, b)| a - b).collect())
+}
+
+/// The c=1 Detect target's note: the difference outside the model runs and in them, the
+/// whole-run p50s, and against the bare sessions when those ran (not with `--c1-detect-only`).
+fn c1_note(report: &Report, raw_c1: &str) -> String {
+    let minus = |a: f64, b: f64| Some(a - b);
+    let p50 = |name: &str| report.row(name).map(|r| r.p50_ms);
+    let model_p50 = |name: &str| {
+        report
+            .row(name)
+            .and_then(|r| median(r.turn_model_ms.clone()))
+    };
+    let (grpc, photo) = (GRPC_DETECT_C1, RAW_PHOTO_DETECT);
+    let mut note = format!(
+        "outside the model runs: {} ms; the runs: {} ms (p50s: {} ms in the server, {} ms in \
+         process); whole-run p50s: {} ms",
+        fmt(paired_outside_runs(report, grpc, photo)),
+        fmt(paired_runs(report, grpc, photo)),
+        fmt(model_p50(grpc)),
+        fmt(model_p50(photo)),
+        fmt(diff(p50(grpc), p50(photo))),
+    );
+    if let Some(bare) = paired(report, grpc, raw_c1, minus) {
+        note += &format!(
+            "; minus the sessions alone: {bare:.2} ms, of which the photo's decode, preprocess \
+             and post-processing in process: {} ms",
+            fmt(paired(report, photo, raw_c1, minus)),
+        );
+    }
+    note
 }
 
 fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
