@@ -36,12 +36,16 @@ struct Args {
     /// Smoke mode: the tiny model set and about a second per variant, to prove every variant runs.
     #[arg(long)]
     smoke: bool,
-    /// Measure only what the c=1 Detect target compares: the server's Detect and the Detect from
-    /// the photo's bytes in process, interleaved request by request for `--seconds` each. A run
-    /// of a few minutes pairs enough turns to tell differences of a fraction of a millisecond
-    /// that the full run's ~100 turns cannot.
+    /// Measure only the c=1 Detect target's pair (see `--c1-seconds`).
     #[arg(long)]
     c1_detect_only: bool,
+    /// Measured seconds per variant of the c=1 Detect target's pair: the server's Detect and the
+    /// Detect from the photo's bytes in process, interleaved request by request with each other
+    /// only (default 60, or 1 with --smoke). Their per-request difference varies by 10-20 ms
+    /// on a shared 2-core machine, so the ~500 turns of the default bound its median to about
+    /// +-0.6 ms, where the ~80 of the side-by-side variants' 10 seconds could not tell 2 ms.
+    #[arg(long)]
+    c1_seconds: Option<f64>,
     /// Model set directory (default: models/generated/swin-t, or tiny with --smoke).
     #[arg(long)]
     models: Option<PathBuf>,
@@ -149,23 +153,13 @@ async fn run() -> Result<()> {
         spinning: false,
         log: out_dir.join(format!("server-{phase}.log")),
     };
-    if args.c1_detect_only {
-        let server = spec(0, "c1");
-        c1_detect(
-            &args,
-            &models,
-            &inputs,
-            timing,
-            rounds,
-            &server,
-            &mut report,
-        )
-        .await?;
-        report.targets = targets::evaluate(&report, None, cache_bytes);
-        report.targets.retain(|t| t.pass.is_some());
-    } else {
-        let windows =
-            side_by_side(&args, &models, &inputs, timing, rounds, &spec, &mut report).await?;
+    let pair_timing = Timing {
+        seconds: secs(c1_seconds(&args)),
+        ..timing
+    };
+    let mut windows = None;
+    if !args.c1_detect_only {
+        windows = side_by_side(&args, &models, &inputs, timing, rounds, &spec, &mut report).await?;
         cached(
             &inputs,
             timing,
@@ -174,7 +168,21 @@ async fn run() -> Result<()> {
             &mut report,
         )
         .await?;
-        report.targets = targets::evaluate(&report, windows.as_ref(), cache_bytes);
+    }
+    let pair = spec(0, "c1");
+    c1_detect(
+        &args,
+        &models,
+        &inputs,
+        pair_timing,
+        rounds,
+        &pair,
+        &mut report,
+    )
+    .await?;
+    report.targets = targets::evaluate(&report, windows.as_ref(), cache_bytes);
+    if args.c1_detect_only {
+        report.targets.retain(|t| t.pass.is_some());
     }
     report.wall_seconds = started.elapsed().as_secs_f64();
     report.print();
@@ -186,6 +194,11 @@ async fn run() -> Result<()> {
 fn cache_bytes(args: &Args) -> u64 {
     args.cache_bytes
         .unwrap_or(if args.smoke { 4 << 20 } else { 256 << 20 })
+}
+
+fn c1_seconds(args: &Args) -> f64 {
+    args.c1_seconds
+        .unwrap_or(if args.smoke { 1.0 } else { 60.0 })
 }
 
 fn secs(s: f64) -> Duration {
@@ -229,6 +242,7 @@ fn settings(args: &Args, models: &Path, timing: Timing) -> serde_json::Value {
     serde_json::json!({
         "models": models.display().to_string(),
         "c1_detect_only": args.c1_detect_only,
+        "c1_seconds_per_variant": c1_seconds(args),
         "photo": args.photo.display().to_string(),
         "clip_photo": args.clip_photo.display().to_string(),
         "intra_threads": args.intra_threads,
@@ -389,7 +403,7 @@ fn in_process<'a>(
         let name = format!("{RAW_DETECT} c={threads}");
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
-    variants.push(photo_detect(set, inputs)?);
+    variants.push(photo_detect(set, inputs, RAW_PHOTO_DETECT)?);
     let mut shared = set.shared(&["detection", "segmentation"])?;
     variants.push(
         raw::variant(
@@ -422,15 +436,20 @@ fn in_process<'a>(
     Ok(variants)
 }
 
-/// The Detect from the photo's bytes in process, interleaved with the other c=1 variants.
-fn photo_detect<'a>(set: &raw::Models, inputs: &'a Inputs) -> Result<rounds::Variant<'a>> {
+/// The Detect from the photo's bytes in process, as the row `name`, interleaved with the other
+/// c=1 variants.
+fn photo_detect<'a>(
+    set: &raw::Models,
+    inputs: &'a Inputs,
+    name: &str,
+) -> Result<rounds::Variant<'a>> {
     let mut detect = set.photo_detect("detection", &inputs.photo)?;
     let run = move || detect.run();
-    Ok(raw::variant(RAW_PHOTO_DETECT.into(), "raw", 1, vec![run]).interleaved())
+    Ok(raw::variant(name.into(), "raw", 1, vec![run]).interleaved())
 }
 
-/// The server's Detect and the in-process Detect from the photo's bytes, interleaved (see
-/// `--c1-detect-only`).
+/// The c=1 Detect target's pair: the server's Detect and the in-process Detect from the photo's
+/// bytes, interleaved with each other only (see `--c1-seconds`), on a server of its own.
 async fn c1_detect(
     args: &Args,
     models: &Path,
@@ -446,8 +465,8 @@ async fn c1_detect(
     let image = image_from_bytes(inputs.photo.encoded.clone());
     let set = raw::Models::new(models, args.intra_threads)?;
     let variants = vec![
-        photo_detect(&set, inputs)?,
-        grpc::variant(&server, GRPC_DETECT_C1.into(), 1, 1, move |_| {
+        photo_detect(&set, inputs, RAW_PHOTO_DETECT_PAIR)?,
+        grpc::variant(&server, GRPC_DETECT_PAIR.into(), 1, 1, move |_| {
             grpc::detect(client.clone(), image.clone())
         })
         .interleaved(),

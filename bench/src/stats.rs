@@ -160,6 +160,32 @@ pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.get(values.len().checked_sub(1)? / 2).copied()
 }
 
+/// Resamplings behind [`median_interval`].
+const RESAMPLINGS: usize = 2000;
+
+/// The 95% bootstrap interval of the median of `values`: the 2.5th and 97.5th percentiles of
+/// the medians of [`RESAMPLINGS`] resamplings with replacement (a fixed seed, so that a report
+/// can be reproduced from its JSON); `None` when empty.
+pub fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut rng = fastrand::Rng::with_seed(0x6d65_6469_616e);
+    let mut resample = vec![0.0; values.len()];
+    let mut medians: Vec<f64> = (0..RESAMPLINGS)
+        .map(|_| {
+            for v in &mut resample {
+                *v = values[rng.usize(..values.len())];
+            }
+            let mid = (resample.len() - 1) / 2;
+            *resample.select_nth_unstable_by(mid, f64::total_cmp).1
+        })
+        .collect();
+    medians.sort_unstable_by(f64::total_cmp);
+    let at = |q: f64| medians[((q * RESAMPLINGS as f64) as usize).min(RESAMPLINGS - 1)];
+    Some((at(0.025), at(0.975)))
+}
+
 /// The p50 of `latencies`, in milliseconds.
 pub fn p50(latencies: &[Duration]) -> f64 {
     let mut sorted = latencies.to_vec();
@@ -191,6 +217,30 @@ mod tests {
         assert_eq!(percentile(&sorted, 0.99), 10.0);
         assert_eq!(percentile(&sorted, 0.0), 1.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn the_median_interval_narrows_with_more_values_and_holds_the_median() {
+        // Noisy values around 2: one in three is far off, as a model run on a busy machine is.
+        let noisy = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| match i % 3 {
+                    0 => 2.0 + (i % 7) as f64 * 0.1,
+                    1 => 2.0 - (i % 5) as f64 * 0.1,
+                    _ => 2.0 + (i % 11) as f64 * 5.0 - 25.0,
+                })
+                .collect()
+        };
+        let (few, many) = (noisy(60), noisy(1200));
+        let (lo_few, hi_few) = median_interval(&few).expect("an interval");
+        let (lo_many, hi_many) = median_interval(&many).expect("an interval");
+        for (lo, hi, values) in [(lo_few, hi_few, &few), (lo_many, hi_many, &many)] {
+            let m = median(values.clone()).expect("a median");
+            assert!(lo <= m && m <= hi, "{lo} <= {m} <= {hi}");
+        }
+        assert!(hi_many - lo_many < hi_few - lo_few);
+        assert_eq!(median_interval(&[3.0; 10]), Some((3.0, 3.0)));
+        assert_eq!(median_interval(&[]), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! machines of the same shape.
 
 use crate::report::{Report, Target};
-use crate::stats::{Row, median};
+use crate::stats::{Row, median, median_interval};
 
 /// Variant names shared by the runner and the targets.
 pub mod names {
@@ -14,6 +14,10 @@ pub mod names {
     pub const RAW_FRAMES: &str = "raw backbone on the clip's frames";
     pub const GRPC_DETECT: &str = "grpc Detect";
     pub const GRPC_DETECT_C1: &str = "grpc Detect c=1";
+    /// The c=1 Detect target's pair: the server's Detect and the Detect from the photo's bytes
+    /// in process, interleaved with each other only, for many turns.
+    pub const GRPC_DETECT_PAIR: &str = "grpc Detect c=1 (pair)";
+    pub const RAW_PHOTO_DETECT_PAIR: &str = "raw Detect from the photo's bytes c=1 (pair)";
     /// Rows of a server started with `--feature-placement host`.
     pub const GRPC_HOST: &str = "grpc, features on host,";
     /// Rows of a server started with `--intra-op-spinning`.
@@ -64,7 +68,7 @@ pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64)
         ),
         Target::new(
             "serving: Detect p50 at c=1 minus raw from the photo (ms)",
-            paired(report, GRPC_DETECT_C1, RAW_PHOTO_DETECT, minus),
+            paired(report, GRPC_DETECT_PAIR, RAW_PHOTO_DETECT_PAIR, minus),
             2.0,
             true,
             c1_note(report, &raw_c1),
@@ -236,8 +240,10 @@ fn paired_turns(report: &Report, a: &str, b: &str, value: fn(&Row) -> Vec<f64>) 
     median(a.iter().zip(&b).map(|(a, b)| a - b).collect())
 }
 
-/// The c=1 Detect target's note: the difference outside the model runs and in them, the
-/// whole-run p50s, and against the bare sessions when those ran (not with `--c1-detect-only`).
+/// The c=1 Detect target's note, on its pair: the 95% interval of the median and the turns it
+/// comes from, the difference outside the model runs and in them, the whole-run p50s; then the
+/// same difference in the side-by-side turns and against the bare sessions, when those ran (not
+/// with `--c1-detect-only`).
 fn c1_note(report: &Report, raw_c1: &str) -> String {
     let minus = |a: f64, b: f64| Some(a - b);
     let p50 = |name: &str| report.row(name).map(|r| r.p50_ms);
@@ -246,24 +252,42 @@ fn c1_note(report: &Report, raw_c1: &str) -> String {
             .row(name)
             .and_then(|r| median(r.turn_model_ms.clone()))
     };
-    let (grpc, photo) = (GRPC_DETECT_C1, RAW_PHOTO_DETECT);
+    let (grpc, photo) = (GRPC_DETECT_PAIR, RAW_PHOTO_DETECT_PAIR);
+    let turns = turn_differences(report, grpc, photo).unwrap_or_default();
+    let interval = median_interval(&turns)
+        .map_or_else(|| "-".into(), |(lo, hi)| format!("{lo:.2} to {hi:.2}"));
     let mut note = format!(
-        "outside the model runs: {} ms; the runs: {} ms (p50s: {} ms in the server, {} ms in \
-         process); whole-run p50s: {} ms",
+        "95% interval {interval} ms over {} turns; outside the model runs: {} ms; the runs: {} \
+         ms (p50s: {} ms in the server, {} ms in process); whole-run p50s: {} ms",
+        turns.len(),
         fmt(paired_outside_runs(report, grpc, photo)),
         fmt(paired_runs(report, grpc, photo)),
         fmt(model_p50(grpc)),
         fmt(model_p50(photo)),
         fmt(diff(p50(grpc), p50(photo))),
     );
-    if let Some(bare) = paired(report, grpc, raw_c1, minus) {
+    if let Some(side_by_side) = paired(report, GRPC_DETECT_C1, RAW_PHOTO_DETECT, minus) {
         note += &format!(
-            "; minus the sessions alone: {bare:.2} ms, of which the photo's decode, preprocess \
-             and post-processing in process: {} ms",
-            fmt(paired(report, photo, raw_c1, minus)),
+            "; in the side-by-side turns: {side_by_side:.2} ms, minus the sessions alone: {} \
+             ms, of which the photo's decode, preprocess and post-processing in process: {} ms",
+            fmt(paired(report, GRPC_DETECT_C1, raw_c1, minus)),
+            fmt(paired(report, RAW_PHOTO_DETECT, raw_c1, minus)),
         );
     }
     note
+}
+
+/// `a`'s latency minus `b`'s, turn by turn, of two interleaved rows; `None` unless both have
+/// the same turns.
+fn turn_differences(report: &Report, a: &str, b: &str) -> Option<Vec<f64>> {
+    let (a, b) = (report.row(a)?, report.row(b)?);
+    (!a.turn_ms.is_empty() && a.turn_ms.len() == b.turn_ms.len()).then(|| {
+        a.turn_ms
+            .iter()
+            .zip(&b.turn_ms)
+            .map(|(a, b)| a - b)
+            .collect()
+    })
 }
 
 fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -337,5 +361,38 @@ mod tests {
         assert_eq!(paired_outside_runs(&report, "a", "no runs"), None);
         assert_eq!(paired_outside_runs(&report, "a", "short"), None);
         assert_eq!(paired_outside_runs(&report, "a", "missing"), None);
+    }
+
+    #[test]
+    fn the_c1_target_is_held_against_its_pair_and_states_its_interval() {
+        // The pair differs by 1-2 ms per turn; the side-by-side rows, with fewer turns, by 4-5.
+        let grpc: Vec<f64> = (0..40).map(|i| 100.0 + f64::from(i % 5) + 1.0).collect();
+        let photo: Vec<f64> = (0..40)
+            .map(|i| 100.0 + f64::from(i % 5) - (i % 2) as f64)
+            .collect();
+        let report = report(vec![
+            row(GRPC_DETECT_PAIR, 0.0, &grpc),
+            row(RAW_PHOTO_DETECT_PAIR, 0.0, &photo),
+            row(GRPC_DETECT_C1, 0.0, &[105.0, 104.0, 110.0]),
+            row(RAW_PHOTO_DETECT, 0.0, &[100.0, 100.0, 105.0]),
+        ]);
+        let targets = evaluate(&report, None, 0);
+        let c1 = targets
+            .iter()
+            .find(|t| t.name.contains("c=1 minus raw"))
+            .expect("the c=1 target");
+        assert_eq!(c1.value, Some(1.0));
+        assert_eq!(c1.pass, Some(true));
+        assert!(
+            c1.note
+                .starts_with("95% interval 1.00 to 2.00 ms over 40 turns"),
+            "{}",
+            c1.note
+        );
+        assert!(
+            c1.note.contains("in the side-by-side turns: 5.00 ms"),
+            "{}",
+            c1.note
+        );
     }
 }
