@@ -106,8 +106,9 @@ struct Inputs {
 }
 
 fn main() -> Result<()> {
-    // The in-process sessions load ONNX Runtime here too.
+    // The in-process sessions load ONNX Runtime here too, and allocate as the server does.
     polyhead_server::engine::disable_runtime_telemetry();
+    polyhead_server::heap::limit_arenas(polyhead_server::heap::DEFAULT_ARENAS);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

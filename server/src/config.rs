@@ -79,6 +79,13 @@ pub struct Config {
     #[arg(long, env = "POLYHEAD_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
 
+    /// glibc malloc arenas the server's threads share (0: glibc's default, eight per core).
+    /// Each arena keeps the memory freed into it; requests are decoded on whichever thread
+    /// serves them, so more arenas hold more idle decoding buffers. Set at start-up, before any
+    /// thread.
+    #[arg(long, env = "POLYHEAD_MALLOC_ARENAS", default_value_t = crate::heap::DEFAULT_ARENAS)]
+    pub malloc_arenas: u32,
+
     /// Log output format.
     #[arg(long, env = "POLYHEAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

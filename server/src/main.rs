@@ -5,19 +5,6 @@ use polyhead_server::telemetry::Telemetry;
 
 fn main() -> std::process::ExitCode {
     polyhead_server::engine::disable_runtime_telemetry();
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime.block_on(run()),
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run() -> std::process::ExitCode {
     let config = match polyhead_server::config_layers::parse(std::env::args_os()) {
         Ok(config) => config,
         Err(e) => e.exit(),
@@ -26,6 +13,21 @@ async fn run() -> std::process::ExitCode {
         print!("{}", polyhead_server::config_layers::render(&config));
         return std::process::ExitCode::SUCCESS;
     }
+    // Before the runtime starts its threads, so that the cap holds for all of them.
+    let arenas_capped = polyhead_server::heap::limit_arenas(config.malloc_arenas);
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run(config, arenas_capped)),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, arenas_capped: bool) -> std::process::ExitCode {
     let telemetry = match Telemetry::init(&config.telemetry, config.log_format).await {
         Ok(telemetry) => telemetry,
         Err(e) => {
@@ -33,6 +35,11 @@ async fn run() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    tracing::debug!(
+        arenas = config.malloc_arenas,
+        capped = arenas_capped,
+        "malloc arenas"
+    );
     if let Err(e) = config.validate() {
         tracing::error!("invalid configuration: {e}");
         return std::process::ExitCode::from(2);
