@@ -42,8 +42,9 @@ struct Args {
     /// Measured seconds per variant of the c=1 Detect target's pair: the server's Detect and the
     /// Detect from the photo's bytes in process, interleaved request by request with each other
     /// only (default 60, or 1 with --smoke). Their per-request difference varies by 10-20 ms
-    /// on a shared 2-core machine, so the ~500 turns of the default bound its median to about
-    /// +-0.6 ms, where the ~80 of the side-by-side variants' 10 seconds could not tell 2 ms.
+    /// on a shared 2-core machine, so the ~500 turns of the default bound its median to within
+    /// +-0.4-0.8 ms (95%), where the ~80 of the side-by-side variants' 10 seconds could not
+    /// tell 2 ms.
     #[arg(long)]
     c1_seconds: Option<f64>,
     /// Model set directory (default: models/generated/swin-t, or tiny with --smoke).
