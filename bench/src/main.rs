@@ -56,7 +56,8 @@ struct Args {
     /// The photo the clips are made from (a window panning across it).
     #[arg(long, default_value = ".cache/testdata/coffee.png")]
     clip_photo: PathBuf,
-    /// Measured seconds per variant (default 10, or 1 with --smoke).
+    /// Measured seconds per variant of the side-by-side and cache phases (default 10, or 1 with
+    /// --smoke); the c=1 Detect target's pair takes `--c1-seconds`.
     #[arg(long)]
     seconds: Option<f64>,
     /// Warm-up seconds before each variant (default 2, or 0.3 with --smoke).
