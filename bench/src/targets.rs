@@ -211,33 +211,41 @@ fn paired(report: &Report, a: &str, b: &str, f: impl Fn(f64, f64) -> Option<f64>
 /// A server's runs as it reports them include binding their inputs and outputs. `None` without
 /// the runs of every turn.
 fn paired_outside_runs(report: &Report, a: &str, b: &str) -> Option<f64> {
-    paired_turns(report, a, b, |row| {
-        row.turn_ms
-            .iter()
-            .zip(&row.turn_model_ms)
-            .map(|(latency, runs)| latency - runs)
-            .collect()
-    })
+    median(turn_differences(report, a, b, outside_runs)?)
 }
 
 /// How much longer `a`'s model runs took than `b`'s, the median over their turns.
 fn paired_runs(report: &Report, a: &str, b: &str) -> Option<f64> {
-    paired_turns(report, a, b, |row| row.turn_model_ms.clone())
+    median(turn_differences(report, a, b, model_runs)?)
 }
 
-/// The median over the turns of two interleaved rows of `value(a) - value(b)`, `value` giving a
-/// row's figure per turn; `None` unless both rows have their runs for every turn.
-fn paired_turns(report: &Report, a: &str, b: &str, value: fn(&Row) -> Vec<f64>) -> Option<f64> {
-    let per_turn = |name: &str| {
-        let row = report.row(name)?;
-        (!row.turn_ms.is_empty() && row.turn_model_ms.len() == row.turn_ms.len())
-            .then(|| value(row))
-    };
-    let (a, b) = (per_turn(a)?, per_turn(b)?);
-    if a.len() != b.len() {
-        return None;
-    }
-    median(a.iter().zip(&b).map(|(a, b)| a - b).collect())
+/// `value(a) - value(b)`, turn by turn, of two interleaved rows, `value` giving a row's figure
+/// per turn (`None` when the row lacks it); `None` unless both rows have the same turns.
+fn turn_differences(
+    report: &Report,
+    a: &str,
+    b: &str,
+    value: fn(&Row) -> Option<Vec<f64>>,
+) -> Option<Vec<f64>> {
+    let (a, b) = (value(report.row(a)?)?, value(report.row(b)?)?);
+    (!a.is_empty() && a.len() == b.len()).then(|| a.iter().zip(&b).map(|(a, b)| a - b).collect())
+}
+
+/// A row's latency per turn.
+fn latencies(row: &Row) -> Option<Vec<f64>> {
+    Some(row.turn_ms.clone())
+}
+
+/// A row's time in ONNX Runtime runs per turn; `None` unless known for every turn.
+fn model_runs(row: &Row) -> Option<Vec<f64>> {
+    (row.turn_model_ms.len() == row.turn_ms.len()).then(|| row.turn_model_ms.clone())
+}
+
+/// A row's latency outside its ONNX Runtime runs per turn; `None` unless its runs are known for
+/// every turn.
+fn outside_runs(row: &Row) -> Option<Vec<f64>> {
+    let runs = model_runs(row)?;
+    Some(row.turn_ms.iter().zip(&runs).map(|(l, r)| l - r).collect())
 }
 
 /// The c=1 Detect target's note, on its pair: the 95% interval of the median and the turns it
@@ -253,7 +261,7 @@ fn c1_note(report: &Report, raw_c1: &str) -> String {
             .and_then(|r| median(r.turn_model_ms.clone()))
     };
     let (grpc, photo) = (GRPC_DETECT_PAIR, RAW_PHOTO_DETECT_PAIR);
-    let turns = turn_differences(report, grpc, photo).unwrap_or_default();
+    let turns = turn_differences(report, grpc, photo, latencies).unwrap_or_default();
     let interval = median_interval(&turns)
         .map_or_else(|| "-".into(), |(lo, hi)| format!("{lo:.2} to {hi:.2}"));
     let mut note = format!(
@@ -275,19 +283,6 @@ fn c1_note(report: &Report, raw_c1: &str) -> String {
         );
     }
     note
-}
-
-/// `a`'s latency minus `b`'s, turn by turn, of two interleaved rows; `None` unless both have
-/// the same turns.
-fn turn_differences(report: &Report, a: &str, b: &str) -> Option<Vec<f64>> {
-    let (a, b) = (report.row(a)?, report.row(b)?);
-    (!a.turn_ms.is_empty() && a.turn_ms.len() == b.turn_ms.len()).then(|| {
-        a.turn_ms
-            .iter()
-            .zip(&b.turn_ms)
-            .map(|(a, b)| a - b)
-            .collect()
-    })
 }
 
 fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
