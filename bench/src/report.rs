@@ -64,11 +64,17 @@ impl Report {
         self.rows.iter().find(|r| r.variant == variant)
     }
 
-    /// The row with the most requests/s among those whose name starts with `prefix`.
-    pub fn best(&self, prefix: &str) -> Option<&Row> {
+    /// The row with the most requests/s among the concurrency levels of `variant`: the rows
+    /// named `<variant> c=<level>` (not the c=1 pair's, whose name goes on after the level).
+    pub fn best(&self, variant: &str) -> Option<&Row> {
         self.rows
             .iter()
-            .filter(|r| r.variant.starts_with(prefix))
+            .filter(|r| {
+                r.variant
+                    .strip_prefix(variant)
+                    .and_then(|rest| rest.strip_prefix(" c="))
+                    .is_some_and(|level| level.parse::<usize>().is_ok())
+            })
             .max_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s))
     }
 

@@ -359,6 +359,34 @@ mod tests {
     }
 
     #[test]
+    fn saturation_takes_the_best_concurrency_level_never_the_c1_pair() {
+        let rate = |name: &str, requests_per_s: f64| {
+            let mut row = row(name, 0.0, &[]);
+            row.requests_per_s = requests_per_s;
+            row
+        };
+        // The pair ran at c=1 with nothing else on the machine: faster than any level here.
+        let report = report(vec![
+            rate(&format!("{RAW_DETECT} c=1"), 8.0),
+            rate(&format!("{RAW_DETECT} c=2"), 10.0),
+            rate(&format!("{GRPC_DETECT} c=1"), 7.0),
+            rate(&format!("{GRPC_DETECT} c=4"), 9.0),
+            rate(GRPC_DETECT_PAIR, 12.0),
+            rate(RAW_PHOTO_DETECT_PAIR, 12.5),
+        ]);
+        let targets = evaluate(&report, None, 0);
+        let saturation = targets
+            .iter()
+            .find(|t| t.name.contains("at saturation / raw"))
+            .expect("the saturation target");
+        assert_eq!(saturation.value, Some(0.9));
+        assert_eq!(
+            saturation.note,
+            format!("best: {GRPC_DETECT} c=4 vs {RAW_DETECT} c=2")
+        );
+    }
+
+    #[test]
     fn the_c1_target_is_held_against_its_pair_and_states_its_interval() {
         // The pair differs by 1-2 ms per turn; the side-by-side rows, with fewer turns, by 4-5.
         let grpc: Vec<f64> = (0..40).map(|i| 100.0 + f64::from(i % 5) + 1.0).collect();
