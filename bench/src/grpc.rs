@@ -95,6 +95,44 @@ where
     }
 }
 
+/// A gRPC variant at concurrency 1 over several servers, interleaved with the other c=1
+/// variants: turn `t` calls server `t % servers.len()` (`call(server, n)`), so that the row is
+/// not one server process's draw. A warm-up warms every server.
+pub fn rotating<'a, F, Fut>(servers: &'a [Server], name: String, call: F) -> Variant<'a>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<v1::Timings>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut turn = 0;
+    Variant {
+        name,
+        kind: "grpc",
+        concurrency: 1,
+        interleaved: true,
+        run: Box::new(move |timing| {
+            let warm_all = !timing.warmup.is_zero();
+            let chosen: Vec<usize> = if warm_all {
+                (0..servers.len()).collect()
+            } else {
+                turn += 1;
+                vec![(turn - 1) % servers.len().max(1)]
+            };
+            let (call, counter) = (Arc::clone(&call), Arc::clone(&counter));
+            Box::pin(async move {
+                let mut part = Err(anyhow!("no server to call"));
+                for i in chosen {
+                    let call = Arc::clone(&call);
+                    let on_server = Arc::new(move |n| call(i, n));
+                    part = Ok(slice(&servers[i], &on_server, &counter, 1, 1, timing).await?);
+                }
+                part
+            })
+        }),
+    }
+}
+
 async fn slice<F, Fut>(
     server: &Server,
     call: &Arc<F>,

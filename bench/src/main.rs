@@ -47,6 +47,13 @@ struct Args {
     /// tell 2 ms.
     #[arg(long)]
     c1_seconds: Option<f64>,
+    /// Processes each side of the c=1 Detect target's pair is spread over, turn by turn: fresh
+    /// servers, and fresh processes of the in-process Detect, started together (default 3, or 2
+    /// with --smoke). How one process's weights and buffers land in memory moves its model runs
+    /// by up to ~2 ms on a 2-core machine, as much as the target allows: one process of each
+    /// would measure that draw.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    c1_processes: Option<u32>,
     /// Model set directory (default: models/generated/swin-t, or tiny with --smoke).
     #[arg(long)]
     models: Option<PathBuf>,
@@ -97,6 +104,9 @@ struct Args {
     /// The server binary (default: polyhead-server next to this executable).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Serve the c=1 pair's in-process Detect for the benchmark that started this process.
+    #[arg(long = "photo-detect-process", hide = true)]
+    photo_detect_process: bool,
 }
 
 /// Everything the variants share.
@@ -111,19 +121,22 @@ fn main() -> Result<()> {
     // The in-process sessions load ONNX Runtime here too, and allocate as the server does.
     polyhead_server::engine::disable_runtime_telemetry();
     polyhead_server::heap::limit_arenas(polyhead_server::heap::DEFAULT_ARENAS);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
-}
-
-async fn run() -> Result<()> {
     let args = Args::parse();
-    let started = Instant::now();
     let models = args.models.clone().unwrap_or_else(|| {
         let preset = if args.smoke { "tiny" } else { "swin-t" };
         PathBuf::from("models/generated").join(preset)
     });
+    if args.photo_detect_process {
+        return raw::serve_photo_detect(&models, &args.photo, args.intra_threads);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args, models))
+}
+
+async fn run(args: Args, models: PathBuf) -> Result<()> {
+    let started = Instant::now();
     let timing = Timing {
         warmup: secs(args.warmup.unwrap_or(if args.smoke { 0.3 } else { 2.0 })),
         seconds: secs(args.seconds.unwrap_or(if args.smoke { 1.0 } else { 10.0 })),
@@ -144,6 +157,7 @@ async fn run() -> Result<()> {
         targets: Vec::new(),
         unavailable: Vec::new(),
         wall_seconds: 0.0,
+        pair_processes: 1,
     };
     let rounds = args.rounds.unwrap_or(if args.smoke { 2 } else { 5 });
     let cache_bytes = cache_bytes(&args);
@@ -204,6 +218,10 @@ fn c1_seconds(args: &Args) -> f64 {
         .unwrap_or(if args.smoke { 1.0 } else { 60.0 })
 }
 
+fn c1_processes(args: &Args) -> usize {
+    args.c1_processes.unwrap_or(if args.smoke { 2 } else { 3 }) as usize
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -246,6 +264,7 @@ fn settings(args: &Args, models: &Path, timing: Timing) -> serde_json::Value {
         "models": models.display().to_string(),
         "c1_detect_only": args.c1_detect_only,
         "c1_seconds_per_variant": c1_seconds(args),
+        "c1_processes": c1_processes(args),
         "photo": args.photo.display().to_string(),
         "clip_photo": args.clip_photo.display().to_string(),
         "intra_threads": args.intra_threads,
@@ -452,7 +471,8 @@ fn photo_detect<'a>(
 }
 
 /// The c=1 Detect target's pair: the server's Detect and the in-process Detect from the photo's
-/// bytes, interleaved with each other only (see `--c1-seconds`), on a server of its own.
+/// bytes, interleaved with each other only (see `--c1-seconds`), each side spread over
+/// `--c1-processes` fresh processes of its own (see `--c1-processes`).
 async fn c1_detect(
     args: &Args,
     models: &Path,
@@ -462,23 +482,42 @@ async fn c1_detect(
     spec: &ServerSpec,
     report: &mut Report,
 ) -> Result<()> {
-    eprintln!("bench: starting the server (cache off)");
-    let server = Server::start(spec).await?;
-    let client = grpc::connect(&server).await?;
+    let count = c1_processes(args);
+    let mut servers = Vec::with_capacity(count);
+    let mut clients = Vec::with_capacity(count);
+    let mut processes = Vec::with_capacity(count);
+    for i in 0..count {
+        eprintln!(
+            "bench: starting server {} of {count} (cache off) and its in-process Detect's process",
+            i + 1
+        );
+        let spec = ServerSpec {
+            log: spec.log.with_extension(format!("{}.log", i + 1)),
+            ..spec.clone()
+        };
+        let server = Server::start(&spec).await?;
+        clients.push(grpc::connect(&server).await?);
+        servers.push(server);
+        processes.push(raw::DetectProcess::start(
+            models,
+            &args.photo,
+            args.intra_threads,
+        )?);
+    }
     let image = image_from_bytes(inputs.photo.encoded.clone());
-    let set = raw::Models::new(models, args.intra_threads)?;
     let variants = vec![
-        photo_detect(&set, inputs, RAW_PHOTO_DETECT_PAIR)?,
-        grpc::variant(&server, GRPC_DETECT_PAIR.into(), 1, 1, move |_| {
-            grpc::detect(client.clone(), image.clone())
-        })
-        .interleaved(),
+        raw::rotating_variant(processes, RAW_PHOTO_DETECT_PAIR.into()),
+        grpc::rotating(&servers, GRPC_DETECT_PAIR.into(), move |i, _| {
+            grpc::detect(clients[i].clone(), image.clone())
+        }),
     ];
-    report
-        .rows
-        .extend(rounds::measure_all(variants, timing, rounds).await?);
-    drop(set);
-    server.stop().await
+    let rows = rounds::measure_all(variants, timing, rounds).await?;
+    report.rows.extend(rows);
+    report.pair_processes = count;
+    for server in servers {
+        server.stop().await?;
+    }
+    Ok(())
 }
 
 /// Detect at concurrency 1 and at every `--concurrency` level, variants named `<name> c=<level>`.

@@ -6,7 +6,9 @@
 //! starts from the photo's encoded bytes and does every step the server's Detect does, with the
 //! server's own functions, in this process: the limit for the server on a photo.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -334,4 +336,227 @@ fn timed_loop(
         samples.reported_passes += 1;
     }
     Ok((samples, end))
+}
+
+/// The flag that makes `polyhead-bench` serve [`DetectProcess`]'s requests (see
+/// [`serve_photo_detect`]) instead of benchmarking.
+pub const DETECT_PROCESS_FLAG: &str = "--photo-detect-process";
+
+/// The Detect from the photo's bytes ([`PhotoDetect`]) in a fresh process of its own, started
+/// with the server it is compared with: both sides' weights and buffers are then allocated at
+/// the same time, in processes with no history, rather than one of them in a benchmark process
+/// whose heap went through every earlier phase. Its slices are timed in that process, as the
+/// in-process variants' are (the pipe that carries them is not timed).
+pub struct DetectProcess {
+    child: Child,
+    /// Closed on drop, which ends the process.
+    requests: Option<ChildStdin>,
+    replies: BufReader<ChildStdout>,
+}
+
+impl DetectProcess {
+    /// Starts this executable as a [`DetectProcess`] on the model set `models` and the photo at
+    /// `photo`, with `intra_threads` per session; answers once its sessions are loaded.
+    pub fn start(models: &Path, photo: &Path, intra_threads: usize) -> Result<Self> {
+        let exe = std::env::current_exe().context("this executable's path")?;
+        let mut child = Command::new(exe)
+            .arg(DETECT_PROCESS_FLAG)
+            .arg("--models")
+            .arg(models)
+            .arg("--photo")
+            .arg(photo)
+            .arg("--intra-threads")
+            .arg(intra_threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start the in-process Detect's process")?;
+        let (Some(requests), Some(replies)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(anyhow!("the in-process Detect's process has no pipes"));
+        };
+        let mut process = Self {
+            child,
+            requests: Some(requests),
+            replies: BufReader::new(replies),
+        };
+        let ready = process.reply()?;
+        if ready != "ready" {
+            return Err(anyhow!("the in-process Detect's process said {ready:?}"));
+        }
+        Ok(process)
+    }
+
+    /// One slice: `timing.warmup` of Detects, then Detects for `timing.seconds` (at least one).
+    pub fn slice(&mut self, timing: Timing) -> Result<Samples> {
+        let requests = self
+            .requests
+            .as_mut()
+            .ok_or_else(|| anyhow!("the in-process Detect's process is closed"))?;
+        writeln!(
+            requests,
+            "{} {}",
+            timing.warmup.as_nanos(),
+            timing.seconds.as_nanos()
+        )?;
+        requests.flush()?;
+        decode_samples(&self.reply()?)
+    }
+
+    fn reply(&mut self) -> Result<String> {
+        let mut line = String::new();
+        if self.replies.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            return Err(anyhow!("the in-process Detect's process ended: {status}"));
+        }
+        Ok(line.trim_end().to_string())
+    }
+}
+
+/// Processes of the in-process Detect as one variant, interleaved with the other c=1 variants:
+/// turn `t` runs on process `t % processes.len()`, so that the row is not one process's draw
+/// (how its weights and buffers landed in memory moves its runs by a millisecond or two). A
+/// warm-up warms every process.
+pub fn rotating_variant<'a>(mut processes: Vec<DetectProcess>, name: String) -> Variant<'a> {
+    let mut turn = 0;
+    Variant {
+        name,
+        kind: "raw",
+        concurrency: 1,
+        interleaved: true,
+        run: Box::new(move |timing| {
+            let samples = tokio::task::block_in_place(|| {
+                if !timing.warmup.is_zero() {
+                    let mut warmed = Err(anyhow!("no in-process Detect's process"));
+                    for process in &mut processes {
+                        warmed = Ok(process.slice(timing)?);
+                    }
+                    return warmed;
+                }
+                let count = processes.len().max(1);
+                let process = processes
+                    .get_mut(turn % count)
+                    .ok_or_else(|| anyhow!("no in-process Detect's process"))?;
+                turn += 1;
+                process.slice(timing)
+            });
+            Box::pin(std::future::ready(samples.map(|samples| Part {
+                samples,
+                server_passes: None,
+            })))
+        }),
+    }
+}
+
+impl Drop for DetectProcess {
+    /// Closing its requests ends the process; it is waited for, so that it is gone before the
+    /// next phase starts.
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves a [`DetectProcess`]'s requests from standard input, one per line (`<warm-up ns>
+/// <seconds ns>`), each answered with its slice's samples on one line of standard output, until
+/// standard input closes. `ready` first, once the sessions are loaded.
+pub fn serve_photo_detect(models: &Path, photo: &Path, intra_threads: usize) -> Result<()> {
+    let spec = media::preprocess_spec(models)?;
+    let photo = media::photo(photo, &spec)?;
+    let set = Models::new(models, intra_threads)?;
+    let mut detect = set.photo_detect("detection", &photo)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let mut numbers = line.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(warmup)), Some(Ok(seconds)), None) =
+            (numbers.next(), numbers.next(), numbers.next())
+        else {
+            return Err(anyhow!(
+                "a request is two numbers of nanoseconds, not {line:?}"
+            ));
+        };
+        let timing = Timing {
+            warmup: Duration::from_nanos(warmup),
+            seconds: Duration::from_nanos(seconds),
+        };
+        let samples = run_threads(&mut [|| detect.run()], timing, 1)?;
+        writeln!(out, "{}", encode_samples(&samples))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// A slice's samples on one line: the wall time, then each request's latency and model runs, in
+/// nanoseconds.
+fn encode_samples(samples: &Samples) -> String {
+    let nanos = |all: &[Duration]| {
+        all.iter()
+            .map(|d| d.as_nanos().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
+        "{} {} {}",
+        samples.wall.as_nanos(),
+        nanos(&samples.latencies),
+        nanos(&samples.model_runs)
+    )
+}
+
+fn decode_samples(line: &str) -> Result<Samples> {
+    let bad = || anyhow!("the in-process Detect's process answered {line:?}");
+    let nanos = |field: Option<&str>| -> Result<Vec<Duration>> {
+        field
+            .ok_or_else(bad)?
+            .split(',')
+            .map(|n| n.parse().map(Duration::from_nanos).map_err(|_| bad()))
+            .collect()
+    };
+    let mut fields = line.split(' ');
+    let wall = fields
+        .next()
+        .and_then(|n| n.parse().ok())
+        .map(Duration::from_nanos)
+        .ok_or_else(bad)?;
+    let latencies = nanos(fields.next())?;
+    let model_runs = nanos(fields.next())?;
+    if latencies.len() != model_runs.len() || fields.next().is_some() {
+        return Err(bad());
+    }
+    Ok(Samples {
+        reported_passes: latencies.len() as u64,
+        latencies,
+        model_runs,
+        wall,
+        items_per_request: 1,
+        ..Samples::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_crosses_the_pipe_unchanged() {
+        let ms = |v: u64| Duration::from_micros(v * 1000 + 7);
+        let samples = Samples {
+            latencies: vec![ms(101), ms(99), ms(120)],
+            model_runs: vec![ms(95), ms(94), ms(110)],
+            wall: ms(320),
+            reported_passes: 3,
+            items_per_request: 1,
+            ..Samples::default()
+        };
+        let back = decode_samples(&encode_samples(&samples)).expect("decodes");
+        assert_eq!(back.latencies, samples.latencies);
+        assert_eq!(back.model_runs, samples.model_runs);
+        assert_eq!(back.wall, samples.wall);
+        assert_eq!(back.reported_passes, 3);
+        for bad in ["", "12", "12 1,2 3", "12 1,x 3,4", "12 1 2 3"] {
+            assert!(decode_samples(bad).is_err(), "{bad:?}");
+        }
+    }
 }

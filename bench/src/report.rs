@@ -56,6 +56,10 @@ pub struct Report {
     /// Rows that could not be measured, and why.
     pub unavailable: Vec<String>,
     pub wall_seconds: f64,
+    /// Processes each side of the c=1 pair was spread over: turn `t` ran on the
+    /// `t % pair_processes`-th of each.
+    #[serde(skip)]
+    pub pair_processes: usize,
 }
 
 impl Report {

@@ -274,6 +274,13 @@ fn c1_note(report: &Report, raw_c1: &str) -> String {
         fmt(model_p50(photo)),
         fmt(diff(p50(grpc), p50(photo))),
     );
+    if report.pair_processes > 1 {
+        let each: Vec<String> = per_process(&turns, report.pair_processes)
+            .into_iter()
+            .map(fmt)
+            .collect();
+        note += &format!("; per pair of processes: {} ms", each.join(", "));
+    }
     if let Some(side_by_side) = paired(report, GRPC_DETECT_C1, RAW_PHOTO_DETECT, minus) {
         note += &format!(
             "; in the side-by-side turns: {side_by_side:.2} ms, minus the sessions alone: {} \
@@ -283,6 +290,22 @@ fn c1_note(report: &Report, raw_c1: &str) -> String {
         );
     }
     note
+}
+
+/// The median of each process's turns, where turn `t` ran on process `t % processes`.
+fn per_process(turns: &[f64], processes: usize) -> Vec<Option<f64>> {
+    (0..processes)
+        .map(|p| {
+            median(
+                turns
+                    .iter()
+                    .skip(p)
+                    .step_by(processes.max(1))
+                    .copied()
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -319,6 +342,7 @@ mod tests {
             targets: Vec::new(),
             unavailable: Vec::new(),
             wall_seconds: 0.0,
+            pair_processes: 1,
         }
     }
 
@@ -414,6 +438,32 @@ mod tests {
         );
         assert!(
             c1.note.contains("in the side-by-side turns: 5.00 ms"),
+            "{}",
+            c1.note
+        );
+        assert!(!c1.note.contains("per pair of processes"), "{}", c1.note);
+    }
+
+    #[test]
+    fn the_c1_note_gives_each_pair_of_processes_its_median() {
+        // Turns alternate between two pairs of processes: the first pair's differ by 1 ms, the
+        // second's by 3.
+        let grpc: Vec<f64> = (0..20)
+            .map(|i| 100.0 + f64::from(1 + 2 * (i % 2)))
+            .collect();
+        let photo = vec![100.0; 20];
+        let mut report = report(vec![
+            row(GRPC_DETECT_PAIR, 0.0, &grpc),
+            row(RAW_PHOTO_DETECT_PAIR, 0.0, &photo),
+        ]);
+        report.pair_processes = 2;
+        let targets = evaluate(&report, None, 0);
+        let c1 = targets
+            .iter()
+            .find(|t| t.name.contains("c=1 minus raw"))
+            .expect("the c=1 target");
+        assert!(
+            c1.note.contains("per pair of processes: 1.00, 3.00 ms"),
             "{}",
             c1.note
         );
