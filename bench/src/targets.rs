@@ -333,6 +333,14 @@ mod tests {
         row
     }
 
+    /// The target whose name contains `part`.
+    fn named<'a>(targets: &'a [Target], part: &str) -> &'a Target {
+        targets
+            .iter()
+            .find(|t| t.name.contains(part))
+            .unwrap_or_else(|| panic!("no target named like {part:?}"))
+    }
+
     fn report(rows: Vec<Row>) -> Report {
         Report {
             settings: serde_json::Value::Null,
@@ -399,10 +407,7 @@ mod tests {
             rate(RAW_PHOTO_DETECT_PAIR, 12.5),
         ]);
         let targets = evaluate(&report, None, 0);
-        let saturation = targets
-            .iter()
-            .find(|t| t.name.contains("at saturation / raw"))
-            .expect("the saturation target");
+        let saturation = named(&targets, "at saturation / raw");
         assert_eq!(saturation.value, Some(0.9));
         assert_eq!(
             saturation.note,
@@ -424,10 +429,7 @@ mod tests {
             row(RAW_PHOTO_DETECT, 0.0, &[100.0, 100.0, 105.0]),
         ]);
         let targets = evaluate(&report, None, 0);
-        let c1 = targets
-            .iter()
-            .find(|t| t.name.contains("c=1 minus raw"))
-            .expect("the c=1 target");
+        let c1 = named(&targets, "c=1 minus raw");
         assert_eq!(c1.value, Some(1.0));
         assert_eq!(c1.pass, Some(true));
         assert!(
@@ -458,10 +460,7 @@ mod tests {
         ]);
         report.pair_processes = 2;
         let targets = evaluate(&report, None, 0);
-        let c1 = targets
-            .iter()
-            .find(|t| t.name.contains("c=1 minus raw"))
-            .expect("the c=1 target");
+        let c1 = named(&targets, "c=1 minus raw");
         assert!(
             c1.note.contains("per pair of processes: 1.00, 3.00 ms"),
             "{}",
