@@ -12,7 +12,7 @@ use polyhead_client::{Bytes, Client, ClientOptions, v1};
 use v1::recognize_action_windows_response::Event;
 
 use crate::raw::Timing;
-use crate::rounds::{self, Part, Variant};
+use crate::rounds::{self, Part, Rotation, Variant};
 use crate::rss;
 use crate::server::Server;
 use crate::stats::{Row, Samples, Stages};
@@ -105,27 +105,21 @@ where
 {
     let call = Arc::new(call);
     let counter = Arc::new(AtomicU64::new(0));
-    let mut turn = 0;
+    let mut rotation = Rotation::new(servers.len());
     Variant {
         name,
         kind: "grpc",
         concurrency: 1,
         interleaved: true,
         run: Box::new(move |timing| {
-            let warm_all = !timing.warmup.is_zero();
-            let chosen: Vec<usize> = if warm_all {
-                (0..servers.len()).collect()
-            } else {
-                turn += 1;
-                vec![(turn - 1) % servers.len().max(1)]
-            };
+            let chosen = rotation.next(timing);
             let (call, counter) = (Arc::clone(&call), Arc::clone(&counter));
             Box::pin(async move {
                 let mut part = Err(anyhow!("no server to call"));
-                for i in chosen {
+                for at in chosen {
                     let call = Arc::clone(&call);
-                    let on_server = Arc::new(move |n| call(i, n));
-                    part = Ok(slice(&servers[i], &on_server, &counter, 1, 1, timing).await?);
+                    let on_server = Arc::new(move |n| call(at, n));
+                    part = Ok(slice(&servers[at], &on_server, &counter, 1, 1, timing).await?);
                 }
                 part
             })

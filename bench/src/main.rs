@@ -40,8 +40,8 @@ struct Args {
     #[arg(long)]
     c1_detect_only: bool,
     /// Measured seconds per variant of the c=1 Detect target's pair: the server's Detect and the
-    /// Detect from the photo's bytes in process, interleaved request by request with each other
-    /// only (default 60, or 1 with --smoke). Their per-request difference varies by 10-20 ms
+    /// Detect from the photo's bytes in a process of its own, interleaved request by request with
+    /// each other only (default 60, or 1 with --smoke). Their per-request difference varies by 10-20 ms
     /// on a shared 2-core machine, so the ~500 turns of the default bound its median to within
     /// +-0.4-0.8 ms (95%), where the ~80 of the side-by-side variants' 10 seconds could not
     /// tell 2 ms.
@@ -50,8 +50,8 @@ struct Args {
     /// Processes each side of the c=1 Detect target's pair is spread over, turn by turn: fresh
     /// servers, and fresh processes of the in-process Detect, started together (default 3, or 2
     /// with --smoke). How one process's weights and buffers land in memory moves its model runs
-    /// by up to ~2 ms on a 2-core machine, as much as the target allows: one process of each
-    /// would measure that draw.
+    /// by a millisecond or more on a 2-core machine, as much as the target allows: one process
+    /// of each would measure that draw.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     c1_processes: Option<u32>,
     /// Model set directory (default: models/generated/swin-t, or tiny with --smoke).
@@ -105,7 +105,7 @@ struct Args {
     #[arg(long)]
     server_bin: Option<PathBuf>,
     /// Serve the c=1 pair's in-process Detect for the benchmark that started this process.
-    #[arg(long = "photo-detect-process", hide = true)]
+    #[arg(long = raw::DETECT_PROCESS_OPTION, hide = true)]
     photo_detect_process: bool,
 }
 

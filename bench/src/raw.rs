@@ -22,7 +22,7 @@ use polyhead_server::heads::detection::{self, DetectOptions, DetectionParams};
 use polyhead_server::manifest::{HeadParams, Manifest};
 
 use crate::media::{self, Photo};
-use crate::rounds::{Part, Variant};
+use crate::rounds::{Part, Rotation, Variant};
 use crate::stats::Samples;
 
 /// One preprocessed input: `shape` is `[N, 3, H, W]`.
@@ -338,9 +338,9 @@ fn timed_loop(
     Ok((samples, end))
 }
 
-/// The flag that makes `polyhead-bench` serve [`DetectProcess`]'s requests (see
+/// The (hidden) option that makes `polyhead-bench` serve [`DetectProcess`]'s requests (see
 /// [`serve_photo_detect`]) instead of benchmarking.
-pub const DETECT_PROCESS_FLAG: &str = "--photo-detect-process";
+pub const DETECT_PROCESS_OPTION: &str = "photo-detect-process";
 
 /// The Detect from the photo's bytes ([`PhotoDetect`]) in a fresh process of its own, started
 /// with the server it is compared with: both sides' weights and buffers are then allocated at
@@ -360,7 +360,7 @@ impl DetectProcess {
     pub fn start(models: &Path, photo: &Path, intra_threads: usize) -> Result<Self> {
         let exe = std::env::current_exe().context("this executable's path")?;
         let mut child = Command::new(exe)
-            .arg(DETECT_PROCESS_FLAG)
+            .arg(format!("--{DETECT_PROCESS_OPTION}"))
             .arg("--models")
             .arg(models)
             .arg("--photo")
@@ -417,7 +417,7 @@ impl DetectProcess {
 /// (how its weights and buffers landed in memory moves its runs by a millisecond or two). A
 /// warm-up warms every process.
 pub fn rotating_variant<'a>(mut processes: Vec<DetectProcess>, name: String) -> Variant<'a> {
-    let mut turn = 0;
+    let mut rotation = Rotation::new(processes.len());
     Variant {
         name,
         kind: "raw",
@@ -425,19 +425,11 @@ pub fn rotating_variant<'a>(mut processes: Vec<DetectProcess>, name: String) -> 
         interleaved: true,
         run: Box::new(move |timing| {
             let samples = tokio::task::block_in_place(|| {
-                if !timing.warmup.is_zero() {
-                    let mut warmed = Err(anyhow!("no in-process Detect's process"));
-                    for process in &mut processes {
-                        warmed = Ok(process.slice(timing)?);
-                    }
-                    return warmed;
+                let mut samples = Err(anyhow!("no in-process Detect's process"));
+                for at in rotation.next(timing) {
+                    samples = Ok(processes[at].slice(timing)?);
                 }
-                let count = processes.len().max(1);
-                let process = processes
-                    .get_mut(turn % count)
-                    .ok_or_else(|| anyhow!("no in-process Detect's process"))?;
-                turn += 1;
-                process.slice(timing)
+                samples
             });
             Box::pin(std::future::ready(samples.map(|samples| Part {
                 samples,

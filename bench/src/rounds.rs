@@ -49,6 +49,30 @@ impl Variant<'_> {
     }
 }
 
+/// Which of `count` processes a slice of a variant spread over them runs on: every one, in turn,
+/// for a warm-up; else the next, so that the `t`-th measured turn runs on process `t % count`.
+#[derive(Debug)]
+pub struct Rotation {
+    count: usize,
+    turn: usize,
+}
+
+impl Rotation {
+    pub fn new(count: usize) -> Self {
+        Self { count, turn: 0 }
+    }
+
+    /// The processes the slice of `timing` runs on (none when there are none).
+    pub fn next(&mut self, timing: Timing) -> std::ops::Range<usize> {
+        if self.count == 0 || !timing.warmup.is_zero() {
+            return 0..self.count;
+        }
+        let at = self.turn % self.count;
+        self.turn += 1;
+        at..at + 1
+    }
+}
+
 /// Measures every variant and answers their rows in the order given: first the interleaved ones
 /// (see [`interleave`]), then the others in rounds (see [`measure`]).
 pub async fn measure_all(
@@ -204,6 +228,29 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_rotation_warms_every_process_and_measures_them_in_turn() {
+        let warm = Timing {
+            warmup: Duration::from_secs(2),
+            seconds: Duration::ZERO,
+        };
+        let turn = Timing {
+            warmup: Duration::ZERO,
+            seconds: Duration::ZERO,
+        };
+        let mut rotation = Rotation::new(3);
+        assert_eq!(rotation.next(warm), 0..3);
+        let turns: Vec<_> = (0..5).map(|_| rotation.next(turn)).collect();
+        assert_eq!(turns, [0..1, 1..2, 2..3, 0..1, 1..2]);
+        assert_eq!(
+            rotation.next(warm),
+            0..3,
+            "a warm-up does not move the turns"
+        );
+        assert_eq!(rotation.next(turn), 2..3);
+        assert!(Rotation::new(0).next(turn).is_empty());
+    }
 
     /// A variant whose requests take `ms` in its first slice, twice that in its second and so
     /// on, and that reports `passes` server passes per slice; it logs its slices' timings into
