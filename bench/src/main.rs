@@ -41,10 +41,10 @@ struct Args {
     c1_detect_only: bool,
     /// Measured seconds per variant of the c=1 Detect target's pair: the server's Detect and the
     /// Detect from the photo's bytes in a process of its own, interleaved request by request with
-    /// each other only (default 60, or 1 with --smoke). Their per-request difference varies by 10-20 ms
-    /// on a shared 2-core machine, so the ~500 turns of the default bound its median to within
-    /// +-0.4-0.8 ms (95%), where the ~80 of the side-by-side variants' 10 seconds could not
-    /// tell 2 ms.
+    /// each other only (default 60, or 1 with --smoke). Their per-request difference varies by
+    /// 10-20 ms on a shared 2-core machine, so the ~500 turns of the default bound its median to
+    /// within +-0.4-0.8 ms (95%), where the ~80 of the side-by-side variants' 10 seconds could
+    /// not tell 2 ms.
     #[arg(long)]
     c1_seconds: Option<f64>,
     /// Processes each side of the c=1 Detect target's pair is spread over, turn by turn: fresh
