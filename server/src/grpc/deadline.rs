@@ -112,9 +112,10 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(parse_timeout);
         request.extensions_mut().insert(Arrival(arrived));
-        let deadline = timeout.map(|t| {
-            let at = arrived + t.saturating_sub(TIMER_TICK);
-            (Box::pin(tokio::time::sleep_until(at.into())), t)
+        // A deadline too far away to be represented is no deadline here; the handler caps it.
+        let deadline = timeout.and_then(|t| {
+            let at = arrived.checked_add(t.saturating_sub(TIMER_TICK))?;
+            Some((Box::pin(tokio::time::sleep_until(at.into())), t))
         });
         ArrivalFuture {
             inner: self.0.call(request),
@@ -171,9 +172,16 @@ fn deadline(metadata: &MetadataMap) -> Option<Duration> {
     parse_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
-/// A `grpc-timeout` value (`<digits><H|M|S|m|u|n>`).
+/// The most digits a `grpc-timeout` value may have, as the gRPC protocol specifies; a longer
+/// one is ignored, as tonic ignores it.
+const TIMEOUT_DIGITS: usize = 8;
+
+/// A `grpc-timeout` value (`<digits><H|M|S|m|u|n>`, at most [`TIMEOUT_DIGITS`] digits).
 fn parse_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > TIMEOUT_DIGITS {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -200,6 +208,44 @@ mod tests {
         assert_eq!(deadline(&metadata), Some(Duration::from_secs(2)));
         metadata.insert("grpc-timeout", "xS".parse().expect("ascii"));
         assert_eq!(deadline(&metadata), None);
+        metadata.insert("grpc-timeout", "99999999H".parse().expect("ascii"));
+        assert_eq!(
+            deadline(&metadata),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        for too_long in ["999999999S", "9999999999999999999S", "99999999999999H"] {
+            metadata.insert("grpc-timeout", too_long.parse().expect("ascii"));
+            assert_eq!(deadline(&metadata), None, "{too_long}");
+        }
+    }
+
+    #[tokio::test]
+    async fn arrival_layer_takes_any_timeout_header_without_panicking() {
+        use tower::{Layer, Service, ServiceExt};
+        let inner = tower::service_fn(|request: http::Request<()>| async move {
+            let arrived = request.extensions().get::<Arrival>().is_some();
+            Ok::<_, std::convert::Infallible>(http::Response::new(arrived))
+        });
+        let mut service = ArrivalLayer.layer(inner);
+        for value in [
+            "99999999H",
+            "9999999999999999999S",
+            "18446744073709551615n",
+            "1x",
+        ] {
+            let request = http::Request::builder()
+                .header("grpc-timeout", value)
+                .body(())
+                .expect("request");
+            let response = service
+                .ready()
+                .await
+                .expect("ready")
+                .call(request)
+                .await
+                .expect("answered");
+            assert!(*response.body(), "{value}: the arrival was stamped");
+        }
     }
 
     #[test]
