@@ -248,4 +248,15 @@ async fn list_and_get_models_describe_the_set() {
     assert_eq!(action.kind(), v1::HeadKind::Action);
     let missing = client.get_model("nope").await.expect_err("unknown model");
     assert_eq!(missing.code(), Some(tonic::Code::NotFound));
+    // A name of a megabyte is quoted in part, so the status fits in any peer's header limit.
+    let long = client
+        .get_model(&"n".repeat(1 << 20))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(long.code(), Some(tonic::Code::NotFound), "{long}");
+    assert!(
+        long.to_string().len() < 2048,
+        "{} bytes",
+        long.to_string().len()
+    );
 }

@@ -10,17 +10,24 @@ use crate::error::Error;
 /// The standard gRPC retry hint: how many milliseconds a client should wait before retrying.
 const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
+/// The most characters of an error's message a status carries. Messages quote what the client
+/// sent (a model's name, a tensor's shape), and a status travels in a header, which peers cap:
+/// gRPC's C core takes 8 KiB of metadata by default, and tonic percent-encodes every byte that
+/// is not printable ASCII.
+const MAX_MESSAGE_CHARS: usize = 512;
+
 /// Maps a request's error to its status. Server-side failures are logged with the request id,
 /// which the caller also receives, so that the two can be matched. RESOURCE_EXHAUSTED carries
-/// the configured retry hint, so that clients back off for as long as the server asks.
+/// the configured retry hint, so that clients back off for as long as the server asks. A
+/// message is cut at [`MAX_MESSAGE_CHARS`].
 pub fn to_status(error: Error, request_id: &str, limits: &Limits) -> Status {
     let code = code(&error);
     let message = match code {
         Code::Internal => {
             tracing::error!(request_id, %error, "request failed");
-            format!("{error} (request id {request_id})")
+            format!("{} (request id {request_id})", bounded(error.to_string()))
         }
-        _ => error.to_string(),
+        _ => bounded(error.to_string()),
     };
     let mut metadata = MetadataMap::new();
     if code == Code::ResourceExhausted {
@@ -30,6 +37,15 @@ pub fn to_status(error: Error, request_id: &str, limits: &Limits) -> Status {
         );
     }
     Status::with_metadata(code, message, metadata)
+}
+
+/// `message`, cut after [`MAX_MESSAGE_CHARS`] characters with an ellipsis.
+fn bounded(mut message: String) -> String {
+    if let Some((end, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 fn code(error: &Error) -> Code {
@@ -121,6 +137,28 @@ mod tests {
         );
         let stopped = Error::Engine(EngineError::Stopped("backbone".into()));
         assert_eq!(to_status(stopped, "r1", &limits).code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn long_messages_are_cut_and_keep_the_request_id() {
+        let echoed = "é".repeat(1 << 20);
+        let status = to_status(
+            Error::NotFound(format!("no model named '{echoed}'")),
+            "r1",
+            &limits(),
+        );
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message().chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(status.message().starts_with("no model named 'éé"));
+        assert!(status.message().ends_with('…'));
+        let status = to_status(Error::Internal(echoed), "req-7", &limits());
+        assert!(status.message().ends_with("… (request id req-7)"));
+        let short = to_status(
+            Error::NotFound("no model named 'x'".into()),
+            "r1",
+            &limits(),
+        );
+        assert_eq!(short.message(), "no model named 'x'");
     }
 
     #[test]
