@@ -393,10 +393,21 @@ async fn corrupt_videos_and_bad_options_are_invalid_argument() {
         ..options(0, 0)
     };
     let err = client
-        .recognize_windows(clip, both, 1 << 20)
+        .recognize_windows(clip.clone(), both, 1 << 20)
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+
+    let too_fast = v1::WindowOptions {
+        sample_fps: 3.0e38,
+        ..options(0, 0)
+    };
+    let err = client
+        .recognize_windows(clip, too_fast, 1 << 20)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("the most is 240"), "{err}");
 }
 
 static LIMITED: OnceLock<TestServer> = OnceLock::new();

@@ -10,6 +10,7 @@ use image::RgbImage;
 use polyhead_client::Bytes;
 use polyhead_server::geometry::Geometry;
 use polyhead_server::manifest::Manifest;
+use polyhead_server::media::Cancel;
 use polyhead_server::media::image::{ImageLimits, decode};
 use polyhead_server::media::preprocess::{PreprocessSpec, preprocess};
 use polyhead_server::media::video::{Sampling, VideoLimits, decode_clip};
@@ -97,8 +98,13 @@ pub fn make_clip(photo: &Path, frames: usize, out: &Path) -> Result<PathBuf> {
 /// The clip's `frames` uniformly sampled frames, decoded by the server's decoder and
 /// preprocessed into one `[frames, 3, H, W]` batch.
 pub fn clip_tensor(clip: &Bytes, frames: usize, spec: &PreprocessSpec) -> Result<Tensor> {
-    let decoded = decode_clip(clip, &VideoLimits::default(), &Sampling::uniform(frames))
-        .map_err(|e| anyhow!("{e}"))?;
+    let decoded = decode_clip(
+        clip,
+        &VideoLimits::default(),
+        &Sampling::uniform(frames),
+        &Cancel::default(),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
     let mut data = Vec::new();
     let mut shape = [decoded.frames.len(), 3, 0, 0];
     for frame in &decoded.frames {

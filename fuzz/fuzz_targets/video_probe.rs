@@ -5,6 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use polyhead_proto::Bytes;
+use polyhead_server::media::Cancel;
 use polyhead_server::media::video::{Sampling, VideoLimits, decode_clip};
 
 fn limits() -> VideoLimits {
@@ -32,5 +33,10 @@ fuzz_target!(|data: &[u8]| {
         0 => Sampling::uniform(frames),
         _ => Sampling::strided(frames, usize::from((pick >> 3) % 4) + 1),
     };
-    let _ = decode_clip(&Bytes::copy_from_slice(clip), &limits(), &sampling);
+    let _ = decode_clip(
+        &Bytes::copy_from_slice(clip),
+        &limits(),
+        &sampling,
+        &Cancel::default(),
+    );
 });

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use polyhead_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +21,8 @@ use crate::manifest::{HeadKind, HeadParams};
 use crate::media::video::FrameStep;
 use crate::model_set::ModelSet;
 use crate::pipeline::{
-    ActionWindow, Actions, Pipeline, WindowEvent, WindowPlan, WindowProgress, WindowRequest,
+    ActionWindow, Actions, MAX_DECODED_FPS, Pipeline, WindowEvent, WindowPlan, WindowProgress,
+    WindowRequest,
 };
 
 /// The response stream.
@@ -99,22 +100,18 @@ async fn receive(
         .ok_or_else(|| invalid("the first message must carry options"))?;
     let settings = settings(call.pipeline.models(), &call.limits, options);
     let (head, plan, step, top_k) = settings.map_err(|e| call.status(e))?;
-    let mut size = first.chunk.len();
-    check_size(size, &call.limits).map_err(|e| call.status(e))?;
-    let mut chunks = vec![first.chunk];
+    check_size(first.chunk.len(), &call.limits).map_err(|e| call.status(e))?;
+    // A video in one message is kept as received; later chunks are appended as they come, so
+    // the upload holds its bytes once, however many (or empty) messages carry them.
+    let mut video = Upload::One(first.chunk);
     while let Some(next) = incoming.message().await? {
-        size += next.chunk.len();
-        check_size(size, &call.limits).map_err(|e| call.status(e))?;
-        chunks.push(next.chunk);
+        check_size(video.len() + next.chunk.len(), &call.limits).map_err(|e| call.status(e))?;
+        video.append(&next.chunk);
     }
-    if size == 0 {
+    if video.len() == 0 {
         return Err(invalid("the video is empty: send it in chunk"));
     }
-    // One chunk is the video as received; several are joined once.
-    let video = match <[Bytes; 1]>::try_from(chunks) {
-        Ok([video]) => video,
-        Err(chunks) => Bytes::from(chunks.concat()),
-    };
+    let video = video.into_bytes();
     Ok(WindowRequest {
         video,
         head,
@@ -122,6 +119,45 @@ async fn receive(
         step,
         top_k,
     })
+}
+
+/// The video received so far.
+enum Upload {
+    /// All of it came in one message.
+    One(Bytes),
+    /// Several messages, appended.
+    Joined(BytesMut),
+}
+
+impl Upload {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(bytes) => bytes.len(),
+            Self::Joined(bytes) => bytes.len(),
+        }
+    }
+
+    fn append(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() {
+            return;
+        }
+        match self {
+            Self::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + chunk.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(chunk);
+                *self = Self::Joined(joined);
+            }
+            Self::Joined(joined) => joined.extend_from_slice(chunk),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Self::One(bytes) => bytes,
+            Self::Joined(bytes) => bytes.freeze(),
+        }
+    }
 }
 
 /// Refuses an upload past the video size limit.
@@ -181,6 +217,12 @@ fn settings(
         (_, fps) if !(fps.is_finite() && fps >= 0.0) => {
             return Err(Error::InvalidArgument(format!(
                 "sample_fps is {fps}; it must be a positive number"
+            )));
+        }
+        (_, fps) if f64::from(fps) > MAX_DECODED_FPS => {
+            return Err(Error::InvalidArgument(format!(
+                "sample_fps is {fps}; the most is {MAX_DECODED_FPS} (frame_step 1 samples every \
+                 frame)"
             )));
         }
         (0, fps) if fps > 0.0 => FrameStep::Rate(f64::from(fps)),
@@ -297,5 +339,37 @@ fn window_progress(p: WindowProgress) -> v1::WindowProgress {
         frames_estimated: frames_estimated as u64,
         windows_estimated: windows_estimated as u32,
         duration_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_holds_its_bytes_once_whatever_its_messages() {
+        let one = Upload::One(Bytes::from_static(b"video"));
+        let first = one.into_bytes();
+        assert_eq!(&first[..], b"video");
+
+        let mut upload = Upload::One(Bytes::from_static(b"ab"));
+        for chunk in [&b""[..], b"cd", b"", b"", b"e"] {
+            upload.append(chunk);
+        }
+        assert_eq!(upload.len(), 5);
+        assert!(
+            matches!(upload, Upload::Joined(_)),
+            "several chunks are joined"
+        );
+        assert_eq!(&upload.into_bytes()[..], b"abcde");
+
+        let mut empty_chunks = Upload::One(Bytes::from_static(b"whole"));
+        for _ in 0..1000 {
+            empty_chunks.append(b"");
+        }
+        assert!(
+            matches!(empty_chunks, Upload::One(_)),
+            "empty messages add nothing"
+        );
     }
 }

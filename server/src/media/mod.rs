@@ -14,6 +14,46 @@ pub mod image;
 pub mod preprocess;
 pub mod video;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Tells a decode on a blocking thread that its call has ended (the client went away or the
+/// deadline passed), so that it stops at its next packet or frame instead of running to its own
+/// budget with nobody waiting: dropping the async side's future does not stop a blocking thread.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// Whether the call has ended.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Fails with [`MediaError::Cancelled`] once the call has ended.
+    pub fn check(&self) -> Result<(), MediaError> {
+        if self.is_cancelled() {
+            return Err(MediaError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// A guard that cancels when it is dropped; the call's future holds it, so that the decode
+    /// stops once that future is done or dropped.
+    pub fn on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+/// See [`Cancel::on_drop`].
+#[derive(Debug)]
+pub struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        (self.0).0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Why media could not be decoded or prepared.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MediaError {
@@ -183,6 +223,9 @@ pub enum MediaError {
     /// The video decoded to nothing.
     #[error("decoded no frames")]
     NoFrames,
+    /// The call ended (cancelled, or past its deadline) while its media was being decoded.
+    #[error("the call ended before its media was decoded")]
+    Cancelled,
     /// The frame-sampling request is unusable.
     #[error("invalid frame sampling: {0}")]
     InvalidSampling(String),

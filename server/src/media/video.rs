@@ -25,7 +25,7 @@ use ffmpeg::util::frame;
 use ffmpeg::{Dictionary, Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
-use super::MediaError;
+use super::{Cancel, MediaError};
 
 mod stream;
 
@@ -202,6 +202,7 @@ pub fn decode_clip(
     bytes: &Bytes,
     limits: &VideoLimits,
     sampling: &Sampling,
+    cancel: &Cancel,
 ) -> Result<DecodedClip, MediaError> {
     init()?;
     check_size(bytes, limits)?;
@@ -210,7 +211,7 @@ pub fn decode_clip(
     let mut input = open(bytes, limits)?;
     let info = StreamInfo::read(&input, limits)?;
     check_output_size(sampling, &info, limits)?;
-    let scan = scan(&mut input, &info, &mut Budget::new(limits, started))?;
+    let scan = scan(&mut input, &info, &mut Budget::new(limits, started, cancel))?;
     drop(input);
     if scan.frames == 0 {
         return Err(MediaError::NoFrames);
@@ -220,6 +221,7 @@ pub fn decode_clip(
         info: &info,
         limits,
         started,
+        cancel,
     };
     let (picked, total) = decode_sampled(&job, sampling, scan.frames)?;
     Ok(info.into_clip(picked, total, scan.end_s))
@@ -287,6 +289,7 @@ struct Job<'a> {
     info: &'a StreamInfo,
     limits: &'a VideoLimits,
     started: Instant,
+    cancel: &'a Cancel,
 }
 
 /// Opens the buffer as a container, refusing demuxers that are not allowed.
@@ -542,26 +545,29 @@ fn check_duration(duration_s: f64, limits: &VideoLimits) -> Result<(), MediaErro
     Ok(())
 }
 
-/// Counts packets, errors and time against the limits.
+/// Counts packets, errors and time against the limits, and stops once the call has ended.
 struct Budget<'a> {
     limits: &'a VideoLimits,
     started: Instant,
+    cancel: &'a Cancel,
     packets: usize,
     errors: usize,
 }
 
 impl<'a> Budget<'a> {
-    fn new(limits: &'a VideoLimits, started: Instant) -> Self {
+    fn new(limits: &'a VideoLimits, started: Instant, cancel: &'a Cancel) -> Self {
         Self {
             limits,
             started,
+            cancel,
             packets: 0,
             errors: 0,
         }
     }
 
-    /// Fails once decoding has run longer than allowed.
+    /// Fails once decoding has run longer than allowed, or its call has ended.
     fn check_time(&self) -> Result<(), MediaError> {
+        self.cancel.check()?;
         if self.started.elapsed().as_secs_f64() > self.limits.max_decode_seconds {
             return Err(MediaError::DecodeTimeout {
                 limit_s: self.limits.max_decode_seconds,
@@ -655,7 +661,7 @@ struct Pass {
 fn decode_pass(job: &Job<'_>, plan: &[usize]) -> Result<Pass, MediaError> {
     let mut input = open(job.data, job.limits)?;
     let mut decoder = open_decoder(&input, job.info, job.limits)?;
-    let mut budget = Budget::new(job.limits, job.started);
+    let mut budget = Budget::new(job.limits, job.started, job.cancel);
     let mut picker = Picker::new(job.info, plan, job.limits);
     while let Some(packet) = budget.next_packet(&mut input)? {
         if packet.stream() != job.info.index {
@@ -899,7 +905,12 @@ mod tests {
         limits: &VideoLimits,
         sampling: &Sampling,
     ) -> Result<DecodedClip, MediaError> {
-        decode_clip(&Bytes::copy_from_slice(bytes), limits, sampling)
+        decode_clip(
+            &Bytes::copy_from_slice(bytes),
+            limits,
+            sampling,
+            &Cancel::default(),
+        )
     }
 
     /// Runs the `ffmpeg` CLI, which the tests need to make clips.
@@ -962,6 +973,24 @@ mod tests {
             "{:?}",
             clip.timestamps_s
         );
+    }
+
+    #[test]
+    fn a_clip_of_an_ended_call_is_not_decoded() {
+        let dir = tempdir();
+        let bytes = Bytes::from(h264_mp4(dir.path()));
+        let cancel = Cancel::default();
+        drop(cancel.on_drop());
+        let sampling = Sampling::uniform(4);
+        let ended = decode_clip(&bytes, &VideoLimits::default(), &sampling, &cancel);
+        assert_eq!(ended.map(|c| c.frames.len()), Err(MediaError::Cancelled));
+        let open = decode_clip(
+            &bytes,
+            &VideoLimits::default(),
+            &sampling,
+            &Cancel::default(),
+        );
+        assert_eq!(open.map(|c| c.frames.len()), Ok(4));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::engine::{Memory, NamedTensors, Stage};
 use crate::error::Error;
 use crate::heads::{ClassScore, action};
 use crate::media;
+use crate::media::Cancel;
 use crate::media::image::ImageLimits;
 use crate::media::preprocess::PreprocessSpec;
 use crate::media::video::{Sampling, VideoLimits};
@@ -134,7 +135,8 @@ impl Pipeline {
         self.action(request).await.map(|_| ())
     }
 
-    /// Decodes, samples and preprocesses a clip on a blocking thread, in the current span.
+    /// Decodes, samples and preprocesses a clip on a blocking thread, in the current span. The
+    /// decode stops early once this future is dropped (the call was cancelled or timed out).
     async fn prepare_clip(
         &self,
         clip: ClipInput,
@@ -144,20 +146,16 @@ impl Pipeline {
         let video_limits = self.video_limits.clone();
         let spec = self.models.backbone.preprocess;
         let span = Span::current();
+        let cancel = Cancel::default();
+        let _cancel_on_drop = cancel.on_drop();
         tokio::task::spawn_blocking(move || {
-            span.in_scope(|| {
-                let started = Instant::now();
-                let (frames, timestamps) =
-                    decode_clip(clip, &image_limits, &video_limits, &sampling)?;
-                let decode = started.elapsed();
-                let started = Instant::now();
-                let frames = preprocess_frames(&frames, &spec)?;
-                Ok(PreparedClip {
-                    frames,
-                    timestamps,
-                    decode,
-                    preprocess: started.elapsed(),
-                })
+            span.in_scope(|| match clip {
+                ClipInput::Video(bytes) => {
+                    prepare_video(&bytes, &video_limits, &sampling, &spec, &cancel)
+                }
+                ClipInput::Frames { frames, fps } => {
+                    prepare_frames(&frames, fps, &image_limits, &sampling, &spec, &cancel)
+                }
             })
         })
         .await?
@@ -177,36 +175,54 @@ pub(super) fn postprocess(
     Ok(action::postprocess(logits, top_k)?)
 }
 
-/// Decodes the frames of a clip that sampling picks, with their timestamps.
-#[tracing::instrument(name = "decode", skip_all)]
-fn decode_clip(
-    clip: ClipInput,
-    image_limits: &ImageLimits,
-    video_limits: &VideoLimits,
+/// Decodes the frames of a video clip that sampling picks, then preprocesses them.
+fn prepare_video(
+    bytes: &Bytes,
+    limits: &VideoLimits,
     sampling: &Sampling,
-) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
-    match clip {
-        ClipInput::Video(bytes) => decode_video(&bytes, video_limits, sampling),
-        ClipInput::Frames { frames, fps } => decode_frames(&frames, fps, image_limits, sampling),
-    }
+    spec: &PreprocessSpec,
+    cancel: &Cancel,
+) -> Result<PreparedClip, Error> {
+    let started = Instant::now();
+    let clip = decode_video(bytes, limits, sampling, cancel)?;
+    let decode = started.elapsed();
+    let started = Instant::now();
+    let mut frames = FrameInputs::default();
+    tracing::info_span!("preprocess", frames = clip.frames.len()).in_scope(|| {
+        clip.frames
+            .iter()
+            .try_for_each(|frame| frames.push(frame, spec))
+    })?;
+    Ok(PreparedClip {
+        frames: frames.finish()?,
+        timestamps: clip.timestamps_s,
+        decode,
+        preprocess: started.elapsed(),
+    })
 }
 
+#[tracing::instrument(name = "decode", skip_all)]
 fn decode_video(
     bytes: &Bytes,
     limits: &VideoLimits,
     sampling: &Sampling,
-) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
-    let clip = media::video::decode_clip(bytes, limits, sampling)?;
-    Ok((clip.frames, clip.timestamps_s))
+    cancel: &Cancel,
+) -> Result<media::video::DecodedClip, Error> {
+    Ok(media::video::decode_clip(bytes, limits, sampling, cancel)?)
 }
 
-/// Decodes the sampled subset of a list of encoded frames.
-fn decode_frames(
+/// Decodes and preprocesses the sampled subset of a list of encoded frames, one frame at a
+/// time: only the frame being preprocessed is held as RGB, so a list of large frames takes the
+/// memory of one. One span covers both; the timings keep them apart.
+#[tracing::instrument(name = "decode", skip_all, fields(frames = frames.len()))]
+fn prepare_frames(
     frames: &[Bytes],
     fps: f64,
     limits: &ImageLimits,
     sampling: &Sampling,
-) -> Result<(Vec<RgbImage>, Vec<f64>), Error> {
+    spec: &PreprocessSpec,
+    cancel: &Cancel,
+) -> Result<PreparedClip, Error> {
     // The frames of a list were chosen by the caller: all are used unless there are more than
     // asked for, in which case they are sampled like a video's.
     let picked: Vec<usize> = if sampling.stride.is_none() && frames.len() <= sampling.num_frames {
@@ -214,43 +230,59 @@ fn decode_frames(
     } else {
         sampling.plan(frames.len())
     };
-    let mut images = Vec::with_capacity(picked.len());
+    let mut inputs = FrameInputs::default();
+    let (mut decode, mut preprocess) = (Duration::ZERO, Duration::ZERO);
     for &i in &picked {
+        cancel.check()?;
+        let started = Instant::now();
         let image = media::image::decode(&frames[i], limits)
             .map_err(|e| Error::InvalidArgument(format!("frame {i}: {e}")))?;
-        images.push(image);
+        decode += started.elapsed();
+        let started = Instant::now();
+        inputs.push(&image, spec)?;
+        preprocess += started.elapsed();
     }
-    let timestamps = picked.iter().map(|&i| i as f64 / fps).collect();
-    Ok((images, timestamps))
+    Ok(PreparedClip {
+        frames: inputs.finish()?,
+        timestamps: picked.iter().map(|&i| i as f64 / fps).collect(),
+        decode,
+        preprocess,
+    })
 }
 
 /// The preprocessed frames of a clip, all of one input size.
+#[derive(Default)]
 struct FrameInputs {
     chw: Vec<Vec<f32>>,
     height: usize,
     width: usize,
 }
 
-/// Preprocesses every frame into its `[3, H, W]` input. Frames of different sizes are each
-/// fitted to the backbone input, which is fixed for a model set with a fixed input size.
-#[tracing::instrument(name = "preprocess", skip_all, fields(frames = frames.len()))]
-fn preprocess_frames(frames: &[RgbImage], spec: &PreprocessSpec) -> Result<FrameInputs, Error> {
-    let mut chw = Vec::with_capacity(frames.len());
-    let mut size = None;
-    for frame in frames {
+impl FrameInputs {
+    /// Preprocesses `frame` into its `[3, H, W]` input. Frames of different sizes are each
+    /// fitted to the backbone input, which is fixed for a model set with a fixed input size.
+    fn push(&mut self, frame: &RgbImage, spec: &PreprocessSpec) -> Result<(), Error> {
         let (data, geometry) = media::preprocess::preprocess(frame, spec);
-        let this = (
+        let size = (
             geometry.input_height as usize,
             geometry.input_width as usize,
         );
-        if *size.get_or_insert(this) != this {
+        if self.chw.is_empty() {
+            (self.height, self.width) = size;
+        } else if (self.height, self.width) != size {
             return Err(Error::InvalidArgument(
                 "clip frames have different sizes, which this backbone's keep-aspect input cannot batch".into(),
             ));
         }
-        chw.push(data);
+        self.chw.push(data);
+        Ok(())
     }
-    let (height, width) =
-        size.ok_or_else(|| Error::InvalidArgument("the clip has no frames".into()))?;
-    Ok(FrameInputs { chw, height, width })
+
+    /// The frames, or an error for a clip without any.
+    fn finish(self) -> Result<Self, Error> {
+        if self.chw.is_empty() {
+            return Err(Error::InvalidArgument("the clip has no frames".into()));
+        }
+        Ok(self)
+    }
 }

@@ -30,7 +30,9 @@ use crate::telemetry::metrics;
 pub use cache::{CacheConfig, FeatureCache, FeatureKey};
 pub use handles::{HandleConfig, HandleStore};
 pub use types::*;
-pub use windows::{ActionWindow, WindowEvent, WindowPlan, WindowProgress, WindowRequest};
+pub use windows::{
+    ActionWindow, MAX_DECODED_FPS, WindowEvent, WindowPlan, WindowProgress, WindowRequest,
+};
 
 /// The loaded model set, the limits requests are held to, the feature cache, the feature
 /// handles and the admission control in front of them all.

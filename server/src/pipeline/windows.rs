@@ -23,6 +23,7 @@ use crate::engine::{FeatureMemory, NamedTensors, Stage};
 use crate::error::Error;
 use crate::heads::ClassScore;
 use crate::media;
+use crate::media::Cancel;
 use crate::media::preprocess::PreprocessSpec;
 use crate::media::video::{FrameSink, FrameStep, SampledFrame, VideoLimits, VideoOutline};
 use crate::model_set::Head;
@@ -38,7 +39,7 @@ const FRAME_QUEUE: usize = 16;
 
 /// Highest frame rate budgeted for: the decoded-frame budget of a stream is its longest
 /// duration at this rate.
-const MAX_DECODED_FPS: f64 = 240.0;
+pub const MAX_DECODED_FPS: f64 = 240.0;
 
 /// A validated RecognizeActionWindows request.
 pub struct WindowRequest {
@@ -97,7 +98,10 @@ impl Pipeline {
     ) -> Result<(), Error> {
         let started = Instant::now();
         let (tx, mut frames) = mpsc::channel(FRAME_QUEUE);
-        let decoding = self.spawn_decoder(&request, tx);
+        // Stops the decoder once this future ends or is dropped, even between sampled frames.
+        let cancel = Cancel::default();
+        let _cancel_on_drop = cancel.on_drop();
+        let decoding = self.spawn_decoder(&request, tx, cancel);
         let mut state = State::new(request.plan);
         while let Some(decoded) = frames.recv().await {
             let frame = match decoded {
@@ -131,11 +135,12 @@ impl Pipeline {
     }
 
     /// Decodes and preprocesses the video on a blocking thread, in the current span, until the
-    /// video ends or `tx` is closed.
+    /// video ends, `tx` is closed or `cancel` is set.
     fn spawn_decoder(
         &self,
         request: &WindowRequest,
         tx: mpsc::Sender<Decoded>,
+        cancel: Cancel,
     ) -> tokio::task::JoinHandle<Result<usize, Error>> {
         let limits = self.stream_limits();
         let video = request.video.clone();
@@ -149,7 +154,7 @@ impl Pipeline {
         tokio::task::spawn_blocking(move || {
             span.in_scope(|| {
                 Ok(media::video::stream_frames(
-                    &video, &limits, step, &mut sink,
+                    &video, &limits, step, &mut sink, &cancel,
                 )?)
             })
         })

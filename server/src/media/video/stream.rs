@@ -14,7 +14,7 @@ use ffmpeg::util::frame;
 use ffmpeg_next as ffmpeg;
 
 use super::{
-    Budget, MediaError, StreamInfo, VideoLimits, check_size, init, open, open_decoder, scan,
+    Budget, Cancel, MediaError, StreamInfo, VideoLimits, check_size, init, open, open_decoder, scan,
 };
 
 /// Which decoded frames are sampled.
@@ -94,6 +94,7 @@ pub fn stream_frames(
     limits: &VideoLimits,
     step: FrameStep,
     sink: &mut impl FrameSink,
+    cancel: &Cancel,
 ) -> Result<usize, MediaError> {
     init()?;
     check_size(bytes, limits)?;
@@ -101,7 +102,7 @@ pub fn stream_frames(
     let started = Instant::now();
     let mut input = open(bytes, limits)?;
     let info = StreamInfo::read(&input, limits)?;
-    let scanned = scan(&mut input, &info, &mut Budget::new(limits, started))?;
+    let scanned = scan(&mut input, &info, &mut Budget::new(limits, started, cancel))?;
     drop(input);
     if scanned.frames == 0 {
         return Err(MediaError::NoFrames);
@@ -112,7 +113,7 @@ pub fn stream_frames(
     }
     let mut input = open(bytes, limits)?;
     let mut decoder = open_decoder(&input, &info, limits)?;
-    let mut budget = Budget::new(limits, started);
+    let mut budget = Budget::new(limits, started, cancel);
     let mut sampler = Sampler::new(&info, step, limits);
     while let Some(packet) = budget.next_packet(&mut input)? {
         if packet.stream() != info.index {
@@ -240,7 +241,7 @@ impl<'a> Sampler<'a> {
                 if slot < self.next_slot {
                     return false;
                 }
-                self.next_slot = slot + 1;
+                self.next_slot = slot.saturating_add(1);
                 true
             }
         }
@@ -260,6 +261,7 @@ impl<'a> Sampler<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::CancelOnDrop;
 
     /// Collects what it is given; stops after `stop_after` frames.
     #[derive(Default)]
@@ -310,8 +312,14 @@ mod tests {
             stop_after,
             ..Collect::default()
         };
-        let sampled =
-            stream_frames(&clip(), &VideoLimits::default(), step, &mut sink).expect("decodes");
+        let sampled = stream_frames(
+            &clip(),
+            &VideoLimits::default(),
+            step,
+            &mut sink,
+            &Cancel::default(),
+        )
+        .expect("decodes");
         (sink, sampled)
     }
 
@@ -342,15 +350,65 @@ mod tests {
         assert_eq!((sampled, sink.times.len()), (4, 4));
     }
 
+    /// Ends the call (sets `cancel`) when it is given its first frame.
+    struct EndsTheCall(Option<CancelOnDrop>);
+
+    impl FrameSink for EndsTheCall {
+        fn outline(&mut self, _: &VideoOutline) -> ControlFlow<()> {
+            ControlFlow::Continue(())
+        }
+
+        fn frame(&mut self, _: SampledFrame) -> ControlFlow<()> {
+            self.0.take();
+            ControlFlow::Continue(())
+        }
+    }
+
+    #[test]
+    fn an_ended_call_stops_the_decoding_between_sampled_frames() {
+        let cancel = Cancel::default();
+        let mut sink = EndsTheCall(Some(cancel.on_drop()));
+        // Only frame 0 is sampled, so the sink is never asked again: the decoder itself stops.
+        let result = stream_frames(
+            &clip(),
+            &VideoLimits::default(),
+            FrameStep::Every(1000),
+            &mut sink,
+            &cancel,
+        );
+        assert_eq!(result, Err(MediaError::Cancelled));
+        let never = Cancel::default();
+        let mut sink = EndsTheCall(None);
+        let result = stream_frames(
+            &clip(),
+            &VideoLimits::default(),
+            FrameStep::Every(1000),
+            &mut sink,
+            &never,
+        );
+        assert_eq!(
+            result,
+            Ok(1),
+            "without the cancel, the whole video is decoded"
+        );
+    }
+
     #[test]
     fn bad_steps_and_bytes_are_refused() {
         let mut sink = Collect::default();
         let limits = VideoLimits::default();
-        let zero = stream_frames(&clip(), &limits, FrameStep::Every(0), &mut sink);
+        let never = Cancel::default();
+        let zero = stream_frames(&clip(), &limits, FrameStep::Every(0), &mut sink, &never);
         assert!(matches!(zero, Err(MediaError::InvalidSampling(_))));
-        let rate = stream_frames(&clip(), &limits, FrameStep::Rate(f64::NAN), &mut sink);
+        let rate = stream_frames(
+            &clip(),
+            &limits,
+            FrameStep::Rate(f64::NAN),
+            &mut sink,
+            &never,
+        );
         assert!(matches!(rate, Err(MediaError::InvalidSampling(_))));
         let junk = Bytes::from(vec![7u8; 4096]);
-        assert!(stream_frames(&junk, &limits, FrameStep::Every(1), &mut sink).is_err());
+        assert!(stream_frames(&junk, &limits, FrameStep::Every(1), &mut sink, &never).is_err());
     }
 }
