@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use polyhead_client::{Client, ClientOptions};
+use polyhead_proto::inference::ModelInferRequest;
+use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use polyhead_proto::v1;
 use polyhead_server::Config;
 use polyhead_server::admission::Admission;
@@ -122,6 +124,26 @@ async fn overload_is_accounted_exactly() {
         rejected += 1;
     }
     assert_eq!(server.pipeline.backbone_images(), images_before);
+    // A request that could never succeed is told so at once, full queue or not: a retryable
+    // RESOURCE_EXHAUSTED would have the client send it again.
+    let status = client
+        .detect(
+            noise_image(200),
+            v1::DetectOptions::default(),
+            "no-such-head",
+        )
+        .await
+        .expect_err("unknown head");
+    assert_eq!(status.code(), Some(Code::InvalidArgument), "{status}");
+    let mut oip = GrpcInferenceServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect");
+    let unknown = ModelInferRequest {
+        model_name: "no-such-model".into(),
+        ..Default::default()
+    };
+    let status = oip.model_infer(unknown).await.expect_err("unknown model");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
 
     drop(held);
     let mut ok = 0;

@@ -295,4 +295,33 @@ async fn oip_bad_infer_requests_get_the_right_status() {
         Code::InvalidArgument,
         &["'masks'", "logits"],
     );
+    // One call runs as one batch, held to --max-batch (8 here) as the request path is.
+    let most = server().pipeline.models().backbone.max_batch();
+    let nine = batch(&["coffee.png"; 9]);
+    assert_eq!(most, 8);
+    assert_status(
+        refused(request("backbone", &nine)).await,
+        Code::InvalidArgument,
+        &["9 images on axis 0", "at most 8", "--max-batch"],
+    );
+}
+
+#[tokio::test]
+async fn oip_outputs_over_the_response_limit_are_invalid_argument() {
+    let mut config = polyhead_server::Config::for_models(crate::common::models_dir());
+    config.limits.max_response_bytes = 64 << 10;
+    let own = crate::common::start_server(config);
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", own.addr))
+        .await
+        .expect("connect");
+    let status = client
+        .model_infer(request("backbone", &batch(&["coffee.png"])))
+        .await
+        .expect_err("the features are larger than 64 KiB");
+    let refusal = (status.code(), status.message().to_string());
+    assert_status(
+        refusal,
+        Code::InvalidArgument,
+        &["65536", "--max-response-bytes"],
+    );
 }

@@ -153,6 +153,11 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: usize,
 
+    /// Largest response message sent, in bytes; a ModelInfer whose outputs would be larger is
+    /// refused with INVALID_ARGUMENT before they are encoded.
+    #[arg(long, env = "POLYHEAD_MAX_RESPONSE_BYTES", default_value_t = 256 << 20)]
+    pub max_response_bytes: usize,
+
     /// Largest image accepted, in pixels (width x height, read from the header before decoding).
     #[arg(long, env = "POLYHEAD_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
@@ -240,6 +245,7 @@ impl Config {
     pub fn serve_options(&self) -> crate::grpc::ServeOptions {
         crate::grpc::ServeOptions {
             max_request_bytes: self.limits.max_message_bytes,
+            max_response_bytes: self.limits.max_response_bytes,
             reflection: self.reflection,
             max_concurrent_streams: self.admission.max_concurrent_streams,
             drain_timeout: Duration::try_from_secs_f64(self.drain_timeout_seconds)
@@ -274,9 +280,13 @@ impl Config {
         }
         let sizes = [
             ("max-message-bytes", self.limits.max_message_bytes as u64),
+            ("max-response-bytes", self.limits.max_response_bytes as u64),
             ("max-image-pixels", self.limits.max_image_pixels),
             ("max-image-side", u64::from(self.limits.max_image_side)),
+            ("max-clip-side", u64::from(self.limits.max_clip_side)),
+            ("max-decoded-frames", self.limits.max_decoded_frames as u64),
             ("max-frames", u64::from(self.limits.max_frames)),
+            ("max-top-k", u64::from(self.limits.max_top_k)),
             ("max-video-bytes", self.limits.max_video_bytes),
             ("max-video-frames", self.limits.max_video_frames),
             ("max-video-windows", self.limits.max_video_windows),
@@ -341,6 +351,20 @@ mod tests {
                 .expect_err("zero frames")
                 .contains("--max-frames")
         );
+        config.limits.max_frames = 16;
+        for (flag, zero) in [
+            (
+                "--max-top-k",
+                (|c: &mut Config| c.limits.max_top_k = 0) as fn(&mut Config),
+            ),
+            ("--max-clip-side", |c| c.limits.max_clip_side = 0),
+            ("--max-decoded-frames", |c| c.limits.max_decoded_frames = 0),
+        ] {
+            let mut config = config.clone();
+            zero(&mut config);
+            let err = config.validate().expect_err(flag);
+            assert!(err.contains(flag), "{err}");
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ use crate::telemetry::metrics;
 pub struct BatchConfig {
     /// Most images one backbone (or head) run takes from concurrent requests; 1 turns batching
     /// off. A clip's frames, and a window's new frames, go through the backbone in runs of at
-    /// most this many.
+    /// most this many; a ModelInfer call on the backbone or an image head may send at most this
+    /// many images.
     #[arg(
         long,
         env = "POLYHEAD_MAX_BATCH",

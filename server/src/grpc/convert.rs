@@ -17,6 +17,9 @@ use crate::pipeline::{
     Segmentation, Timings,
 };
 
+/// Labels an action request gets when it asks for none (`top_k` 0), within --max-top-k.
+const DEFAULT_TOP_K: u32 = 5;
+
 fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
@@ -418,7 +421,11 @@ pub(super) fn action_options(
             "num_frames is {num_frames}; the limit is {max_frames}"
         )));
     }
-    let top_k = if top_k == 0 { 5 } else { top_k };
+    let top_k = if top_k == 0 {
+        DEFAULT_TOP_K.min(limits.max_top_k)
+    } else {
+        top_k
+    };
     if top_k > limits.max_top_k {
         return Err(invalid(format!(
             "top_k is {top_k}; the limit is {}",
@@ -453,5 +460,29 @@ pub(super) fn clip_input(
             let fps = if fps == 0.0 { 1.0 } else { f64::from(fps) };
             Ok(ClipInput::Frames { frames, fps })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_top_k_stays_within_the_configured_limit() {
+        let params = ActionParams::default();
+        let mut limits = crate::config::Config::for_models("m").limits;
+        let asked = |top_k| v1::ActionOptions {
+            top_k,
+            ..Default::default()
+        };
+        let top_k = |limits: &crate::config::Limits, wanted| {
+            action_options(Some(asked(wanted)), &params, limits).map(|choice| choice.top_k)
+        };
+        assert_eq!(top_k(&limits, 0).expect("default"), 5);
+        limits.max_top_k = 3;
+        assert_eq!(top_k(&limits, 0).expect("default under a lower limit"), 3);
+        assert_eq!(top_k(&limits, 3).expect("at the limit"), 3);
+        let err = top_k(&limits, 4).expect_err("over the limit");
+        assert!(err.to_string().contains("the limit is 3"), "{err}");
     }
 }

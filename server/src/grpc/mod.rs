@@ -30,9 +30,6 @@ pub use service::PolyheadService;
 use crate::lifecycle::Lifecycle;
 use crate::security::Security;
 
-/// Largest response message, in bytes: label maps of large images are big.
-const MAX_RESPONSE_BYTES: usize = 256 << 20;
-
 /// Largest HTTP/2 frame a client may send (the protocol's default is 16 KiB): an image arrives
 /// in a few frames rather than in one per 16 KiB, each read, parsed and handed on alone.
 const MAX_FRAME_BYTES: u32 = 1 << 20;
@@ -47,6 +44,8 @@ const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub struct ServeOptions {
     /// Largest request message, in bytes.
     pub max_request_bytes: usize,
+    /// Largest response message, in bytes.
+    pub max_response_bytes: usize,
     /// Serve gRPC reflection (v1 and v1alpha).
     pub reflection: bool,
     /// HTTP/2 streams one connection may have open at once.
@@ -77,11 +76,11 @@ pub async fn serve_secured(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let max_request = options.max_request_bytes;
+    let (max_request, max_response) = (options.max_request_bytes, options.max_response_bytes);
     let polyhead = Deferred::new(Arc::clone(&lifecycle), move |pipeline| {
         PolyheadServer::new(PolyheadService::new(pipeline))
             .max_decoding_message_size(max_request)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(max_response)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
             .send_compressed(CompressionEncoding::Gzip)
@@ -90,7 +89,7 @@ pub async fn serve_secured(
     // The protocol's own probes answer "live, not ready" while loading and draining.
     let oip = Admitted::new(
         Arc::clone(&lifecycle),
-        oip::service(Arc::clone(&lifecycle), max_request),
+        oip::service(Arc::clone(&lifecycle), max_request, max_response),
         &["ServerLive", "ServerReady", "ModelReady", "ServerMetadata"],
     );
     // Both protocol versions: some clients only speak v1alpha.

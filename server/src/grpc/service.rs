@@ -1,5 +1,7 @@
-//! The `polyhead.v1.Polyhead` service: each RPC validates its request, runs the pipeline under
-//! the call's deadline and converts the result.
+//! The `polyhead.v1.Polyhead` service: each RPC validates its request, runs the pipeline in an
+//! admission slot under the call's deadline and converts the result. Validation comes before
+//! admission, so that a request that can never succeed is INVALID_ARGUMENT at once, even while
+//! every slot is busy, rather than RESOURCE_EXHAUSTED (which clients retry).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,19 +35,23 @@ impl PolyheadService {
         }
     }
 
-    /// Runs `work` in an admission slot (waiting for one, within the deadline, when all are
-    /// busy), under the call's deadline (or the default one), with a request id for logs.
-    async fn call<T, F>(
+    /// Answers the error of an invalid request, else runs `work` on the valid one in an
+    /// admission slot (waiting for one, within the deadline, when all are busy), under the
+    /// call's deadline (or the default one), with a request id for logs.
+    async fn call<V, T, W, F>(
         &self,
         metadata: &MetadataMap,
         extensions: &Extensions,
         rpc: &str,
-        work: F,
+        valid: Result<V, Error>,
+        work: W,
     ) -> Result<Response<T>, Status>
     where
+        W: FnOnce(V) -> F,
         F: Future<Output = Result<T, Error>>,
     {
-        let admitted = self.pipeline.admission().run(work);
+        let admission = self.pipeline.admission();
+        let admitted = async move { admission.run(work(valid?)).await };
         self.answer(metadata, extensions, rpc, admitted).await
     }
 
@@ -77,22 +83,29 @@ impl Polyhead for PolyheadService {
     ) -> Result<Response<v1::DetectResponse>, Status> {
         let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, &extensions, "Detect", async move {
-            let models = pipeline.models();
-            let head = convert::head(models, &req.head, HeadKind::Detection)?;
+        let valid = (|| {
+            let head = convert::head(pipeline.models(), &req.head, HeadKind::Detection)?;
             let options = convert::detect_options(req.options, &head)?;
-            let image = convert::image(req.image)?;
-            let (output, timings) = run_one(pipeline, &head, options, image).await?;
-            let HeadOutput::Detections(d) = output else {
-                return Err(Error::Internal(
-                    "the detection head returned no detections".into(),
-                ));
-            };
-            Ok(v1::DetectResponse {
-                detections: Some(convert::detections(d, &head.labels)),
-                timings: Some(convert::timings(timings)),
-            })
-        })
+            Ok((head, options, convert::image(req.image)?))
+        })();
+        self.call(
+            &metadata,
+            &extensions,
+            "Detect",
+            valid,
+            |(head, options, image)| async move {
+                let (output, timings) = run_one(pipeline, &head, options, image).await?;
+                let HeadOutput::Detections(d) = output else {
+                    return Err(Error::Internal(
+                        "the detection head returned no detections".into(),
+                    ));
+                };
+                Ok(v1::DetectResponse {
+                    detections: Some(convert::detections(d, &head.labels)),
+                    timings: Some(convert::timings(timings)),
+                })
+            },
+        )
         .await
     }
 
@@ -102,22 +115,29 @@ impl Polyhead for PolyheadService {
     ) -> Result<Response<v1::SegmentResponse>, Status> {
         let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, &extensions, "Segment", async move {
-            let models = pipeline.models();
-            let head = convert::head(models, &req.head, HeadKind::Segmentation)?;
+        let valid = (|| {
+            let head = convert::head(pipeline.models(), &req.head, HeadKind::Segmentation)?;
             let options = convert::segment_options(req.options, &head)?;
-            let image = convert::image(req.image)?;
-            let (output, timings) = run_one(pipeline, &head, options, image).await?;
-            let HeadOutput::Segmentation(s) = output else {
-                return Err(Error::Internal(
-                    "the segmentation head returned no label map".into(),
-                ));
-            };
-            Ok(v1::SegmentResponse {
-                segmentation: Some(convert::segmentation(s, &head.labels)),
-                timings: Some(convert::timings(timings)),
-            })
-        })
+            Ok((head, options, convert::image(req.image)?))
+        })();
+        self.call(
+            &metadata,
+            &extensions,
+            "Segment",
+            valid,
+            |(head, options, image)| async move {
+                let (output, timings) = run_one(pipeline, &head, options, image).await?;
+                let HeadOutput::Segmentation(s) = output else {
+                    return Err(Error::Internal(
+                        "the segmentation head returned no label map".into(),
+                    ));
+                };
+                Ok(v1::SegmentResponse {
+                    segmentation: Some(convert::segmentation(s, &head.labels)),
+                    timings: Some(convert::timings(timings)),
+                })
+            },
+        )
         .await
     }
 
@@ -127,15 +147,21 @@ impl Polyhead for PolyheadService {
     ) -> Result<Response<v1::RecognizeActionResponse>, Status> {
         let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, &extensions, "RecognizeAction", async move {
-            let req = convert::action_request(pipeline.models(), pipeline.limits(), req)?;
-            let head = req.head.clone();
-            let (actions, timings) = pipeline.run_action(req).await?;
-            Ok(v1::RecognizeActionResponse {
-                actions: Some(convert::actions(actions, &head.labels)),
-                timings: Some(convert::timings(timings)),
-            })
-        })
+        let valid = convert::action_request(pipeline.models(), pipeline.limits(), req);
+        self.call(
+            &metadata,
+            &extensions,
+            "RecognizeAction",
+            valid,
+            |req| async move {
+                let head = req.head.clone();
+                let (actions, timings) = pipeline.run_action(req).await?;
+                Ok(v1::RecognizeActionResponse {
+                    actions: Some(convert::actions(actions, &head.labels)),
+                    timings: Some(convert::timings(timings)),
+                })
+            },
+        )
         .await
     }
 
@@ -153,21 +179,35 @@ impl Polyhead for PolyheadService {
     ) -> Result<Response<v1::AnalyzeResponse>, Status> {
         let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, &extensions, "Analyze", async move {
-            let models = pipeline.models();
-            let tasks =
-                convert::analyze_tasks(models, req.heads, req.detect_options, req.segment_options)?;
-            let image = convert::image(req.image)?;
-            let (outputs, timings) = pipeline.run_image(ImageRequest { image, tasks }).await?;
-            let results = outputs
-                .into_iter()
-                .map(|(name, output)| head_result(pipeline, name, output))
-                .collect();
-            Ok(v1::AnalyzeResponse {
-                results,
-                timings: Some(convert::timings(timings)),
+        let valid = (|| {
+            let tasks = convert::analyze_tasks(
+                pipeline.models(),
+                req.heads,
+                req.detect_options,
+                req.segment_options,
+            )?;
+            Ok(ImageRequest {
+                image: convert::image(req.image)?,
+                tasks,
             })
-        })
+        })();
+        self.call(
+            &metadata,
+            &extensions,
+            "Analyze",
+            valid,
+            |request| async move {
+                let (outputs, timings) = pipeline.run_image(request).await?;
+                let results = outputs
+                    .into_iter()
+                    .map(|(name, output)| head_result(pipeline, name, output))
+                    .collect();
+                Ok(v1::AnalyzeResponse {
+                    results,
+                    timings: Some(convert::timings(timings)),
+                })
+            },
+        )
         .await
     }
 
@@ -208,11 +248,17 @@ impl Polyhead for PolyheadService {
     ) -> Result<Response<v1::ExtractFeaturesResponse>, Status> {
         let (metadata, extensions, req) = request.into_parts();
         let pipeline = &self.pipeline;
-        self.call(&metadata, &extensions, "ExtractFeatures", async move {
-            let image = convert::image(req.image)?;
-            let extracted = pipeline.extract_features(image).await?;
-            Ok(convert::extracted_features(extracted))
-        })
+        let valid = convert::image(req.image);
+        self.call(
+            &metadata,
+            &extensions,
+            "ExtractFeatures",
+            valid,
+            |image| async move {
+                let extracted = pipeline.extract_features(image).await?;
+                Ok(convert::extracted_features(extracted))
+            },
+        )
         .await
     }
 }

@@ -14,9 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use polyhead_proto::Bytes;
 use polyhead_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
+use polyhead_proto::inference::model_infer_request::InferInputTensor;
 use polyhead_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
@@ -25,7 +27,7 @@ use polyhead_proto::inference::{
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
-use super::{MAX_RESPONSE_BYTES, deadline, status};
+use super::{deadline, status};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::lifecycle::Lifecycle;
@@ -42,14 +44,16 @@ pub struct OipService {
     next_id: AtomicU64,
 }
 
-/// The service with its message limits: requests up to `max_message_bytes` (decoded).
+/// The service with its message limits: requests up to `max_message_bytes` (decoded), responses
+/// up to `max_response_bytes`.
 pub fn service(
     lifecycle: Arc<Lifecycle>,
     max_message_bytes: usize,
+    max_response_bytes: usize,
 ) -> GrpcInferenceServiceServer<OipService> {
     GrpcInferenceServiceServer::new(OipService::new(lifecycle))
         .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(max_response_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
@@ -153,7 +157,11 @@ impl GrpcInferenceService for OipService {
         let (metadata, extensions, request) = request.into_parts();
         let request_id = self.request_id();
         let pipeline = self.pipeline()?;
-        let work = pipeline.admission().run(infer(pipeline, request));
+        // Checked before admission: a request that names no model is refused at once.
+        let work = async move {
+            let checked = check(pipeline, request)?;
+            pipeline.admission().run(infer(pipeline, checked)).await
+        };
         deadline::run(
             &metadata,
             &extensions,
@@ -166,12 +174,17 @@ impl GrpcInferenceService for OipService {
     }
 }
 
-/// Checks the request, runs the backbone ONCE (then the head, for a head model) and returns the
-/// requested outputs as raw little-endian FP32.
-async fn infer(
-    pipeline: &Pipeline,
-    request: ModelInferRequest,
-) -> Result<ModelInferResponse, Error> {
+/// A ModelInfer request whose model and outputs exist.
+struct Checked<'a> {
+    model: Model<'a>,
+    wanted: Vec<String>,
+    id: String,
+    inputs: Vec<InferInputTensor>,
+    raw_input_contents: Vec<Bytes>,
+}
+
+/// Finds the request's model and checks the outputs it asks for.
+fn check(pipeline: &Pipeline, request: ModelInferRequest) -> Result<Checked<'_>, Error> {
     // Request-level parameters (priority, sequence ids, ...) select nothing polyhead offers.
     let ModelInferRequest {
         model_name,
@@ -184,6 +197,25 @@ async fn infer(
     } = request;
     let model = Model::find(pipeline.models(), &model_name, &model_version)?;
     let wanted = tensor::requested_outputs(&outputs, model.outputs())?;
+    Ok(Checked {
+        model,
+        wanted,
+        id,
+        inputs,
+        raw_input_contents,
+    })
+}
+
+/// Runs the backbone ONCE (then the head, for a head model) on the checked request's input and
+/// returns the requested outputs as raw little-endian FP32.
+async fn infer(pipeline: &Pipeline, checked: Checked<'_>) -> Result<ModelInferResponse, Error> {
+    let Checked {
+        model,
+        wanted,
+        id,
+        inputs,
+        raw_input_contents,
+    } = checked;
     let declared = model.input()?.clone();
     // Turning up to a whole message of bytes into floats is kept off the async workers.
     let input = tokio::task::spawn_blocking(move || {
@@ -192,6 +224,7 @@ async fn infer(
     .await??;
     model.check_batch(input.shape(), pipeline.limits())?;
     let results = model.run(input).await?;
+    tensor::check_response_size(&results, &wanted, pipeline.limits().max_response_bytes)?;
     let (outputs, raw_output_contents) =
         tokio::task::spawn_blocking(move || tensor::encode_outputs(&results, &wanted)).await??;
     Ok(ModelInferResponse {

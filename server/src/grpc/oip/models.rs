@@ -81,21 +81,40 @@ impl<'a> Model<'a> {
             .map_or(self.set.backbone.worker.outputs(), |h| h.worker.outputs())
     }
 
-    /// Refuses a clip of more frames than an action head takes; other models take any batch.
+    /// Refuses an input `[N, 3, H, W]` that one run must not take: a clip of more frames than an
+    /// action head takes, more images than `--max-batch` for the other models (which bounds a
+    /// run's activation memory, as on the request path), or a dynamic height and width past the
+    /// image limits.
     pub(super) fn check_batch(&self, shape: &[usize], limits: &Limits) -> Result<(), Error> {
-        let Some(HeadParams::Action(params)) = self.head.map(|h| &h.params) else {
-            return Ok(());
+        let input = &self.set.backbone.spec.input;
+        let items = shape.first().copied().unwrap_or(0);
+        let (most, what, flag) = match self.head.map(|h| &h.params) {
+            Some(HeadParams::Action(params)) => (
+                params.max_frames.min(limits.max_frames) as usize,
+                "frames",
+                "max_frames",
+            ),
+            _ => (self.set.backbone.max_batch(), "images", "--max-batch"),
         };
-        let max = params.max_frames.min(limits.max_frames) as usize;
-        match shape.first() {
-            Some(&frames) if frames > max => Err(Error::InvalidArgument(format!(
-                "input '{}' holds {frames} frames on axis 0; head '{}' takes at most {max} \
-                 (max_frames)",
-                self.set.backbone.spec.input,
+        if items > most {
+            return Err(Error::InvalidArgument(format!(
+                "input '{input}' holds {items} {what} on axis 0; model '{}' takes at most {most} \
+                 in one call ({flag})",
                 self.name()
-            ))),
-            _ => Ok(()),
+            )));
         }
+        if let [_, _, height, width] = *shape {
+            let side = height.max(width);
+            let pixels = height as u64 * width as u64;
+            if side > limits.max_image_side as usize || pixels > limits.max_image_pixels {
+                return Err(Error::InvalidArgument(format!(
+                    "input '{input}' is {height} x {width}; the limits are {} pixels a side \
+                     (--max-image-side) and {} pixels (--max-image-pixels)",
+                    limits.max_image_side, limits.max_image_pixels
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the backbone ONCE on `input`, then the head (if any) on the features it consumes.

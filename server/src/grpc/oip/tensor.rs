@@ -77,6 +77,27 @@ pub(super) fn requested_outputs(
 }
 
 /// Encodes the outputs called `wanted` as FP32 tensors with row-major little-endian raw bytes.
+/// Refuses outputs whose `wanted` tensors hold more than `limit` bytes of FP32, before they are
+/// encoded: tonic would refuse the encoded message anyway, with a status naming no limit.
+pub(super) fn check_response_size(
+    outputs: &NamedTensors,
+    wanted: &[String],
+    limit: usize,
+) -> Result<(), Error> {
+    let bytes: usize = outputs
+        .iter()
+        .filter(|(name, _)| wanted.contains(name))
+        .map(|(_, tensor)| tensor.len() * size_of::<f32>())
+        .sum();
+    if bytes > limit {
+        return Err(Error::InvalidArgument(format!(
+            "the requested outputs hold {bytes} bytes; a response may hold {limit} \
+             (--max-response-bytes): ask for fewer outputs or a smaller batch"
+        )));
+    }
+    Ok(())
+}
+
 pub(super) fn encode_outputs(
     outputs: &NamedTensors,
     wanted: &[String],
