@@ -9,7 +9,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
 apt_packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
-  libswscale-dev ffmpeg unzip)
+  libswscale-dev ffmpeg unzip python3-venv)
 python_packages=(onnx==1.23.2 numpy==2.4.6 onnxruntime==1.32.0 pycocotools==2.0.11)
 # Real gRPC peers for the tests: the health and reflection protocols, grpcurl, Triton's client.
 test_packages=(grpcio==1.85.3 grpcio-health-checking==1.81.1 grpcio-tools==1.81.1 protobuf==6.33.6

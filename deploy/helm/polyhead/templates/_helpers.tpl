@@ -29,10 +29,50 @@ app.kubernetes.io/name: {{ include "polyhead.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* Where the auth Secret's token file is mounted. */}}
+{{- define "polyhead.authTokenFile" -}}
+/var/run/secrets/polyhead/{{ .Values.auth.secretKey }}
+{{- end }}
+
+{{/*
+Keys of .Values.config the chart sets itself: a second copy would be a duplicate TOML key, which
+the server refuses. The server reads `_` in a key as `-`.
+*/}}
+{{- define "polyhead.checkConfig" -}}
+{{- range $key, $_ := .Values.config }}
+{{- $long := replace "_" "-" $key }}
+{{- if eq $long "listen" }}
+{{- fail (printf "config.%s cannot be set: the chart listens on 0.0.0.0:service.grpcPort, which the Service and the probes use too; set service.grpcPort instead" $key) }}
+{{- else if eq $long "metrics-listen" }}
+{{- fail (printf "config.%s cannot be set: the chart serves metrics on 0.0.0.0:service.metricsPort, which the Service and the scrape annotations use too; set service.metricsPort instead" $key) }}
+{{- else if and (eq $long "auth-token-file") $.Values.auth.existingSecret }}
+{{- fail (printf "config.%s cannot be set together with auth.existingSecret, which sets it" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Seconds the kubelet waits before killing the pod: terminationGracePeriodSeconds when set, else the
+preStop sleep + the drain timeout (the server's default, 30, when config leaves it out) + 5.
+*/}}
+{{- define "polyhead.terminationGracePeriod" -}}
+{{- $grace := .Values.terminationGracePeriodSeconds }}
+{{- if or (kindIs "invalid" $grace) (eq (toString $grace) "") }}
+{{- $drain := index .Values.config "drain-timeout-seconds" | default 30 }}
+{{- add (int .Values.preStopSleepSeconds) (int $drain) 5 }}
+{{- else }}
+{{- int $grace }}
+{{- end }}
+{{- end }}
+
 {{/* The server's TOML configuration; listen and metrics addresses are fixed by the chart. */}}
 {{- define "polyhead.config" -}}
+{{- include "polyhead.checkConfig" . -}}
 listen = "0.0.0.0:{{ .Values.service.grpcPort }}"
 metrics-listen = "0.0.0.0:{{ .Values.service.metricsPort }}"
+{{- if .Values.auth.existingSecret }}
+auth-token-file = {{ include "polyhead.authTokenFile" . | quote }}
+{{- end }}
 {{- range $key, $value := .Values.config }}
 {{- if kindIs "string" $value }}
 {{ $key }} = {{ $value | quote }}
