@@ -22,6 +22,16 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The TLS settings cannot be used: a certificate or key that does not parse, a server
+    /// name that is not a valid DNS name or IP address, ...
+    #[error(
+        "invalid TLS settings: {} (check --tls-ca, --tls-cert, --tls-key and --tls-domain)",
+        causes(.source)
+    )]
+    Tls {
+        /// The error, whose source chain says what is wrong.
+        source: tonic::transport::Error,
+    },
     /// No connection could be established.
     #[error(
         "cannot connect to polyhead at {addr}: {reason} ({hint})",
@@ -66,7 +76,10 @@ impl ClientError {
             Self::Status(status) => Some(status.code()),
             Self::Connect { .. } => Some(Code::Unavailable),
             Self::Timeout { .. } => Some(Code::DeadlineExceeded),
-            Self::InvalidAddress { .. } | Self::InvalidToken | Self::Io { .. } => None,
+            Self::InvalidAddress { .. }
+            | Self::Tls { .. }
+            | Self::InvalidToken
+            | Self::Io { .. } => None,
         }
     }
 
@@ -78,11 +91,41 @@ impl ClientError {
         }
     }
 
+    /// Whether the server refused the request message as larger than it accepts (its
+    /// `--max-message-bytes`): RESOURCE_EXHAUSTED saying the message is too large. Sending the
+    /// same message again cannot succeed; a smaller one, or the same input in chunks, may.
+    pub fn is_request_too_large(&self) -> bool {
+        self.status().is_some_and(request_too_large)
+    }
+
+    /// The server's limit on a request message, in bytes, when it refused one as too large and
+    /// said what its limit is.
+    pub fn server_message_limit(&self) -> Option<u64> {
+        let status = self.status().filter(|status| request_too_large(status))?;
+        message_sizes(status.message()).map(|(_, limit)| limit)
+    }
+
+    /// Whether trying again later may succeed: a refusal for now (UNAVAILABLE,
+    /// RESOURCE_EXHAUSTED), except a request too large for the server and a connection whose
+    /// TLS handshake failed, which fail the same way every time.
+    pub(crate) fn is_transient(&self) -> bool {
+        let refused_for_now = matches!(
+            self.code(),
+            Some(Code::Unavailable | Code::ResourceExhausted)
+        );
+        let for_good = match self {
+            Self::Connect { source, .. } => handshake_failed(source),
+            _ => self.is_request_too_large(),
+        };
+        refused_for_now && !for_good
+    }
+
     /// Classifies a failed call: deadline expiries (reported by the server as
     /// `DEADLINE_EXCEEDED`, or by the channel as a cancelled "Timeout expired") become
-    /// [`ClientError::Timeout`]; a connection that broke (a TLS handshake the server refused,
-    /// say), which tonic reports as UNKNOWN "transport error", becomes UNAVAILABLE with the
-    /// reason; everything else [`ClientError::Status`].
+    /// [`ClientError::Timeout`]; a connection that broke (a TLS handshake the server refused, a
+    /// server that went away mid-stream, a keepalive ping left unanswered), which tonic reports
+    /// as UNKNOWN "transport error", "h2 protocol error" or UNAVAILABLE "http2 error", becomes
+    /// UNAVAILABLE "connection failed" with the reason; everything else [`ClientError::Status`].
     pub(crate) fn from_call(status: tonic::Status, timeout: Duration) -> Self {
         let expired = status.code() == Code::DeadlineExceeded
             || (status.code() == Code::Cancelled && status.message() == "Timeout expired");
@@ -122,6 +165,7 @@ fn status_message(status: &tonic::Status) -> String {
         Code::NotFound => with("not found"),
         Code::AlreadyExists => with("already exists"),
         Code::PermissionDenied => with("permission denied"),
+        Code::ResourceExhausted if request_too_large(status) => too_large_message(&message),
         Code::ResourceExhausted => format!("{}; retry later", with("server is at capacity")),
         Code::FailedPrecondition => with("server cannot serve the request"),
         Code::Aborted => with("request aborted"),
@@ -141,6 +185,51 @@ fn status_message(status: &tonic::Status) -> String {
     }
 }
 
+/// Whether `status` refuses a request message over the server's size limit: RESOURCE_EXHAUSTED
+/// with polyhead's "too large" (or gRPC's "larger than max") message.
+fn request_too_large(status: &tonic::Status) -> bool {
+    status.code() == Code::ResourceExhausted
+        && (status.message().contains("too large") || status.message().contains("larger than max"))
+}
+
+/// The message for a request over the server's size limit, with the sizes when the server's
+/// message gives them (`found N bytes, the limit is: M bytes`).
+fn too_large_message(message: &str) -> String {
+    match message_sizes(message) {
+        Some((found, limit)) => format!(
+            "request too large: {found} bytes, over the server's limit of {limit} bytes per \
+             message (its --max-message-bytes); send a smaller input"
+        ),
+        None => format!(
+            "request too large for the server (its --max-message-bytes): {message}; send a \
+             smaller input"
+        ),
+    }
+}
+
+/// The sizes in tonic's refusal of a message over the limit: (found, limit).
+fn message_sizes(message: &str) -> Option<(u64, u64)> {
+    let (_, rest) = message.split_once("found ")?;
+    let (found, rest) = rest.split_once(" bytes, the limit is: ")?;
+    let limit = rest.split(' ').next()?;
+    Some((found.parse().ok()?, limit.parse().ok()?))
+}
+
+/// The causes of an error, outermost first, joined with `: `; the error's own message is left
+/// out when it has causes, as tonic's "transport error" says nothing they do not.
+fn causes(error: &(dyn StdError + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut current = error.source();
+    while let Some(cause) = current {
+        parts.push(cause.to_string());
+        current = cause.source();
+    }
+    if parts.is_empty() {
+        return error.to_string();
+    }
+    parts.join(": ")
+}
+
 /// Collapses a possibly multi-line message into one line.
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -148,10 +237,19 @@ fn one_line(message: &str) -> String {
 
 /// The most telling reason in a connection error's source chain.
 fn connect_reason(error: &tonic::transport::Error) -> String {
-    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+    chain_reason(error)
+}
+
+/// The most telling reason in an error's source chain: its I/O error's, else the innermost
+/// message. h2 holds the I/O error of a broken connection without exposing it as a source.
+fn chain_reason(error: &(dyn StdError + 'static)) -> String {
+    let mut current = Some(error);
     let mut innermost = error.to_string();
     while let Some(err) = current {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
+        let io = err
+            .downcast_ref::<io::Error>()
+            .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if let Some(io) = io {
             return io_reason(io);
         }
         innermost = err.to_string();
@@ -160,32 +258,58 @@ fn connect_reason(error: &tonic::transport::Error) -> String {
     innermost
 }
 
-/// The reason of a call that failed in the transport rather than on the server.
+/// The reason of a call that failed in the transport rather than on the server: a status
+/// tonic made up locally from the connection's error (UNKNOWN, or UNAVAILABLE for a keepalive
+/// ping left unanswered), or a request the connection closed under before it was sent (a
+/// draining server's GOAWAY), which tonic reports as CANCELLED. Only such statuses have a
+/// source; the server's come without.
 fn transport_failure(status: &tonic::Status) -> Option<String> {
-    if status.code() != Code::Unknown {
-        return None;
-    }
     let source = StdError::source(status)?;
-    source
-        .downcast_ref::<tonic::transport::Error>()
-        .map(connect_reason)
+    match status.code() {
+        Code::Unknown | Code::Unavailable => Some(chain_reason(source)),
+        Code::Cancelled if never_sent(source) => {
+            Some("connection closed before the request was sent".to_owned())
+        }
+        _ => None,
+    }
 }
 
-/// What to check when a connection cannot be established: the TLS settings when the handshake
-/// failed (rustls reports it as invalid data), the address otherwise.
-fn connect_hint(error: &tonic::transport::Error) -> &'static str {
-    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+/// Whether hyper cancelled the request before it was written: nothing reached the server, so
+/// sending it again is safe.
+fn never_sent(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
     while let Some(err) = current {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io.kind() == io::ErrorKind::InvalidData {
-                return "check that --tls-ca holds the CA that signed the server's certificate \
-                        and that --tls-domain matches it";
-            }
-            break;
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
         }
         current = err.source();
     }
+    false
+}
+
+/// What to check when a connection cannot be established: the TLS settings when the handshake
+/// failed, the address otherwise.
+fn connect_hint(error: &tonic::transport::Error) -> &'static str {
+    if handshake_failed(error) {
+        return "check that --tls-ca holds the CA that signed the server's certificate and that \
+                --tls-domain matches it";
+    }
     "is the server running? set --server or POLYHEAD_SERVER"
+}
+
+/// Whether a connection failed in the TLS handshake (rustls reports it as invalid data).
+fn handshake_failed(error: &tonic::transport::Error) -> bool {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.kind() == io::ErrorKind::InvalidData;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// A short lower-case reason for the common socket errors.
@@ -194,6 +318,8 @@ fn io_reason(error: &io::Error) -> String {
         io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
         io::ErrorKind::TimedOut => "connection timed out".to_owned(),
         io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
+        // h2's word for a connection that closed under an open stream.
+        io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => "connection lost".to_owned(),
         io::ErrorKind::AddrNotAvailable => "address not available".to_owned(),
         _ => error.to_string(),
     }
@@ -301,5 +427,64 @@ mod tests {
             status.status().map(tonic::Status::message),
             Some("no such head")
         );
+    }
+
+    #[test]
+    fn requests_over_the_server_limit_are_not_capacity() {
+        let text = "the request message is too large (--max-message-bytes): Error, decoded message \
+                    length too large: found 307215 bytes, the limit is: 262144 bytes";
+        let err = ClientError::Status(tonic::Status::resource_exhausted(text));
+        assert!(err.is_request_too_large());
+        assert_eq!(err.server_message_limit(), Some(262144));
+        assert!(!err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            "request too large: 307215 bytes, over the server's limit of 262144 bytes per \
+             message (its --max-message-bytes); send a smaller input"
+        );
+        let bomb = "the request message is too large (--max-message-bytes): Error decompressing: \
+                    size limit reached";
+        assert_eq!(
+            message(Code::ResourceExhausted, bomb),
+            format!(
+                "request too large for the server (its --max-message-bytes): {bomb}; send a \
+                 smaller input"
+            )
+        );
+        let busy = ClientError::Status(tonic::Status::resource_exhausted("8 requests in flight"));
+        assert!(!busy.is_request_too_large());
+        assert_eq!(busy.server_message_limit(), None);
+        assert!(busy.is_transient());
+    }
+
+    #[test]
+    fn tls_errors_carry_their_cause() {
+        let refused = tonic::transport::Endpoint::from_static("https://polyhead:443")
+            .tls_config(tonic::transport::ClientTlsConfig::new().domain_name("bad domain!"));
+        let Err(source) = refused else {
+            panic!("an invalid server name was accepted");
+        };
+        let err = ClientError::Tls { source };
+        assert_eq!(err.code(), None);
+        let text = err.to_string();
+        assert!(text.starts_with("invalid TLS settings: "), "{text}");
+        assert!(!text.contains("transport error"), "{text}");
+        assert!(text.len() > "invalid TLS settings: ".len() + 60, "{text}");
+    }
+
+    #[test]
+    fn broken_connections_are_unavailable() {
+        let mut status = tonic::Status::unknown("h2 protocol error: error reading a body");
+        let lost = io::Error::new(io::ErrorKind::BrokenPipe, "stream closed");
+        status.set_source(std::sync::Arc::new(lost));
+        let err = ClientError::from_call(status, Duration::from_secs(1));
+        assert_eq!(err.code(), Some(Code::Unavailable));
+        assert_eq!(
+            err.to_string(),
+            "server unavailable: connection failed: connection lost"
+        );
+        let sent = tonic::Status::unknown("the handler panicked");
+        let err = ClientError::from_call(sent, Duration::from_secs(1));
+        assert_eq!(err.code(), Some(Code::Unknown), "a server's status is kept");
     }
 }

@@ -1,10 +1,10 @@
 //! Client library for the polyhead inference service.
 //!
 //! [`Client`] is a thin, typed wrapper over the generated gRPC client: it connects eagerly,
-//! sends a deadline with every call and turns failures into [`ClientError`]s with one-line
-//! messages. Requests and responses are the generated [`v1`] messages; the helpers in this crate
-//! build the inputs ([`image_from_path`], [`raw_image`], [`video_clip`], ...) and [`json`]
-//! mirrors the responses for serialisation.
+//! sends a deadline with every call, retries what the server refuses for now and turns failures
+//! into [`ClientError`]s with one-line messages. Requests and responses are the generated [`v1`]
+//! messages; the helpers in this crate build the inputs ([`image_from_path`], [`raw_image`],
+//! [`video_clip`], ...) and [`json`] mirrors the responses for serialisation.
 //!
 //! ```no_run
 //! # async fn run() -> polyhead_client::Result<()> {
@@ -22,12 +22,16 @@
 
 #![warn(missing_docs)]
 
+mod addr;
 mod client;
 mod error;
 mod input;
 pub mod json;
+mod retry;
+mod windows;
 
-pub use client::{Client, ClientOptions, ClientTls, DEFAULT_SERVER, normalize_addr};
+pub use addr::normalize_addr;
+pub use client::{Client, ClientOptions, ClientTls, DEFAULT_SERVER};
 pub use error::{ClientError, Result};
 pub use input::{
     frames_clip, handle_image, image_from_bytes, image_from_path, raw_image, read_file, video_clip,
@@ -37,3 +41,4 @@ pub use input::{
 pub use polyhead_proto::Bytes;
 /// The generated `polyhead.v1` messages and stubs.
 pub use polyhead_proto::v1;
+pub use windows::WindowStream;

@@ -1,4 +1,6 @@
-//! The global TLS and token options and the [`ClientTls`] they describe.
+//! The global TLS and token options and the [`ClientTls`] they describe. Their environment
+//! variables are the client's own: a shell or pod set up for the server (whose certificate and
+//! key are POLYHEAD_TLS_CERT and POLYHEAD_TLS_KEY) does not make the CLI present them.
 
 use std::path::PathBuf;
 
@@ -13,22 +15,24 @@ pub struct CredentialArgs {
     /// CA certificate (PEM) that signed the server's certificate; turns TLS on.
     #[arg(long, global = true, help_heading = GLOBAL, env = "POLYHEAD_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for servers that require one (mutual TLS); needs --tls-key.
+    /// Client certificate (PEM) for servers that require one (mutual TLS); needs --tls-key
+    /// (the server's own POLYHEAD_TLS_CERT is not read).
     #[arg(
         long,
         global = true,
         help_heading = GLOBAL,
-        env = "POLYHEAD_TLS_CERT",
+        env = "POLYHEAD_CLIENT_CERT",
         value_name = "FILE",
         requires_all = ["tls_key", "tls_ca"]
     )]
     pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of the client certificate; needs --tls-cert.
+    /// Private key (PEM) of the client certificate; needs --tls-cert (the server's own
+    /// POLYHEAD_TLS_KEY is not read).
     #[arg(
         long,
         global = true,
         help_heading = GLOBAL,
-        env = "POLYHEAD_TLS_KEY",
+        env = "POLYHEAD_CLIENT_KEY",
         value_name = "FILE",
         requires = "tls_cert"
     )]

@@ -37,7 +37,8 @@ pub struct Cli {
         value_name = "ADDR"
     )]
     pub server: String,
-    /// Deadline of each call, in seconds.
+    /// Deadline of each call, in seconds, its retries included (connecting gets as long); a
+    /// video streamed in windows must be done within it.
     #[arg(
         long,
         global = true,
@@ -48,8 +49,8 @@ pub struct Cli {
         value_parser = parse_secs
     )]
     pub timeout: Duration,
-    /// How many times a call the server refuses for now (UNAVAILABLE, RESOURCE_EXHAUSTED) is
-    /// retried within its deadline; 0 disables retries.
+    /// How many times connecting, or a call the server refuses for now (UNAVAILABLE,
+    /// RESOURCE_EXHAUSTED), is retried within its deadline; 0 disables retries.
     #[arg(
         long,
         global = true,

@@ -1,5 +1,6 @@
 //! Progress display on stderr for long-running commands: a byte bar while reading input files,
-//! a spinner while waiting for the server and a counter of streamed results. Hidden unless stdout is a terminal.
+//! a spinner while waiting for the server and a counter of streamed results. Shown when stderr,
+//! where it is drawn, is a terminal, whatever stdout is (a file, a pipe, `--json`).
 
 use std::fs::File;
 use std::future::Future;
@@ -19,11 +20,17 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// A display shown only when `wanted` and stdout is a terminal.
-    pub(crate) fn new(wanted: bool) -> Self {
+    /// A display shown only when stderr is a terminal.
+    pub(crate) fn new() -> Self {
         Self {
-            visible: wanted && std::io::stdout().is_terminal(),
+            visible: std::io::stderr().is_terminal(),
         }
+    }
+
+    /// A display that draws nothing.
+    #[cfg(test)]
+    pub(crate) fn hidden() -> Self {
+        Self { visible: false }
     }
 
     /// Reads `paths` whole, showing the bytes read so far.
@@ -60,18 +67,16 @@ impl Progress {
         output
     }
 
-    /// A bar counting `unit` done out of a length set as it becomes known.
-    pub(crate) fn counter(&self, unit: &str) -> ProgressBar {
-        let bar = self.bar(Some(0));
-        let template =
-            format!("{{spinner}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}} ({{eta}})");
-        bar.set_style(
-            ProgressStyle::with_template(&template)
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(Duration::from_millis(100));
-        bar
+    /// A counter of `unit` done, a spinner until [`Counter::update`] gives it a total.
+    pub(crate) fn counter(&self, unit: &str) -> Counter {
+        let bar = self.bar(None);
+        let counter = Counter {
+            bar,
+            unit: unit.to_owned(),
+        };
+        counter.bar.set_style(counter.spinner_style());
+        counter.bar.enable_steady_tick(Duration::from_millis(100));
+        counter
     }
 
     /// A bar drawn on stderr, or a hidden one.
@@ -82,6 +87,57 @@ impl Progress {
             ProgressDrawTarget::hidden()
         };
         ProgressBar::with_draw_target(len, target)
+    }
+}
+
+/// How many of some unit are done: a bar out of the estimated total while there is one, a
+/// spinner with the count while the total is unknown.
+pub(crate) struct Counter {
+    bar: ProgressBar,
+    unit: String,
+}
+
+impl Counter {
+    /// Shows `done` out of `estimated`; an estimate of 0 means unknown.
+    pub(crate) fn update(&self, done: u64, estimated: u64) {
+        match (estimated, self.bar.length()) {
+            (0, Some(_)) => {
+                self.bar.unset_length();
+                self.bar.set_style(self.spinner_style());
+            }
+            (0, None) => {}
+            (total, known) => {
+                if known.is_none() {
+                    self.bar.set_style(self.bar_style());
+                }
+                self.bar.set_length(total.max(done));
+            }
+        }
+        self.bar.set_position(done);
+    }
+
+    /// Runs `f` with the display cleared, for output that goes above it.
+    pub(crate) fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
+    /// Removes the display.
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    fn bar_style(&self) -> ProgressStyle {
+        let unit = &self.unit;
+        let template =
+            format!("{{spinner}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}} ({{eta}})");
+        ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ")
+    }
+
+    fn spinner_style(&self) -> ProgressStyle {
+        let template = format!("{{spinner}} {{pos}} {} {{elapsed}}", self.unit);
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_spinner())
     }
 }
 
@@ -118,7 +174,7 @@ mod tests {
         let b = dir.join("b.bin");
         std::fs::write(&a, vec![7u8; CHUNK + 3])?;
         std::fs::write(&b, b"xyz")?;
-        let files = Progress::new(false).read_files(&[a, b]);
+        let files = Progress::hidden().read_files(&[a, b]);
         std::fs::remove_dir_all(&dir)?;
         let files = files?;
         assert_eq!(files[0].len(), CHUNK + 3);
@@ -129,11 +185,26 @@ mod tests {
     #[test]
     fn missing_files_are_named() {
         let missing = PathBuf::from("/nonexistent/clip.mp4");
-        let err = Progress::new(false).read_files(&[missing]).err();
+        let err = Progress::hidden().read_files(&[missing]).err();
         let text = err.map(|e| e.to_string()).unwrap_or_default();
         assert!(
             text.starts_with("cannot read /nonexistent/clip.mp4: "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_unknown_total_counts_without_a_length() {
+        let counter = Progress::hidden().counter("windows");
+        counter.update(3, 0);
+        assert_eq!(counter.bar.length(), None, "a spinner, not a full bar");
+        assert_eq!(counter.bar.position(), 3);
+        counter.update(4, 10);
+        assert_eq!(counter.bar.length(), Some(10));
+        counter.update(12, 10);
+        assert_eq!(counter.bar.length(), Some(12), "never less than done");
+        counter.update(13, 0);
+        assert_eq!(counter.bar.length(), None);
+        assert_eq!(counter.bar.position(), 13);
     }
 }

@@ -7,10 +7,10 @@ use anyhow::Context;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory};
 use polyhead_client::v1::recognize_action_request::Clip;
-use polyhead_client::{frames_clip, json, v1, video_clip};
+use polyhead_client::{Client, ClientError, frames_clip, json, v1, video_clip};
 
 use super::progress::Progress;
-use super::{Cli, Output, Session, layout, render};
+use super::{Cli, Output, Session, layout, render, windows};
 
 /// Image file extensions picked up by `--frames-dir`.
 const FRAME_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
@@ -40,7 +40,8 @@ pub struct VideoArgs {
     pub stride: Option<u32>,
     /// Classify the video in sliding windows of T sampled frames, streamed with progress
     /// (default T: the head's frame count). Implied by --window-stride, --sample-fps and by
-    /// videos larger than one request message.
+    /// videos larger than one request message (the client's or, when it refuses the video, the
+    /// server's --max-message-bytes).
     #[arg(long, value_name = "T", conflicts_with_all = ["images", "frames_dir", "frames"])]
     pub window: Option<u32>,
     /// With windows: sampled frames between the starts of consecutive windows (default: T).
@@ -119,39 +120,65 @@ impl VideoArgs {
 
 /// Runs `polyhead video`.
 pub(crate) async fn run(session: &Session, out: &Output, args: VideoArgs) -> anyhow::Result<()> {
-    let progress = Progress::new(!out.json);
+    let progress = Progress::new();
     let (clip, what) = load_clip(&args, &progress)?;
-    if let Clip::Video(video) = clip {
-        // A video too large for one request message can only go in chunks.
-        if args.windowed() || video.len() >= session.options.max_message_bytes {
-            let options = args.window_options();
-            return super::windows::run(session, out, &progress, video, options).await;
-        }
-        return recognize(session, out, &progress, args, Clip::Video(video), what).await;
+    let client = session.connect().await?;
+    let Clip::Video(video) = clip else {
+        let response = recognize(&client, &progress, &args, clip, &what).await?;
+        return print_actions(out, &response);
+    };
+    // A video too large for one request message can only go in chunks.
+    if args.windowed() || video.len() >= session.options.max_message_bytes {
+        let options = args.window_options();
+        return windows::run(&client, out, &progress, video, options).await;
     }
-    recognize(session, out, &progress, args, clip, what).await
+    let clip = Clip::Video(video.clone());
+    match recognize(&client, &progress, &args, clip, &what).await {
+        Ok(response) => print_actions(out, &response),
+        // The server's limit is lower than the client's: as for a video over the client's.
+        Err(err) if err.is_request_too_large() => {
+            eprintln!("note: {}", chunked_note(&args, &what));
+            let options = args.window_options();
+            windows::run(&client, out, &progress, video, options).await
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Why a video goes to RecognizeActionWindows after all, and what that changes.
+fn chunked_note(args: &VideoArgs, what: &str) -> String {
+    let mut note = format!(
+        "the server refuses {what} in one message (its --max-message-bytes); classifying it \
+         in sliding windows instead, as with --windows"
+    );
+    if args.frames.is_some() {
+        note.push_str(" (--frames does not apply to windows; see --window)");
+    }
+    note
 }
 
 /// Sends the whole clip in one RecognizeAction call.
 async fn recognize(
-    session: &Session,
-    out: &Output,
+    client: &Client,
     progress: &Progress,
-    args: VideoArgs,
+    args: &VideoArgs,
     clip: Clip,
-    what: String,
-) -> anyhow::Result<()> {
+    what: &str,
+) -> Result<v1::RecognizeActionResponse, ClientError> {
     let request = v1::RecognizeActionRequest {
         clip: Some(clip),
         options: Some(args.options()),
-        head: args.head.unwrap_or_default(),
+        head: args.head.clone().unwrap_or_default(),
     };
-    let client = session.connect().await?;
     let waiting = format!("recognising the action in {what}");
-    let response = progress
+    progress
         .wait(waiting, client.recognize_action(request))
-        .await?;
-    out.emit(&json::RecognizeActionResponse::from(&response), || {
+        .await
+}
+
+/// Prints the action of a whole clip.
+fn print_actions(out: &Output, response: &v1::RecognizeActionResponse) -> anyhow::Result<()> {
+    out.emit(&json::RecognizeActionResponse::from(response), || {
         let mut text = render::actions(response.actions.as_ref());
         text.push_str(&render::timings(response.timings.as_ref()));
         text

@@ -1,15 +1,14 @@
 //! `polyhead video` on long clips: the video is streamed to RecognizeActionWindows in chunks and
 //! each window's result is printed as it arrives, under a progress bar of the windows done.
 
-use indicatif::ProgressBar;
 use polyhead_client::v1::recognize_action_windows_response::Event;
-use polyhead_client::{Bytes, json, v1};
+use polyhead_client::{Bytes, Client, ClientError, WindowStream, json, v1};
 use serde::Serialize;
 
-use super::progress::Progress;
-use super::{Output, Session, render, write_stdout};
+use super::progress::{Counter, Progress};
+use super::{Output, render, write_stdout};
 
-/// Upload chunk size: well under any server's message size limit.
+/// Upload chunk size: well under a server's usual message size limit.
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// One window in `--json` output: one object per line.
@@ -33,42 +32,70 @@ struct SummaryLine {
     timings: Option<json::Timings>,
 }
 
-/// Streams `video` with `options` and prints every window, then the totals.
+/// Streams `video` with `options` and prints every window, then the totals. `--timeout` covers
+/// the whole stream.
 pub(super) async fn run(
-    session: &Session,
+    client: &Client,
     out: &Output,
     progress: &Progress,
     video: Bytes,
     options: v1::WindowOptions,
 ) -> anyhow::Result<()> {
-    let client = session.connect().await?;
-    let bar = progress.counter("windows");
-    let mut stream = client
-        .recognize_windows(video, options, CHUNK_BYTES)
-        .await?;
-    while let Some(message) = stream
-        .message()
-        .await
-        .map_err(polyhead_client::ClientError::Status)?
-    {
+    let counter = progress.counter("windows");
+    let result = stream(client, out, &counter, video, options).await;
+    counter.finish();
+    result
+}
+
+/// The stream of [`run`], printing under `counter`.
+async fn stream(
+    client: &Client,
+    out: &Output,
+    counter: &Counter,
+    video: Bytes,
+    options: v1::WindowOptions,
+) -> anyhow::Result<()> {
+    let mut stream = open(client, video, options).await?;
+    while let Some(message) = stream.message().await? {
         if let Some(p) = &message.progress {
-            bar.set_length(u64::from(p.windows_estimated.max(p.windows_done)));
-            bar.set_position(u64::from(p.windows_done));
+            counter.update(u64::from(p.windows_done), u64::from(p.windows_estimated));
         }
         let text = match message.event {
             Some(Event::Window(window)) => window_text(out, window)?,
             Some(Event::Summary(summary)) => summary_text(out, summary)?,
             None => continue,
         };
-        print(&bar, &text)?;
+        counter.suspend(|| write_stdout(&text))?;
     }
-    bar.finish_and_clear();
     Ok(())
 }
 
-/// Writes `text` to stdout above the progress bar.
-fn print(bar: &ProgressBar, text: &str) -> anyhow::Result<()> {
-    bar.suspend(|| write_stdout(text))
+/// Starts the stream in chunks of [`CHUNK_BYTES`]; a server whose message size limit is lower
+/// refuses the first chunk, before any window, and then gets the video again in chunks that
+/// fit its limit.
+async fn open(
+    client: &Client,
+    video: Bytes,
+    options: v1::WindowOptions,
+) -> Result<WindowStream, ClientError> {
+    let refused = match client
+        .stream_windows(video.clone(), options.clone(), CHUNK_BYTES)
+        .await
+    {
+        Ok(stream) => return Ok(stream),
+        Err(refused) => refused,
+    };
+    match refused.server_message_limit().and_then(chunks_within) {
+        Some(chunk_bytes) => client.stream_windows(video, options, chunk_bytes).await,
+        None => Err(refused),
+    }
+}
+
+/// A chunk size below [`CHUNK_BYTES`] that fits a message size limit of `limit` bytes: half of
+/// it, which leaves room for the first message's options.
+fn chunks_within(limit: u64) -> Option<usize> {
+    let half = usize::try_from(limit / 2).ok()?;
+    (half < CHUNK_BYTES).then_some(half.max(1))
 }
 
 fn window_text(out: &Output, w: v1::ActionWindow) -> anyhow::Result<String> {
@@ -120,4 +147,18 @@ fn summary_text(out: &Output, s: v1::WindowsSummary) -> anyhow::Result<String> {
         s.frames_sampled,
         render::timings(s.timings.as_ref())
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_fit_the_server_limit() {
+        assert_eq!(chunks_within(64 << 20), None, "the usual chunks fit");
+        assert_eq!(chunks_within(2 << 20), None);
+        assert_eq!(chunks_within(20_000), Some(10_000));
+        assert_eq!(chunks_within(1), Some(1));
+        assert_eq!(chunks_within(u64::MAX), None);
+    }
 }

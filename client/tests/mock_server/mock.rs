@@ -1,0 +1,333 @@
+//! The mock server: canned answers from fixed data, with failure modes selected by the head
+//! name, and the server's refusal of a request message over its size limit.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use polyhead_client::v1;
+use polyhead_client::v1::polyhead_server::{Polyhead, PolyheadServer};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
+
+/// The mock's message size limit, its `--max-message-bytes`: an image or a clip over it is
+/// refused as polyhead refuses a request message over the limit.
+pub const MESSAGE_LIMIT: usize = 4096;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Answers from fixed data; the head name selects failure modes. Counts the detect calls.
+#[derive(Default)]
+struct Mock {
+    detect_calls: Arc<AtomicUsize>,
+}
+
+/// polyhead's answer to a request message over its size limit (`server/src/grpc/status.rs`):
+/// RESOURCE_EXHAUSTED naming the flag, with tonic's sizes, and a retry hint that asks clients
+/// not to retry.
+fn too_large(found: usize) -> Status {
+    let message = format!(
+        "the request message is too large (--max-message-bytes): Error, decoded message length \
+         too large: found {found} bytes, the limit is: {MESSAGE_LIMIT} bytes"
+    );
+    let mut status = Status::resource_exhausted(message);
+    status
+        .metadata_mut()
+        .insert("grpc-retry-pushback-ms", MetadataValue::from(-1));
+    status
+}
+
+/// The refusal a `flaky` head answers with: `flaky <failures> <code> [<pushback>]` fails the
+/// first `failures` detect calls with `code` (`exhausted`, `unavailable` or `invalid`),
+/// carrying `pushback` as the `grpc-retry-pushback-ms` hint when given.
+fn flaky(head: &str, call: usize) -> Option<Status> {
+    let mut words = head.strip_prefix("flaky ")?.split(' ');
+    let failures: usize = words.next()?.parse().ok()?;
+    let code = match words.next()? {
+        "exhausted" => Code::ResourceExhausted,
+        "unavailable" => Code::Unavailable,
+        _ => Code::InvalidArgument,
+    };
+    if call >= failures {
+        return None;
+    }
+    let mut status = Status::new(code, format!("refusal {}", call + 1));
+    if let Some(hint) = words.next().and_then(|hint| hint.parse().ok()) {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", hint);
+    }
+    Some(status)
+}
+
+#[tonic::async_trait]
+impl Polyhead for Mock {
+    async fn detect(&self, request: Request<v1::DetectRequest>) -> Reply<v1::DetectResponse> {
+        let call = self.detect_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(refusal) = flaky(&request.get_ref().head, call) {
+            return Err(refusal);
+        }
+        let image = request.get_ref().image.as_ref();
+        if let Some(v1::image::Source::Encoded(bytes)) = image.and_then(|i| i.source.as_ref()) {
+            if bytes.len() > MESSAGE_LIMIT {
+                return Err(too_large(bytes.len()));
+            }
+        }
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        match request.get_ref().head.as_str() {
+            "slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+            "busy" => return Err(Status::resource_exhausted("8 requests in flight")),
+            "bad" => return Err(Status::invalid_argument("image is not decodable")),
+            _ => {}
+        }
+        Ok(Response::new(v1::DetectResponse {
+            detections: Some(detections(&deadline)),
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn segment(&self, _: Request<v1::SegmentRequest>) -> Reply<v1::SegmentResponse> {
+        Ok(Response::new(v1::SegmentResponse {
+            segmentation: Some(segmentation()),
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn recognize_action(
+        &self,
+        request: Request<v1::RecognizeActionRequest>,
+    ) -> Reply<v1::RecognizeActionResponse> {
+        let (count, fps) = match &request.get_ref().clip {
+            Some(v1::recognize_action_request::Clip::Frames(f)) => (f.frames.len(), f.fps),
+            Some(v1::recognize_action_request::Clip::Video(video))
+                if video.len() > MESSAGE_LIMIT =>
+            {
+                return Err(too_large(video.len()));
+            }
+            Some(v1::recognize_action_request::Clip::Video(_)) => (4, 2.0),
+            None => return Err(Status::invalid_argument("no clip")),
+        };
+        let rate = if fps > 0.0 { f64::from(fps) } else { 1.0 };
+        Ok(Response::new(v1::RecognizeActionResponse {
+            actions: Some(v1::Actions {
+                top: vec![v1::ActionScore {
+                    class_id: 7,
+                    label: "juggling".into(),
+                    score: 0.75,
+                }],
+                frame_timestamps: (0..count).map(|i| i as f64 / rate).collect(),
+            }),
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn analyze(&self, request: Request<v1::AnalyzeRequest>) -> Reply<v1::AnalyzeResponse> {
+        use v1::head_result::Result as R;
+        let results = request
+            .get_ref()
+            .heads
+            .iter()
+            .map(|head| v1::HeadResult {
+                head: head.clone(),
+                result: Some(if head == "ade" {
+                    R::Segmentation(segmentation())
+                } else {
+                    R::Detections(detections("x"))
+                }),
+            })
+            .collect();
+        Ok(Response::new(v1::AnalyzeResponse {
+            results,
+            timings: Some(timings(1)),
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<v1::ListModelsRequest>,
+    ) -> Reply<v1::ListModelsResponse> {
+        let head = |name: &str, kind: v1::HeadKind| v1::ModelInfo {
+            name: name.into(),
+            role: v1::ModelRole::Head as i32,
+            kind: kind as i32,
+            ..Default::default()
+        };
+        Ok(Response::new(v1::ListModelsResponse {
+            model_set: "mock".into(),
+            backbone: None,
+            heads: vec![
+                head("coco", v1::HeadKind::Detection),
+                head("ade", v1::HeadKind::Segmentation),
+                head("k400", v1::HeadKind::Action),
+            ],
+        }))
+    }
+
+    async fn get_model(&self, request: Request<v1::GetModelRequest>) -> Reply<v1::ModelInfo> {
+        Err(Status::not_found(format!(
+            "no model named {:?}",
+            request.get_ref().name
+        )))
+    }
+
+    async fn extract_features(
+        &self,
+        _: Request<v1::ExtractFeaturesRequest>,
+    ) -> Reply<v1::ExtractFeaturesResponse> {
+        Err(Status::unimplemented("the mock keeps no features"))
+    }
+
+    type RecognizeActionWindowsStream =
+        Pin<Box<dyn Stream<Item = Result<v1::RecognizeActionWindowsResponse, Status>> + Send>>;
+
+    /// Reads the whole upload (refusing a chunk over [`MESSAGE_LIMIT`]), then answers two
+    /// windows of 2 frames and the totals. The head `stall` answers the first window and then
+    /// nothing, keeping the stream open.
+    async fn recognize_action_windows(
+        &self,
+        request: Request<tonic::Streaming<v1::RecognizeActionWindowsRequest>>,
+    ) -> Reply<Self::RecognizeActionWindowsStream> {
+        let mut upload = request.into_inner();
+        let mut video_bytes = 0;
+        let mut head = String::new();
+        while let Some(message) = upload.message().await? {
+            if message.chunk.len() > MESSAGE_LIMIT {
+                return Err(too_large(message.chunk.len()));
+            }
+            video_bytes += message.chunk.len() as u64;
+            if let Some(options) = message.options {
+                head = options.head;
+            }
+        }
+        let mut messages = vec![Ok(window(0)), Ok(window(1))];
+        if head == "stall" {
+            messages.truncate(1);
+            let stalled = tokio_stream::iter(messages).chain(tokio_stream::pending());
+            return Ok(Response::new(Box::pin(stalled)));
+        }
+        messages.push(Ok(summary(video_bytes)));
+        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
+    }
+}
+
+/// The progress after `windows_done` windows of 2 frames, out of 2.
+fn progress(windows_done: u32) -> v1::WindowProgress {
+    v1::WindowProgress {
+        frames_sampled: 2 * u64::from(windows_done),
+        windows_done,
+        frames_estimated: 4,
+        windows_estimated: 2,
+        duration_s: 1.0,
+    }
+}
+
+/// Window `index`: 2 frames, half a second after the previous window.
+fn window(index: u32) -> v1::RecognizeActionWindowsResponse {
+    let start = 0.5 * f64::from(index);
+    v1::RecognizeActionWindowsResponse {
+        event: Some(v1::recognize_action_windows_response::Event::Window(
+            v1::ActionWindow {
+                index,
+                first_frame: 2 * index,
+                start_s: start,
+                end_s: start + 0.25,
+                frame_timestamps: vec![start, start + 0.25],
+                top: vec![v1::ActionScore {
+                    class_id: 7,
+                    label: "juggling".into(),
+                    score: 0.75,
+                }],
+                timings: Some(timings(1)),
+            },
+        )),
+        progress: Some(progress(index + 1)),
+    }
+}
+
+/// The totals of two windows.
+fn summary(video_bytes: u64) -> v1::RecognizeActionWindowsResponse {
+    v1::RecognizeActionWindowsResponse {
+        event: Some(v1::recognize_action_windows_response::Event::Summary(
+            v1::WindowsSummary {
+                windows: 2,
+                frames_sampled: 4,
+                video_bytes,
+                timings: Some(timings(2)),
+            },
+        )),
+        progress: Some(progress(2)),
+    }
+}
+
+fn detections(label: &str) -> v1::Detections {
+    v1::Detections {
+        detections: vec![v1::Detection {
+            class_id: 0,
+            label: label.into(),
+            score: 0.5,
+            r#box: Some(v1::Box {
+                x1: 1.0,
+                y1: 2.0,
+                x2: 3.0,
+                y2: 4.0,
+            }),
+            mask: None,
+        }],
+        image_width: 8,
+        image_height: 6,
+    }
+}
+
+fn segmentation() -> v1::Segmentation {
+    v1::Segmentation {
+        label_map_png: b"\x89PNG fake".to_vec().into(),
+        width: 8,
+        height: 6,
+        class_names: vec!["sky".into()],
+        present: vec![v1::ClassCoverage {
+            class_id: 0,
+            label: "sky".into(),
+            fraction: 1.0,
+        }],
+    }
+}
+
+fn timings(passes: u32) -> v1::Timings {
+    v1::Timings {
+        total_ms: 5.0,
+        backbone_passes: passes,
+        backbone_images: passes,
+        ..Default::default()
+    }
+}
+
+/// Serves [`Mock`] on a free local port.
+pub async fn serve() -> anyhow::Result<SocketAddr> {
+    Ok(serve_counting().await?.0)
+}
+
+/// Serves [`Mock`] on a free local port; the counter is the number of detect calls it received.
+pub async fn serve_counting() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    Ok((addr, serve_on(listener)))
+}
+
+/// Serves [`Mock`] on `listener`; the counter is the number of detect calls it received.
+pub fn serve_on(listener: tokio::net::TcpListener) -> Arc<AtomicUsize> {
+    let mock = Mock::default();
+    let calls = Arc::clone(&mock.detect_calls);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PolyheadServer::new(mock))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    calls
+}
