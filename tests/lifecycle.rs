@@ -181,6 +181,9 @@ async fn drain_answers_in_flight_calls_and_refuses_new_ones() {
     let refused = early
         .detect(encoded(photo("coffee.png")), Default::default(), "")
         .await;
+    // Answered UNAVAILABLE by the draining server, or refused on the way by the connection it
+    // sent a GOAWAY on and then by its closed listener: either way a refusal the client may
+    // take elsewhere, never a cancellation.
     assert_eq!(
         refused.expect_err("draining").code(),
         Some(Code::Unavailable)
@@ -189,6 +192,79 @@ async fn drain_answers_in_flight_calls_and_refuses_new_ones() {
         let response = call.await.expect("join").expect("in-flight call answered");
         assert_eq!(response.segmentation.expect("map").width, 3000);
     }
+    own.done.await.expect("join").expect("clean stop");
+    assert_eq!(own.lifecycle.inflight(), 0);
+}
+
+#[tokio::test]
+async fn a_drain_closes_idle_connections_and_the_listener_while_calls_finish() {
+    use tokio_stream::StreamExt;
+    use v1::polyhead_client::PolyheadClient;
+    let config = Config::for_models(crate::common::models_dir());
+    let own = loading_server(&config).await;
+    own.lifecycle
+        .set_ready(Arc::clone(&server().pipeline))
+        .await;
+    // An idle HTTP/2 connection, opened before the drain.
+    let tcp = tokio::net::TcpStream::connect(own.addr)
+        .await
+        .expect("connect");
+    let (_requests, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let idle = tokio::spawn(connection);
+    // A call that stays in flight until the test ends its upload.
+    let clip = crate::common::make_clip("testsrc=size=160x120:rate=10", 2.0, "mp4", &[]);
+    let (half, rest) = clip.split_at(clip.len() / 2);
+    let (upload, chunks) = tokio::sync::mpsc::channel(4);
+    let message = |options, chunk: &[u8]| v1::RecognizeActionWindowsRequest {
+        options,
+        chunk: chunk.to_vec().into(),
+    };
+    let first = v1::WindowOptions {
+        window_frames: 8,
+        ..Default::default()
+    };
+    upload
+        .send(message(Some(first), half))
+        .await
+        .expect("first part");
+    let mut raw = PolyheadClient::new(channel(own.addr).await);
+    let call = tokio::spawn(async move {
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks);
+        let responses = raw.recognize_action_windows(stream).await?.into_inner();
+        let responses: Vec<_> = responses.collect().await;
+        responses.into_iter().collect::<Result<Vec<_>, _>>()
+    });
+    let lifecycle = Arc::clone(&own.lifecycle);
+    wait_until(|| lifecycle.inflight() == 1).await;
+
+    own.stop.send(()).expect("stop");
+    // The idle connection gets a GOAWAY and is closed at once: its client's next call goes to
+    // another replica instead of being refused here until the drain ends.
+    tokio::time::timeout(Duration::from_secs(20), idle)
+        .await
+        .expect("the idle connection was closed while a call was in flight")
+        .expect("join")
+        .ok();
+    let refused = tokio::net::TcpStream::connect(own.addr).await;
+    assert!(refused.is_err(), "the listener is closed while draining");
+    assert_eq!(own.lifecycle.inflight(), 1, "the call is still in flight");
+
+    upload.send(message(None, rest)).await.expect("second part");
+    drop(upload);
+    let responses = call
+        .await
+        .expect("join")
+        .expect("the in-flight call finishes during the drain");
+    let windows = responses
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.event,
+                Some(v1::recognize_action_windows_response::Event::Window(_))
+            )
+        })
+        .count();
+    assert_eq!(windows, 2, "20 frames in windows of 8");
     own.done.await.expect("join").expect("clean stop");
     assert_eq!(own.lifecycle.inflight(), 0);
 }

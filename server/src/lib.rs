@@ -22,7 +22,6 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use config::Config;
 pub use error::Error;
@@ -58,9 +57,6 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
     tracing::debug!(released, "free heap memory returned to the system");
     Ok(pipeline)
 }
-
-/// How long past the drain timeout open connections are given before the server stops anyway.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves on `listener` at once (health NOT_SERVING, the API UNAVAILABLE), loads and warms up
 /// the model set, then serves it until `shutdown` resolves and the drain completes. A model set
@@ -102,8 +98,8 @@ pub async fn serve_loaded(
     serve_until_drained(lifecycle, config, security, listener, shutdown).await
 }
 
-/// Runs the gRPC server; once shutdown has started, stops it even if connections stay open
-/// past the drain timeout.
+/// Runs the gRPC server; once shutdown has started, stops it when the drain timeout has passed,
+/// even if calls are still in flight then.
 async fn serve_until_drained(
     lifecycle: Arc<Lifecycle>,
     config: &Config,
@@ -112,7 +108,7 @@ async fn serve_until_drained(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let options = config.serve_options();
-    let hard_stop = options.drain_timeout + CLOSE_GRACE;
+    let hard_stop = options.drain_timeout;
     let (started, started_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -127,7 +123,7 @@ async fn serve_until_drained(
     tokio::select! {
         served = grpc::serve_secured(lifecycle, options, security, listener, shutdown) => Ok(served?),
         () = deadline => {
-            tracing::warn!("connections still open after the drain; stopping");
+            tracing::warn!("calls still in flight when the drain timeout passed; stopping");
             Ok(())
         }
     }

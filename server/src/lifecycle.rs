@@ -3,9 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use tokio::sync::Notify;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -21,7 +19,6 @@ pub struct Lifecycle {
     pipeline: OnceLock<Arc<Pipeline>>,
     draining: AtomicBool,
     inflight: AtomicUsize,
-    idle: Notify,
     health: HealthReporter,
 }
 
@@ -30,9 +27,7 @@ pub struct InflightGuard(Arc<Lifecycle>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -49,7 +44,6 @@ impl Lifecycle {
             pipeline: OnceLock::new(),
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
-            idle: Notify::new(),
             health,
         })
     }
@@ -95,20 +89,6 @@ impl Lifecycle {
     /// Calls in flight now.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
-    }
-
-    /// Waits until no call is in flight, or `timeout` passes; returns whether it went idle.
-    pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        let idle = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.inflight() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(timeout, idle).await.is_ok()
     }
 
     async fn set_health(&self, status: ServingStatus) {

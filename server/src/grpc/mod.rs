@@ -56,8 +56,10 @@ pub struct ServeOptions {
 
 /// Serves health, reflection and the polyhead API on `listener`, in plaintext and to every
 /// caller. The API answers UNAVAILABLE until `lifecycle` has a pipeline. When `shutdown`
-/// resolves the server drains: health flips to NOT_SERVING, new calls get UNAVAILABLE, in-flight
-/// calls get up to `drain_timeout` to finish.
+/// resolves the server drains: health flips to NOT_SERVING, the listener closes, every
+/// connection gets an HTTP/2 GOAWAY (so that clients open their next calls elsewhere), calls
+/// that still arrive get UNAVAILABLE, and the server returns once the in-flight calls have
+/// finished ([`crate::run`] stops waiting for them after `drain_timeout`).
 pub async fn serve(
     lifecycle: Arc<Lifecycle>,
     options: ServeOptions,
@@ -101,7 +103,7 @@ pub async fn serve_secured(
         .reflection
         .then(|| ok_or_log(reflection().build_v1alpha()))
         .flatten();
-    let drain = drain(Arc::clone(&lifecycle), shutdown, options.drain_timeout);
+    let drain = drain(Arc::clone(&lifecycle), shutdown);
     let mut builder = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .max_frame_size(MAX_FRAME_BYTES)
@@ -123,19 +125,14 @@ pub async fn serve_secured(
         .await
 }
 
-/// Resolves when the server may close its connections: after `shutdown`, once in-flight calls
-/// have finished or `timeout` has passed.
-async fn drain(lifecycle: Arc<Lifecycle>, shutdown: impl Future<Output = ()>, timeout: Duration) {
+/// Resolves when the server starts its graceful shutdown (tonic's: the listener closes, each
+/// connection gets a GOAWAY and ends once its calls have): after `shutdown`, once the server
+/// no longer reports itself ready. How long the calls may take is bounded by whoever serves
+/// (`crate::run`: the drain timeout).
+async fn drain(lifecycle: Arc<Lifecycle>, shutdown: impl Future<Output = ()>) {
     shutdown.await;
     lifecycle.start_draining().await;
-    let inflight = lifecycle.inflight();
-    tracing::info!(inflight, "draining");
-    if !lifecycle.wait_idle(timeout).await {
-        tracing::warn!(
-            inflight = lifecycle.inflight(),
-            "drain timeout passed with calls still in flight"
-        );
-    }
+    tracing::info!(inflight = lifecycle.inflight(), "draining");
 }
 
 /// Reflection over every proto this server speaks.
