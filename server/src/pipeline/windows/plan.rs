@@ -59,6 +59,9 @@ pub(super) struct State {
     pub(super) held: VecDeque<Held>,
     /// First frame of the next window.
     next_start: usize,
+    /// The backbone input's (height, width) of the stream's first used frame; every window
+    /// stacks its frames' features, so all must have it.
+    input_size: Option<(usize, usize)>,
     pub(super) progress: WindowProgress,
     pub(super) totals: Timings,
 }
@@ -69,6 +72,7 @@ impl State {
             plan,
             held: VecDeque::with_capacity(plan.length),
             next_start: 0,
+            input_size: None,
             progress: WindowProgress::default(),
             totals: Timings::default(),
         }
@@ -96,8 +100,18 @@ impl State {
     ) -> Result<bool, Error> {
         self.progress.frames_sampled += 1;
         check_counts(self.progress.frames_sampled, 0, limits)?;
-        if frame.index < self.next_start || frame.input.is_none() {
+        let Some((_, height, width)) = frame.input.as_ref() else {
             return Ok(false);
+        };
+        if frame.index < self.next_start {
+            return Ok(false);
+        }
+        if *self.input_size.get_or_insert((*height, *width)) != (*height, *width) {
+            return Err(Error::InvalidArgument(format!(
+                "video frame {} changes the backbone input to {height} x {width}; this \
+                 backbone's keep-aspect input needs one frame size through the video",
+                frame.index
+            )));
         }
         self.held.push_back(Held {
             frame,
@@ -255,6 +269,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_frame_size_change_is_invalid_argument_before_any_backbone_run() {
+        let limits = crate::config::Config::for_models("m").limits;
+        let mut state = State::new(plan(4, 4));
+        let frame = |index, size| Frame {
+            index,
+            time_s: index as f64,
+            input: Some((Vec::new(), size, size)),
+            decode: Duration::ZERO,
+            preprocess: Duration::ZERO,
+        };
+        assert!(!state.push(frame(0, 224), &limits).expect("first size"));
+        assert!(!state.push(frame(1, 224), &limits).expect("same size"));
+        let err = state.push(frame(2, 192), &limits).expect_err("a new size");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("video frame 2"), "{err}");
     }
 
     #[test]
