@@ -424,3 +424,40 @@ async fn a_passed_deadline_is_deadline_exceeded_never_cancelled() {
     drop(held);
     until_queued(&admission, 0).await;
 }
+
+#[tokio::test]
+async fn decode_memory_limits_are_the_configured_ones() {
+    // coffee.png is 600 x 400: 720,000 bytes as RGB. A 20-frame clip of 160 x 120 sampled at 8
+    // frames holds 460,800.
+    let server = server(4, 4, |config| {
+        config.limits.max_image_decode_bytes = 500_000;
+        config.limits.max_clip_frame_bytes = 400_000;
+    });
+    let client = no_retries(&server).await;
+    let err = client
+        .detect(
+            encoded(crate::common::photo("coffee.png")),
+            v1::DetectOptions::default(),
+            "",
+        )
+        .await
+        .expect_err("over the decode limit");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("the limit is 500000"), "{err}");
+
+    let clip = crate::common::make_clip("testsrc=size=160x120:rate=10", 2.0, "mp4", &[]);
+    let request = v1::RecognizeActionRequest {
+        clip: Some(polyhead_client::video_clip(clip)),
+        options: Some(v1::ActionOptions {
+            num_frames: 8,
+            ..Default::default()
+        }),
+        head: String::new(),
+    };
+    let err = client
+        .recognize_action(request)
+        .await
+        .expect_err("over the frame memory limit");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("400000"), "{err}");
+}

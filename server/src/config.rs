@@ -166,6 +166,10 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_IMAGE_SIDE", default_value_t = 8192)]
     pub max_image_side: u32,
 
+    /// Most memory the decoder may allocate for one image, in bytes.
+    #[arg(long, env = "POLYHEAD_MAX_IMAGE_DECODE_BYTES", default_value_t = 512 << 20)]
+    pub max_image_decode_bytes: u64,
+
     /// Longest clip accepted, in seconds.
     #[arg(long, env = "POLYHEAD_MAX_CLIP_SECONDS", default_value_t = 120.0)]
     pub max_clip_seconds: f64,
@@ -178,8 +182,18 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_DECODED_FRAMES", default_value_t = 10_000)]
     pub max_decoded_frames: usize,
 
-    /// Most frames one action request may sample or send; also capped by the head's
-    /// `max_frames`.
+    /// Most memory a clip's sampled frames may take as RGB, in bytes (checked from the stream's
+    /// size before decoding).
+    #[arg(long, env = "POLYHEAD_MAX_CLIP_FRAME_BYTES", default_value_t = 1 << 30)]
+    pub max_clip_frame_bytes: u64,
+
+    /// Longest time one clip may take to demux and decode, in seconds (the call's deadline
+    /// also ends it).
+    #[arg(long, env = "POLYHEAD_MAX_CLIP_DECODE_SECONDS", default_value_t = 60.0)]
+    pub max_clip_decode_seconds: f64,
+
+    /// Most frames one action request may sample; also capped by the head's `max_frames`. A
+    /// request that sends more frames as images has them sampled down to this.
     #[arg(long, env = "POLYHEAD_MAX_FRAMES", default_value_t = 64)]
     pub max_frames: u32,
 
@@ -268,6 +282,11 @@ impl Config {
                 false,
             ),
             ("max-clip-seconds", self.limits.max_clip_seconds, false),
+            (
+                "max-clip-decode-seconds",
+                self.limits.max_clip_decode_seconds,
+                false,
+            ),
             ("max-video-seconds", self.limits.max_video_seconds, false),
         ];
         for (flag, value, zero_ok) in seconds {
@@ -283,6 +302,8 @@ impl Config {
             ("max-response-bytes", self.limits.max_response_bytes as u64),
             ("max-image-pixels", self.limits.max_image_pixels),
             ("max-image-side", u64::from(self.limits.max_image_side)),
+            ("max-image-decode-bytes", self.limits.max_image_decode_bytes),
+            ("max-clip-frame-bytes", self.limits.max_clip_frame_bytes),
             ("max-clip-side", u64::from(self.limits.max_clip_side)),
             ("max-decoded-frames", self.limits.max_decoded_frames as u64),
             ("max-frames", u64::from(self.limits.max_frames)),

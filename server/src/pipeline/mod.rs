@@ -66,7 +66,7 @@ impl Pipeline {
             max_width: limits.max_image_side,
             max_height: limits.max_image_side,
             max_pixels: limits.max_image_pixels,
-            ..ImageLimits::default()
+            max_decode_bytes: limits.max_image_decode_bytes,
         };
         let video_limits = VideoLimits {
             max_bytes: limits.max_message_bytes as u64,
@@ -74,6 +74,8 @@ impl Pipeline {
             max_width: limits.max_clip_side,
             max_height: limits.max_clip_side,
             max_decoded_frames: limits.max_decoded_frames,
+            max_output_bytes: limits.max_clip_frame_bytes,
+            max_decode_seconds: limits.max_clip_decode_seconds,
             ..VideoLimits::default()
         };
         metrics::record_model_info(&models);
