@@ -1,11 +1,12 @@
 //! Dynamic batching in front of a session: the backbone's, and each per-image head's. The
 //! thread that owns the session also serves its batcher's queue ([`BatchQueue`]): it collects
 //! pending requests until they hold `max_batch` images or `max_delay` has passed since the first,
-//! drops those whose caller has gone, runs every group of requests whose inputs have equal shapes
-//! and one item each (`[1, ...]`) as ONE batch, every input concatenated along axis 0, and splits
-//! each output back per request along axis 0. A request of several items (a clip's frames) runs
-//! on its own, unbatched. Batching where the session runs costs a request one thread hand-off
-//! each way per stage, as an unbatched run would.
+//! drops those whose caller has gone or whose call's deadline has passed, runs every group of
+//! requests whose inputs have equal shapes and one item each (`[1, ...]`) as ONE batch, every
+//! input concatenated along axis 0, and splits each output back per request along axis 0. A
+//! request of several items (a clip's frames) runs on its own, unbatched. Batching where the
+//! session runs costs a request one thread hand-off each way per stage, as an unbatched run
+//! would.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,6 +52,19 @@ impl BatchConfig {
     }
 }
 
+tokio::task_local! {
+    /// When the current call must be answered, for the requests it sends to the batchers.
+    static CALL_DEADLINE: Instant;
+}
+
+/// Runs `work` as a call that must be answered by `deadline`: its requests still waiting in a
+/// batcher's queue then are answered [`EngineError::Expired`] there, and never reach the
+/// model. (The caller's own timer may fire a tick later than the deadline, by which time an
+/// idle model thread would have taken the request.)
+pub async fn within_deadline<F: Future>(deadline: Instant, work: F) -> F::Output {
+    CALL_DEADLINE.scope(deadline, work).await
+}
+
 /// What runs a batch: a session worker's thread, or a stand-in in tests.
 pub trait BatchRunner {
     /// Runs `inputs` as one batch of `stage`, its spans children of `parent`.
@@ -70,6 +84,8 @@ pub struct Pending {
     parent: Span,
     /// Open while the request waits; closed when its batch starts.
     queue_span: Span,
+    /// When its call must be answered, if it runs under [`within_deadline`].
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Run, EngineError>>,
 }
 
@@ -152,6 +168,7 @@ impl Batcher {
             enqueued: Instant::now(),
             parent: Span::current(),
             queue_span: tracing::info_span!("queue", model = %self.model),
+            deadline: CALL_DEADLINE.try_with(|deadline| *deadline).ok(),
             reply,
         };
         // Counted before sending so that the task's decrement never comes first.
@@ -211,7 +228,7 @@ struct Task {
 
 impl Task {
     /// `first` and the requests that follow it until they hold `max_images` images or
-    /// `max_delay` has passed; requests whose caller has gone are dropped as they come. Requests
+    /// `max_delay` has passed; requests that may not run are dropped as they come. Requests
     /// already queued join at once; with no delay, nothing is waited for. (A timer would not do
     /// for a zero delay: tokio rounds deadlines up to its next millisecond tick, so even an
     /// elapsed one would hold the batch back by up to a millisecond.)
@@ -238,11 +255,27 @@ impl Task {
         batch
     }
 
-    /// Takes `pending` off the queue: `None` when its caller has gone.
+    /// Takes `pending` off the queue: `None` when it may not run (see [`Task::live`]).
     fn take(&self, pending: Pending) -> Option<Pending> {
         metrics::add_queue_depth(&self.model, -1.0);
+        self.live(pending)
+    }
+
+    /// `pending` if it may still run: `None` when its caller has gone, or when its deadline has
+    /// passed, which its caller is then told.
+    fn live(&self, pending: Pending) -> Option<Pending> {
         if pending.reply.is_closed() {
             tracing::debug!(model = %self.model, "caller gone; request dropped before running");
+            return None;
+        }
+        if pending
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            tracing::debug!(model = %self.model, "deadline passed; request dropped before running");
+            let _ = pending
+                .reply
+                .send(Err(EngineError::Expired(self.model.clone())));
             return None;
         }
         Some(pending)
@@ -250,7 +283,7 @@ impl Task {
 
     /// Runs the live requests of `group` (equal shapes) as one batch and answers each.
     async fn run_group<R: BatchRunner>(&self, runner: &mut R, group: Vec<Pending>) {
-        let live: Vec<Pending> = group.into_iter().filter(|p| !p.reply.is_closed()).collect();
+        let live: Vec<Pending> = group.into_iter().filter_map(|p| self.live(p)).collect();
         let Some(parent) = live.first().map(|p| p.parent.clone()) else {
             return;
         };

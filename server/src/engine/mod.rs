@@ -10,7 +10,7 @@ mod status;
 mod tensor;
 mod worker;
 
-pub use batcher::{BatchConfig, BatchQueue, BatchRunner, Batcher};
+pub use batcher::{BatchConfig, BatchQueue, BatchRunner, Batcher, within_deadline};
 pub use runtime::{Device, RUNTIME_TELEMETRY_VAR, Runtime, disable_runtime_telemetry};
 pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor, device_memory};
 pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};
@@ -37,6 +37,10 @@ pub enum EngineError {
     /// The worker thread has stopped.
     #[error("the {0} worker has stopped")]
     Stopped(String),
+    /// The call's deadline passed while its request waited for the model, which it never
+    /// reached.
+    #[error("the call's deadline passed while it waited for {0}")]
+    Expired(String),
     /// ONNX Runtime failed while running a model.
     #[error("{model} failed: {message}")]
     Run { model: String, message: String },

@@ -35,6 +35,7 @@ where
 {
     let (deadline, timeout) = call_deadline(metadata, extensions, limits);
     let span = crate::telemetry::rpc_span(metadata, rpc, request_id);
+    let work = crate::engine::within_deadline(deadline, work);
     let work = tokio::time::timeout_at(deadline.into(), work);
     match work.instrument(span).await {
         Ok(Ok(reply)) => Ok(Response::new(reply)),

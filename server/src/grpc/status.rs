@@ -66,6 +66,7 @@ fn engine_code(error: &EngineError) -> Code {
     match error {
         EngineError::Overloaded { .. } => Code::ResourceExhausted,
         EngineError::Stopped(_) => Code::Unavailable,
+        EngineError::Expired(_) => Code::DeadlineExceeded,
         EngineError::Library(_)
         | EngineError::Load { .. }
         | EngineError::Device(_)

@@ -248,7 +248,8 @@ async fn respond(
     let video_bytes = request.video.len() as u64;
     let head = Arc::clone(&request.head);
     let (events, mut results) = mpsc::channel(1);
-    let work = call.pipeline.run_windows(request, events);
+    let work =
+        crate::engine::within_deadline(call.deadline, call.pipeline.run_windows(request, events));
     let forward = async {
         while let Some(event) = results.recv().await {
             let message = response(event, &head.labels, video_bytes);

@@ -206,6 +206,27 @@ async fn cancelled_requests_never_reach_the_runner() {
 }
 
 #[tokio::test]
+async fn requests_past_their_call_deadline_never_reach_the_runner() {
+    let setup = setup(8, 0, 16, true);
+    // A deadline that has passed by the time the model's thread takes the request, as when a
+    // call's decoding ends just after its deadline and its timer has not fired yet.
+    let passed = Instant::now();
+    let expired = within_deadline(passed, setup.batcher.run(named(input(1, 2, 1.0)))).await;
+    assert!(
+        matches!(expired, Err(EngineError::Expired(ref model)) if model == "backbone"),
+        "{expired:?}"
+    );
+    assert!(setup.shapes().is_empty(), "the runner never saw it");
+    let later = Instant::now() + Duration::from_secs(60);
+    let kept = input(1, 2, 2.0);
+    let run = within_deadline(later, setup.batcher.run(named(kept.clone())))
+        .await
+        .expect("within its deadline");
+    assert_own(&run, &kept);
+    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (1, 1));
+}
+
+#[tokio::test]
 async fn different_shapes_and_clips_run_apart() {
     let setup = setup(8, 50, 16, true);
     let inputs = [
@@ -351,6 +372,7 @@ fn pending() -> (Pending, oneshot::Receiver<Result<Run, EngineError>>) {
         enqueued: Instant::now(),
         parent: Span::none(),
         queue_span: Span::none(),
+        deadline: None,
         reply,
     };
     (pending, answer)
