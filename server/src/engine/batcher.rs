@@ -53,8 +53,9 @@ impl BatchConfig {
 }
 
 tokio::task_local! {
-    /// When the current call must be answered, for the requests it sends to the batchers.
-    static CALL_DEADLINE: Instant;
+    /// When the current call must be answered, for the requests it sends to the batchers;
+    /// `None` for work done on behalf of several calls.
+    static CALL_DEADLINE: Option<Instant>;
 }
 
 /// Runs `work` as a call that must be answered by `deadline`: its requests still waiting in a
@@ -62,7 +63,14 @@ tokio::task_local! {
 /// model. (The caller's own timer may fire a tick later than the deadline, by which time an
 /// idle model thread would have taken the request.)
 pub async fn within_deadline<F: Future>(deadline: Instant, work: F) -> F::Output {
-    CALL_DEADLINE.scope(deadline, work).await
+    CALL_DEADLINE.scope(Some(deadline), work).await
+}
+
+/// Runs `work` on behalf of several calls (a single-flight computation that others wait for):
+/// no one call's deadline drops its requests. The call that leads it still stops waiting at
+/// its own deadline, and another takes the work over.
+pub async fn for_several_calls<F: Future>(work: F) -> F::Output {
+    CALL_DEADLINE.scope(None, work).await
 }
 
 /// What runs a batch: a session worker's thread, or a stand-in in tests.
@@ -168,7 +176,7 @@ impl Batcher {
             enqueued: Instant::now(),
             parent: Span::current(),
             queue_span: tracing::info_span!("queue", model = %self.model),
-            deadline: CALL_DEADLINE.try_with(|deadline| *deadline).ok(),
+            deadline: CALL_DEADLINE.try_with(|deadline| *deadline).ok().flatten(),
             reply,
         };
         // Counted before sending so that the task's decrement never comes first.

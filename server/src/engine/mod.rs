@@ -10,7 +10,9 @@ mod status;
 mod tensor;
 mod worker;
 
-pub use batcher::{BatchConfig, BatchQueue, BatchRunner, Batcher, within_deadline};
+pub use batcher::{
+    BatchConfig, BatchQueue, BatchRunner, Batcher, for_several_calls, within_deadline,
+};
 pub use runtime::{Device, RUNTIME_TELEMETRY_VAR, Runtime, disable_runtime_telemetry};
 pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor, device_memory};
 pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};

@@ -183,7 +183,9 @@ impl Pipeline {
         let started = Instant::now();
         let mut own_run = None;
         let compute = async {
-            let features = self.run_backbone(batch).await?;
+            // Other requests for the same image may wait for this run, each with a deadline of
+            // its own.
+            let features = crate::engine::for_several_calls(self.run_backbone(batch)).await?;
             let tensors = features.tensors.clone();
             own_run = Some(features);
             Ok(tensors)

@@ -223,7 +223,16 @@ async fn requests_past_their_call_deadline_never_reach_the_runner() {
         .await
         .expect("within its deadline");
     assert_own(&run, &kept);
-    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (1, 1));
+    // Work for several calls runs whatever the deadline of the call that started it.
+    let shared = input(1, 2, 3.0);
+    let run = within_deadline(
+        passed,
+        for_several_calls(setup.batcher.run(named(shared.clone()))),
+    )
+    .await
+    .expect("not held to one call's deadline");
+    assert_own(&run, &shared);
+    assert_eq!((setup.batcher.runs(), setup.batcher.images()), (2, 2));
 }
 
 #[tokio::test]
