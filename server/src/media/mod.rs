@@ -24,14 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
-    /// Whether the call has ended.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
     /// Fails with [`MediaError::Cancelled`] once the call has ended.
     pub fn check(&self) -> Result<(), MediaError> {
-        if self.is_cancelled() {
+        if self.0.load(Ordering::Relaxed) {
             return Err(MediaError::Cancelled);
         }
         Ok(())

@@ -366,28 +366,20 @@ mod tests {
 
     #[test]
     fn an_ended_call_stops_the_decoding_between_sampled_frames() {
-        let cancel = Cancel::default();
-        let mut sink = EndsTheCall(Some(cancel.on_drop()));
+        let clip = clip();
         // Only frame 0 is sampled, so the sink is never asked again: the decoder itself stops.
-        let result = stream_frames(
-            &clip(),
-            &VideoLimits::default(),
-            FrameStep::Every(1000),
-            &mut sink,
-            &cancel,
-        );
-        assert_eq!(result, Err(MediaError::Cancelled));
-        let never = Cancel::default();
-        let mut sink = EndsTheCall(None);
-        let result = stream_frames(
-            &clip(),
-            &VideoLimits::default(),
-            FrameStep::Every(1000),
-            &mut sink,
-            &never,
+        let decode = |cancel: &Cancel, ends_the_call| {
+            let mut sink = EndsTheCall(ends_the_call);
+            let limits = VideoLimits::default();
+            stream_frames(&clip, &limits, FrameStep::Every(1000), &mut sink, cancel)
+        };
+        let cancel = Cancel::default();
+        assert_eq!(
+            decode(&cancel, Some(cancel.on_drop())),
+            Err(MediaError::Cancelled)
         );
         assert_eq!(
-            result,
+            decode(&Cancel::default(), None),
             Ok(1),
             "without the cancel, the whole video is decoded"
         );
