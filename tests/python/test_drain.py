@@ -47,12 +47,13 @@ def wait_for(condition, what, timeout=30.0):
 
 
 def turns_new_calls_away(address):
-    """Whether a new caller is turned away: its connection is refused (the listener has
-    closed), or the health protocol answers NOT_SERVING (it got in just before)."""
+    """Whether a new caller is turned away: its connection is refused or reset (the listener
+    has closed, perhaps with the connection still in its backlog), or the health protocol
+    answers NOT_SERVING (it got in just before)."""
     host, port = address.rsplit(":", 1)
     try:
         socket.create_connection((host, int(port)), timeout=2).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     try:
         return health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING
