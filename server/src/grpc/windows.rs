@@ -4,6 +4,7 @@
 //! stream with the status [`status::to_status`] gives them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -247,28 +248,60 @@ async fn respond(
     let _slot = slot;
     let video_bytes = request.video.len() as u64;
     let head = Arc::clone(&request.head);
-    let (events, mut results) = mpsc::channel(1);
+    let (events, results) = mpsc::channel(1);
     let work =
         crate::engine::within_deadline(call.deadline, call.pipeline.run_windows(request, events));
-    let forward = async {
-        while let Some(event) = results.recv().await {
-            let message = response(event, &head.labels, video_bytes);
-            if out.send(Ok(message)).await.is_err() {
-                return;
-            }
-        }
-    };
-    let both = async { tokio::join!(work, forward).0 };
-    let outcome = tokio::select! {
-        outcome = tokio::time::timeout_at(call.deadline.into(), both) => outcome,
-        () = out.closed() => return,
-    };
-    let status = match outcome {
-        Ok(Ok(())) => return,
-        Ok(Err(error)) => call.status(error),
-        Err(_) => call.expired(),
+    let to_message = |event| response(event, &head.labels, video_bytes);
+    let status = match forward(call.deadline, work, results, &out, to_message).await {
+        End::Answered => return,
+        End::Failed(error) => call.status(error),
+        End::Expired => call.expired(),
     };
     let _ = out.send(Err(status)).await;
+}
+
+/// How a window stream's work ended.
+#[derive(Debug)]
+enum End {
+    /// Its summary was sent, or the client went away: nothing more to send.
+    Answered,
+    /// The work failed before its summary.
+    Failed(Error),
+    /// The deadline passed before the summary was sent.
+    Expired,
+}
+
+/// Runs `work` until `deadline`, sending each of its events to `out` as it comes. Once the
+/// summary is sent the stream has its answer: a deadline that passes while the work winds
+/// down adds no status after it.
+async fn forward<M>(
+    deadline: Instant,
+    work: impl Future<Output = Result<(), Error>>,
+    mut results: mpsc::Receiver<WindowEvent>,
+    out: &mpsc::Sender<Result<M, Status>>,
+    to_message: impl Fn(WindowEvent) -> M,
+) -> End {
+    let summarized = AtomicBool::new(false);
+    let send = async {
+        while let Some(event) = results.recv().await {
+            let done = matches!(event, WindowEvent::Done(..));
+            if out.send(Ok(to_message(event))).await.is_err() {
+                return;
+            }
+            summarized.store(done, Ordering::Relaxed);
+        }
+    };
+    let both = async { tokio::join!(work, send).0 };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline.into(), both) => outcome,
+        () = out.closed() => return End::Answered,
+    };
+    match outcome {
+        Ok(Ok(())) => End::Answered,
+        Ok(Err(error)) => End::Failed(error),
+        Err(_) if summarized.load(Ordering::Relaxed) => End::Answered,
+        Err(_) => End::Expired,
+    }
 }
 
 /// A pipeline event as sent on the wire.
@@ -346,6 +379,67 @@ fn window_progress(p: WindowProgress) -> v1::WindowProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Timings;
+
+    fn done() -> WindowEvent {
+        WindowEvent::Done(Timings::default(), WindowProgress::default())
+    }
+
+    /// Runs [`forward`] on `work`, which gets the event sender; returns how it ended and
+    /// whether each message sent was the summary.
+    async fn forwarded<F>(
+        deadline: Instant,
+        work: impl FnOnce(mpsc::Sender<WindowEvent>) -> F,
+    ) -> (End, Vec<bool>)
+    where
+        F: Future<Output = Result<(), Error>>,
+    {
+        let (events, results) = mpsc::channel(1);
+        let (out, mut sent) = mpsc::channel(8);
+        let to_message = |event| matches!(event, WindowEvent::Done(..));
+        let end = forward(deadline, work(events), results, &out, to_message).await;
+        drop(out);
+        let mut messages = Vec::new();
+        while let Some(message) = sent.recv().await {
+            messages.push(message.expect("only messages are sent here"));
+        }
+        (end, messages)
+    }
+
+    #[tokio::test]
+    async fn a_deadline_after_the_summary_adds_nothing_to_the_stream() {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let (end, sent) = forwarded(deadline, |events| async move {
+            events.send(done()).await.expect("forwarded");
+            // The work winds down past the deadline after its summary has gone out.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        })
+        .await;
+        assert!(matches!(end, End::Answered), "{end:?}");
+        assert_eq!(sent, [true]);
+    }
+
+    #[tokio::test]
+    async fn a_deadline_before_the_summary_is_expired_and_errors_fail() {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let (end, sent) = forwarded(deadline, |_events| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        })
+        .await;
+        assert!(matches!(end, End::Expired), "{end:?}");
+        assert!(sent.is_empty());
+
+        let (end, _) = forwarded(deadline, |_events| async {
+            Err(Error::InvalidArgument("bad frame".into()))
+        })
+        .await;
+        assert!(
+            matches!(end, End::Failed(Error::InvalidArgument(_))),
+            "{end:?}"
+        );
+    }
 
     #[test]
     fn an_upload_holds_its_bytes_once_whatever_its_messages() {
