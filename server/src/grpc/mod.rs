@@ -39,6 +39,20 @@ const MAX_FRAME_BYTES: u32 = 1 << 20;
 const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
+/// Encoded `FileDescriptorSet`s of the services served besides reflection: what reflection
+/// describes.
+const SERVED_DESCRIPTOR_SETS: [&[u8]; 2] = [
+    polyhead_proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+];
+
+/// Encoded `FileDescriptorSet`s of the reflection services (v1 and v1alpha), which reflection
+/// describes on its own.
+const REFLECTION_DESCRIPTOR_SETS: [&[u8]; 2] = [
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
 /// How the gRPC server is put together.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -113,7 +127,7 @@ pub async fn serve_secured(
         builder = builder.tls_config(tls)?;
     }
     builder
-        .layer(crate::telemetry::grpc_metrics_layer())
+        .layer(metrics_layer())
         .layer(deadline::ArrivalLayer)
         .layer(AuthLayer::new(security.tokens))
         .add_service(lifecycle.health_service())
@@ -135,11 +149,21 @@ async fn drain(lifecycle: Arc<Lifecycle>, shutdown: impl Future<Output = ()>) {
     tracing::info!(inflight = lifecycle.inflight(), "draining");
 }
 
+/// The gRPC metrics, with labels of their own for every method of the binary: the served
+/// services' and reflection's, whether or not reflection is on (its methods are a fixed few, so
+/// when it is off its calls are counted, as UNIMPLEMENTED, under their own names).
+fn metrics_layer() -> crate::telemetry::GrpcMetricsLayer {
+    crate::telemetry::grpc_metrics_layer(
+        &[SERVED_DESCRIPTOR_SETS, REFLECTION_DESCRIPTOR_SETS].concat(),
+    )
+}
+
 /// Reflection over every proto this server speaks.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(polyhead_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    SERVED_DESCRIPTOR_SETS.into_iter().fold(
+        tonic_reflection::server::Builder::configure(),
+        |builder, set| builder.register_encoded_file_descriptor_set(set),
+    )
 }
 
 fn ok_or_log<T>(built: Result<T, tonic_reflection::server::Error>) -> Option<T> {

@@ -2,6 +2,12 @@
 //! service: `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
 //! `grpc_server_handling_seconds` and `polyhead_inflight_requests`.
 //!
+//! The `grpc_service` and `grpc_method` labels come from a table built once, up front, from the
+//! descriptors of the services the server has: a call to any other path is counted under
+//! [`OTHER`]. The layer runs before authentication, so the path is whatever an unauthenticated
+//! caller sent; a table filled on first use would let made-up paths grow the series, or crowd
+//! the real methods out of it.
+//!
 //! The status code is read where gRPC puts it: the `grpc-status` header of a trailers-only
 //! response (every error, including those tonic produces itself, such as UNIMPLEMENTED) or the
 //! trailers at the end of the body. A call whose response is dropped before it ends counts as
@@ -10,33 +16,36 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use ::metrics::{SharedString, counter, histogram};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use prost::Message as _;
+use prost_types::FileDescriptorSet;
 use tonic::Code;
 use tower::{Layer, Service};
 
 use super::metrics::{GRPC_HANDLED, GRPC_HANDLING, GRPC_STARTED, add_inflight};
 
-/// Most distinct `(service, method)` label pairs; later ones are counted under [`OTHER`]. The
-/// path of a call is whatever the caller sent, so without a bound unknown methods could grow the
-/// series without end.
-const MAX_METHODS: usize = 256;
-
-/// The label of calls beyond [`MAX_METHODS`] and of paths that are not `/<service>/<method>`.
+/// The `grpc_service` and `grpc_method` labels of every call to a path that is not a method of
+/// a known service.
 const OTHER: &str = "_other";
 
-/// The layer that records the gRPC metrics of every call of the server it wraps.
-pub fn grpc_metrics_layer() -> GrpcMetricsLayer {
-    GrpcMetricsLayer::default()
+/// The layer that records the gRPC metrics of every call of the server it wraps. Each method
+/// of a service described in `descriptor_sets` (encoded `FileDescriptorSet`s) gets its own
+/// labels; every other path is counted under `_other`. A set that does not decode is logged
+/// and skipped.
+pub fn grpc_metrics_layer(descriptor_sets: &[&[u8]]) -> GrpcMetricsLayer {
+    GrpcMetricsLayer {
+        methods: Arc::new(MethodLabels::new(descriptor_sets)),
+    }
 }
 
 /// See [`grpc_metrics_layer`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct GrpcMetricsLayer {
     methods: Arc<MethodLabels>,
 }
@@ -87,43 +96,59 @@ struct Method {
     method: Arc<str>,
 }
 
-/// Label pairs seen so far, bounded by [`MAX_METHODS`].
-#[derive(Debug, Default)]
+/// The labels of every known method by its path, `/<package>.<Service>/<Method>`; fixed once
+/// built, so callers cannot add to it.
+#[derive(Debug)]
 struct MethodLabels {
-    seen: Mutex<HashMap<String, Method>>,
+    known: HashMap<String, Method>,
+    other: Method,
 }
 
 impl MethodLabels {
+    /// The table of the methods of every service in `descriptor_sets`.
+    fn new(descriptor_sets: &[&[u8]]) -> Self {
+        let known = descriptor_sets
+            .iter()
+            .filter_map(|set| {
+                FileDescriptorSet::decode(*set)
+                    .map_err(|e| tracing::error!("gRPC metrics: bad descriptor set: {e}"))
+                    .ok()
+            })
+            .flat_map(|set| methods(&set))
+            .collect();
+        let other = Method {
+            service: OTHER.into(),
+            method: OTHER.into(),
+        };
+        Self { known, other }
+    }
+
     /// The labels of the call to `path`.
     fn get(&self, path: &str) -> Method {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(method) = seen.get(path) {
-            return method.clone();
+        self.known.get(path).unwrap_or(&self.other).clone()
+    }
+}
+
+/// Every method of every service in `set`, by path.
+fn methods(set: &FileDescriptorSet) -> Vec<(String, Method)> {
+    let mut methods = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            let name = match file.package() {
+                "" => service.name().to_string(),
+                package => format!("{package}.{}", service.name()),
+            };
+            let service_label: Arc<str> = name.as_str().into();
+            for method in &service.method {
+                let label = Method {
+                    service: Arc::clone(&service_label),
+                    method: method.name().into(),
+                };
+                methods.push((format!("/{name}/{}", method.name()), label));
+            }
         }
-        let method = match split_path(path) {
-            Some((service, method)) if seen.len() < MAX_METHODS => Method {
-                service: service.into(),
-                method: method.into(),
-            },
-            _ => return other(),
-        };
-        seen.insert(path.to_string(), method.clone());
-        method
     }
-}
-
-fn other() -> Method {
-    Method {
-        service: OTHER.into(),
-        method: OTHER.into(),
-    }
-}
-
-/// `/<service>/<method>` split into its parts.
-fn split_path(path: &str) -> Option<(&str, &str)> {
-    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    let valid = |s: &str| !s.is_empty() && !s.contains('/');
-    (valid(service) && valid(method)).then_some((service, method))
+    methods
 }
 
 /// One call being served; records its outcome when dropped, however it ends.
@@ -279,35 +304,92 @@ impl<B: Body> Body for MeteredBody<B> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn paths_split_into_service_and_method() {
-        assert_eq!(
-            split_path("/polyhead.v1.Polyhead/Detect"),
-            Some(("polyhead.v1.Polyhead", "Detect"))
-        );
-        assert_eq!(
-            split_path("/grpc.health.v1.Health/Check"),
-            Some(("grpc.health.v1.Health", "Check"))
-        );
-        assert_eq!(split_path("/Detect"), None);
-        assert_eq!(split_path("polyhead.v1.Polyhead/Detect"), None);
-        assert_eq!(split_path("/a/b/c"), None);
-        assert_eq!(split_path("//Detect"), None);
+    /// The sets the server passes (see `crate::grpc`).
+    fn served() -> MethodLabels {
+        MethodLabels::new(&[
+            polyhead_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ])
+    }
+
+    fn labels(service: &str, method: &str) -> Method {
+        Method {
+            service: service.into(),
+            method: method.into(),
+        }
     }
 
     #[test]
-    fn method_labels_are_bounded() {
-        let labels = MethodLabels::default();
-        for i in 0..MAX_METHODS {
-            assert_eq!(&*labels.get(&format!("/s/m{i}")).method, format!("m{i}"));
+    fn served_methods_get_their_own_labels() {
+        let table = served();
+        let cases = [
+            ("polyhead.v1.Polyhead", "Detect"),
+            ("polyhead.v1.Polyhead", "Analyze"),
+            ("grpc.health.v1.Health", "Check"),
+            ("grpc.health.v1.Health", "Watch"),
+            ("inference.GRPCInferenceService", "ModelInfer"),
+            (
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            (
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+        ];
+        for (service, method) in cases {
+            let path = format!("/{service}/{method}");
+            assert_eq!(table.get(&path), labels(service, method), "{path}");
         }
-        assert_eq!(labels.get("/s/one-too-many"), other());
-        assert_eq!(
-            &*labels.get("/s/m0").method,
-            "m0",
-            "known methods keep their labels"
-        );
-        assert_eq!(labels.get("/not-a-grpc-path"), other());
+    }
+
+    #[test]
+    fn made_up_paths_are_other_and_never_displace_served_ones() {
+        let table = served();
+        let other = labels(OTHER, OTHER);
+        for i in 0..10_000 {
+            assert_eq!(table.get(&format!("/s{i}/m{i}")), other);
+        }
+        for path in [
+            "/polyhead.v1.Polyhead/NoSuchMethod",
+            "/polyhead.v1.Polyhead/detect",
+            "/polyhead.v1.Polyhead/Detect/",
+            "/Detect",
+            "polyhead.v1.Polyhead/Detect",
+            "",
+        ] {
+            assert_eq!(table.get(path), other, "{path:?}");
+        }
+        let detect = table.get("/polyhead.v1.Polyhead/Detect");
+        assert_eq!(detect, labels("polyhead.v1.Polyhead", "Detect"));
+    }
+
+    #[test]
+    fn a_set_that_does_not_decode_is_skipped() {
+        let table = MethodLabels::new(&[b"\xff", tonic_health::pb::FILE_DESCRIPTOR_SET]);
+        let check = table.get("/grpc.health.v1.Health/Check");
+        assert_eq!(check, labels("grpc.health.v1.Health", "Check"));
+    }
+
+    #[test]
+    fn services_without_a_package_are_named_alone() {
+        let set = FileDescriptorSet {
+            file: vec![prost_types::FileDescriptorProto {
+                service: vec![prost_types::ServiceDescriptorProto {
+                    name: Some("Bare".into()),
+                    method: vec![prost_types::MethodDescriptorProto {
+                        name: Some("Call".into()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let table = MethodLabels::new(&[&set.encode_to_vec()]);
+        assert_eq!(table.get("/Bare/Call"), labels("Bare", "Call"));
     }
 
     #[test]
