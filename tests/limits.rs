@@ -1,7 +1,8 @@
 //! Overload and message limits on servers of their own: exact admission accounting (N slots, a
 //! queue of Q, the rest RESOURCE_EXHAUSTED at once), queued calls that expire or are cancelled
-//! never reaching the backbone, the per-connection stream limit, and oversized or
-//! decompression-bomb messages refused with RESOURCE_EXHAUSTED.
+//! never reaching the backbone, the per-connection stream limit, oversized or
+//! decompression-bomb messages refused with RESOURCE_EXHAUSTED, the one budget for the bytes
+//! being received over all calls, and the decode, frame-memory and mask-pixel limits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -460,4 +461,122 @@ async fn decode_memory_limits_are_the_configured_ones() {
         .expect_err("over the frame memory limit");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
     assert!(err.to_string().contains("400000"), "{err}");
+}
+
+#[tokio::test]
+async fn masks_over_the_pixel_limit_are_invalid_argument() {
+    let server = server(4, 4, |config| config.limits.max_mask_pixels = 100);
+    let client = no_retries(&server).await;
+    let options = |masks| v1::DetectOptions {
+        score_threshold: Some(0.0),
+        masks,
+        ..Default::default()
+    };
+    let image = || encoded(crate::common::photo("coffee.png"));
+    let plain = client
+        .detect(image(), options(false), "")
+        .await
+        .expect("boxes only");
+    let found = plain.detections.expect("detections").detections;
+    assert!(!found.is_empty(), "every box scores at least 0");
+    let err = client
+        .detect(image(), options(true), "")
+        .await
+        .expect_err("masks over 100 pixels");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("--max-mask-pixels"), "{err}");
+}
+
+#[tokio::test]
+async fn bytes_being_received_are_held_to_one_budget_over_all_calls() {
+    use tokio_stream::StreamExt;
+    use v1::polyhead_client::PolyheadClient;
+    const MIB: usize = 1 << 20;
+    let server = server(4, 4, |config| {
+        config.limits.max_message_bytes = MIB;
+        config.limits.max_video_bytes = MIB as u64;
+        config.admission.max_receiving_bytes = (MIB + MIB / 2) as u64;
+    });
+    // A window stream whose upload stays open holds its first message (a clip of noise, about
+    // 820 KB) against the budget.
+    let noise = "nullsrc=size=176x128:rate=10,geq=random(1)*255:random(1)*255:random(1)*255";
+    let first = crate::common::make_clip(noise, 2.0, "mp4", &["-c:v", "mpeg4", "-q:v", "1"]);
+    assert!(
+        (780_000..1_000_000).contains(&first.len()),
+        "{}",
+        first.len()
+    );
+    let (upload, chunks) = tokio::sync::mpsc::channel(2);
+    let options = v1::WindowOptions {
+        window_frames: 8,
+        ..Default::default()
+    };
+    upload
+        .send(v1::RecognizeActionWindowsRequest {
+            options: Some(options),
+            chunk: first.into(),
+        })
+        .await
+        .expect("first message");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = PolyheadClient::new(channel).max_decoding_message_size(usize::MAX);
+    let held = tokio::spawn(async move {
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks);
+        let responses = raw.recognize_action_windows(stream).await?.into_inner();
+        responses.collect::<Result<Vec<_>, _>>().await
+    });
+
+    // An 800 KB image fits one message but not what the budget has left.
+    let (width, height) = (520, 512);
+    let image = || v1::Image {
+        source: Some(v1::image::Source::Raw(v1::RawImage {
+            width,
+            height,
+            rgb: noise_rgb(7, width, height).into(),
+        })),
+    };
+    let client = no_retries(&server).await;
+    let started = Instant::now();
+    let refused = loop {
+        match client
+            .detect(image(), v1::DetectOptions::default(), "")
+            .await
+        {
+            // Sent before the stream's bytes had arrived.
+            Ok(_) => {}
+            Err(err) => break err.status().cloned().expect("a status"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no call was refused while the upload held its bytes"
+        );
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-receiving-bytes"),
+        "{refused:?}"
+    );
+    assert_eq!(pushback(&refused), Some("100"));
+
+    // Once the upload is complete its bytes are the call's own: others are received again.
+    drop(upload);
+    let responses = held
+        .await
+        .expect("join")
+        .expect("the held stream is answered");
+    assert!(
+        responses.last().is_some_and(|r| matches!(
+            r.event,
+            Some(v1::recognize_action_windows_response::Event::Summary(_))
+        )),
+        "the stream ends with its summary"
+    );
+    client
+        .detect(image(), v1::DetectOptions::default(), "")
+        .await
+        .expect("received once the upload is in");
 }

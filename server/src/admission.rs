@@ -31,6 +31,14 @@ pub struct AdmissionConfig {
     /// advertises it in its SETTINGS and the client holds further calls back.
     #[arg(long, env = "POLYHEAD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
+
+    /// Bytes of request messages the server receives at once, over every call and
+    /// connection; a call whose next bytes would go over is refused with RESOURCE_EXHAUSTED.
+    /// A call holds what it has received until its message is read in full (a
+    /// RecognizeActionWindows upload until the call is admitted). At least
+    /// --max-message-bytes and --max-video-bytes.
+    #[arg(long, env = "POLYHEAD_MAX_RECEIVING_BYTES", default_value_t = 2 << 30)]
+    pub max_receiving_bytes: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -39,6 +47,7 @@ impl Default for AdmissionConfig {
             max_concurrent_requests: 32,
             max_queued_requests: 128,
             max_concurrent_streams: 256,
+            max_receiving_bytes: 2 << 30,
         }
     }
 }

@@ -166,6 +166,12 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_IMAGE_SIDE", default_value_t = 8192)]
     pub max_image_side: u32,
 
+    /// Most pixels the instance masks of one image may cover in all, counted over their
+    /// boxes (each box's pixels are evaluated). A Detect or Analyze asking for masks over more
+    /// is refused with INVALID_ARGUMENT before any mask is computed.
+    #[arg(long, env = "POLYHEAD_MAX_MASK_PIXELS", default_value_t = 200_000_000)]
+    pub max_mask_pixels: u64,
+
     /// Most memory the decoder may allocate for one image, in bytes.
     #[arg(long, env = "POLYHEAD_MAX_IMAGE_DECODE_BYTES", default_value_t = 512 << 20)]
     pub max_image_decode_bytes: u64,
@@ -264,6 +270,8 @@ impl Config {
             max_concurrent_streams: self.admission.max_concurrent_streams,
             drain_timeout: Duration::try_from_secs_f64(self.drain_timeout_seconds)
                 .unwrap_or_default(),
+            max_receiving_bytes: self.admission.max_receiving_bytes,
+            retry_pushback_ms: self.limits.retry_pushback_ms,
         }
     }
 
@@ -303,6 +311,7 @@ impl Config {
             ("max-image-pixels", self.limits.max_image_pixels),
             ("max-image-side", u64::from(self.limits.max_image_side)),
             ("max-image-decode-bytes", self.limits.max_image_decode_bytes),
+            ("max-mask-pixels", self.limits.max_mask_pixels),
             ("max-clip-frame-bytes", self.limits.max_clip_frame_bytes),
             ("max-clip-side", u64::from(self.limits.max_clip_side)),
             ("max-decoded-frames", self.limits.max_decoded_frames as u64),
@@ -321,8 +330,19 @@ impl Config {
                 u64::from(self.admission.max_concurrent_streams),
             ),
         ];
-        match sizes.iter().find(|(_, v)| *v == 0) {
-            Some((flag, _)) => Err(format!("--{flag} must be at least 1")),
+        if let Some((flag, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("--{flag} must be at least 1"));
+        }
+        let receiving = self.admission.max_receiving_bytes;
+        let largest = [
+            ("max-message-bytes", self.limits.max_message_bytes as u64),
+            ("max-video-bytes", self.limits.max_video_bytes),
+        ];
+        match largest.iter().find(|(_, v)| *v > receiving) {
+            Some((flag, bytes)) => Err(format!(
+                "--max-receiving-bytes is {receiving}, less than --{flag} ({bytes}): such a \
+                 request could never be received"
+            )),
             None => Ok(()),
         }
     }
@@ -380,6 +400,13 @@ mod tests {
             ),
             ("--max-clip-side", |c| c.limits.max_clip_side = 0),
             ("--max-decoded-frames", |c| c.limits.max_decoded_frames = 0),
+            ("--max-mask-pixels", |c| c.limits.max_mask_pixels = 0),
+            ("--max-video-bytes", |c| {
+                c.admission.max_receiving_bytes = c.limits.max_video_bytes - 1;
+            }),
+            ("--max-message-bytes", |c| {
+                c.admission.max_receiving_bytes = c.limits.max_message_bytes as u64 - 1;
+            }),
         ] {
             let mut config = config.clone();
             zero(&mut config);

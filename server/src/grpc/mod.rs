@@ -7,6 +7,7 @@ mod deadline;
 mod gate;
 mod info;
 mod oip;
+mod receive;
 mod service;
 mod status;
 #[doc(hidden)]
@@ -66,6 +67,10 @@ pub struct ServeOptions {
     pub max_concurrent_streams: u32,
     /// How long in-flight calls may take to finish once shutdown starts.
     pub drain_timeout: Duration,
+    /// Bytes of request messages received at once, over every call and connection.
+    pub max_receiving_bytes: u64,
+    /// The `grpc-retry-pushback-ms` sent when that budget refuses a call.
+    pub retry_pushback_ms: u64,
 }
 
 /// Serves health, reflection and the polyhead API on `listener`, in plaintext and to every
@@ -130,6 +135,10 @@ pub async fn serve_secured(
         .layer(metrics_layer())
         .layer(deadline::ArrivalLayer)
         .layer(AuthLayer::new(security.tokens))
+        .layer(receive::ReceiveBudgetLayer::new(
+            options.max_receiving_bytes,
+            options.retry_pushback_ms,
+        ))
         .add_service(lifecycle.health_service())
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

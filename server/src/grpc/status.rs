@@ -8,7 +8,7 @@ use crate::engine::EngineError;
 use crate::error::Error;
 
 /// The standard gRPC retry hint: how many milliseconds a client should wait before retrying.
-const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+pub(super) const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 /// The most characters of an error's message a status carries. Messages quote what the client
 /// sent (a model's name, a tensor's shape), and a status travels in a header, which peers cap:

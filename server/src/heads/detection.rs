@@ -83,6 +83,9 @@ pub struct DetectOptions {
     pub class_filter: Option<Vec<u32>>,
     /// Whether instance masks are computed.
     pub masks: bool,
+    /// Most pixels the masks of one image may cover in all, counted over their boxes: a mask
+    /// costs work for every pixel of its box.
+    pub max_mask_pixels: u64,
 }
 
 impl DetectOptions {
@@ -94,11 +97,15 @@ impl DetectOptions {
             max_detections: params.max_detections,
             class_filter: None,
             masks: false,
+            max_mask_pixels: u64::MAX,
         }
     }
 }
 
 /// Turns the head outputs of one image into detections on the original image.
+///
+/// Masks whose boxes cover more than `opts.max_mask_pixels` in all are refused with
+/// [`HeadError::MaskPixels`] before any is computed.
 ///
 /// `scores` is `[A, C]`, `boxes` `[A, 4]`, `coeffs` `[A, K]` and `protos` `[K, Hp, Wp]`, where
 /// `A = Σ (H_in / s)·(W_in / s)` over the strides (integer division, input size from `geo`) and
@@ -121,6 +128,9 @@ pub fn postprocess(
         .filter_map(|pair| candidate(pair, boxes, &levels, geo))
         .collect();
     let kept = nms(&mut cands, opts.iou_threshold, opts.max_detections);
+    if opts.masks {
+        check_mask_pixels(&kept, geo, opts.max_mask_pixels)?;
+    }
     let detections = kept
         .into_iter()
         .map(|c| Detection {
@@ -288,6 +298,24 @@ fn pixel_span(lo: f32, hi: f32, len: u32) -> Range<u32> {
     let to_index = |v: f32| (v - 0.5).ceil().max(0.0).min(len as f32) as u32;
     let start = to_index(lo);
     start..to_index(hi).max(start)
+}
+
+/// Refuses masks for `kept` when their boxes cover more than `limit` pixels in all.
+fn check_mask_pixels(kept: &[Candidate], geo: &Geometry, limit: u64) -> Result<(), HeadError> {
+    let box_pixels = |c: &Candidate| {
+        let cols = pixel_span(c.bbox.x1, c.bbox.x2, geo.orig_width);
+        let rows = pixel_span(c.bbox.y1, c.bbox.y2, geo.orig_height);
+        u64::from(cols.end - cols.start) * u64::from(rows.end - rows.start)
+    };
+    let pixels: u64 = kept.iter().map(box_pixels).sum();
+    if pixels > limit {
+        return Err(HeadError::MaskPixels {
+            detections: kept.len(),
+            pixels,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// The instance mask of a detection over the whole original image, cropped to its box.

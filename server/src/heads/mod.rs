@@ -110,6 +110,20 @@ pub enum HeadError {
     /// A compressed RLE string is malformed or does not fit the stated size.
     #[error("invalid RLE counts: {0}")]
     InvalidRle(String),
+    /// The masks asked for would cover more pixels than the server computes for one image.
+    #[error(
+        "the masks of {detections} detections would cover {pixels} pixels, over the server's \
+         limit of {limit} (--max-mask-pixels); ask for fewer detections (max_detections, a \
+         higher score_threshold, a lower iou_threshold) or no masks"
+    )]
+    MaskPixels {
+        /// Detections that would get masks.
+        detections: usize,
+        /// Pixels their boxes cover in all.
+        pixels: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A label map could not be encoded as PNG.
     #[error("cannot encode the label map as PNG: {0}")]
     Png(String),

@@ -15,7 +15,7 @@ use super::{FeatureKey, Features, Pipeline, output, stack};
 use crate::engine::{NamedTensors, Run};
 use crate::error::Error;
 use crate::geometry::Geometry;
-use crate::heads::{detection, segmentation};
+use crate::heads::{HeadError, detection, segmentation};
 use crate::manifest::HeadParams;
 use crate::media;
 use crate::media::image::ImageLimits;
@@ -78,10 +78,13 @@ impl Pipeline {
     ) -> Result<(Vec<(String, HeadOutput)>, Timings), Error> {
         let started = Instant::now();
         let found = self.features_of(request.image).await?;
-        let runs = request
-            .tasks
-            .into_iter()
-            .map(|task| run_head(&found.features, task, found.geometry));
+        let max_mask_pixels = self.limits.max_mask_pixels;
+        let runs = request.tasks.into_iter().map(|mut task| {
+            if let HeadOptions::Detection(options) = &mut task.options {
+                options.max_mask_pixels = max_mask_pixels;
+            }
+            run_head(&found.features, task, found.geometry)
+        });
         let results = futures_util::future::try_join_all(runs).await?;
         let mut timings = found.timings();
         let mut outputs = Vec::with_capacity(results.len());
@@ -240,7 +243,11 @@ fn postprocess(
                 geometry,
                 params,
                 options,
-            )?;
+            )
+            .map_err(|e| match e {
+                HeadError::MaskPixels { .. } => Error::InvalidArgument(e.to_string()),
+                e => e.into(),
+            })?;
             Ok(HeadOutput::Detections(Detections {
                 items,
                 image_width: geometry.orig_width,

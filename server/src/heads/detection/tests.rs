@@ -298,6 +298,35 @@ fn fractional_box_edges_take_pixels_whose_centres_are_inside() {
 }
 
 #[test]
+fn masks_are_refused_when_their_boxes_cover_more_than_the_limit() {
+    // Four 16x16 boxes: 1,024 pixels in all.
+    let out = four_disjoint();
+    let (p, mut o) = defaults(&[32]);
+    o.masks = true;
+    o.max_mask_pixels = 1024;
+    let dets = out.run(&identity(), &p, &o).expect("at the limit");
+    assert_eq!(dets.iter().filter(|d| d.mask.is_some()).count(), 4);
+    o.max_mask_pixels = 1023;
+    let err = out.run(&identity(), &p, &o).expect_err("one pixel over");
+    assert!(
+        matches!(
+            err,
+            HeadError::MaskPixels {
+                detections: 4,
+                pixels: 1024,
+                limit: 1023
+            }
+        ),
+        "{err}"
+    );
+    o.max_detections = 3;
+    assert!(out.run(&identity(), &p, &o).is_ok(), "three boxes fit");
+    o.masks = false;
+    o.max_mask_pixels = 0;
+    assert_eq!(out.run(&identity(), &p, &o).expect("no masks").len(), 3);
+}
+
+#[test]
 fn wrong_shapes_are_errors() {
     let (p, o) = defaults(&[32]);
     let tensor_of = |out: &Outputs| match out.run(&identity(), &p, &o) {

@@ -1,0 +1,221 @@
+//! One budget for the request bytes being received, over every call and connection.
+//!
+//! Each call's message limit bounds what one call may send, but not how many calls send at
+//! once: a client with many connections and streams could make the server buffer their uploads
+//! all together. Every request body draws on one budget as its bytes arrive and gives them back
+//! when the body is dropped: a unary call once its message is read, a streaming call once its
+//! stream ends (a RecognizeActionWindows upload holds its bytes until the call is admitted). A
+//! call whose next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the
+//! configured `grpc-retry-pushback-ms`: the bytes are freed as soon as other calls' messages
+//! are in.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tonic::codegen::{Service, http};
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use super::status::RETRY_PUSHBACK;
+
+type Body = tonic::body::Body;
+
+/// The layer that holds every request body to the server's receive budget.
+#[derive(Debug, Clone)]
+pub struct ReceiveBudgetLayer {
+    budget: Arc<Budget>,
+}
+
+impl ReceiveBudgetLayer {
+    /// A budget of `bytes` received at once; refusals ask clients to wait `pushback_ms`.
+    pub fn new(bytes: u64, pushback_ms: u64) -> Self {
+        let permits = usize::try_from(bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            budget: Arc::new(Budget {
+                bytes: Arc::new(Semaphore::new(permits)),
+                total: permits,
+                pushback_ms,
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ReceiveBudgetLayer {
+    type Service = ReceiveBudget<S>;
+
+    fn layer(&self, inner: S) -> ReceiveBudget<S> {
+        ReceiveBudget {
+            inner,
+            budget: Arc::clone(&self.budget),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Budget {
+    /// One permit per byte.
+    bytes: Arc<Semaphore>,
+    total: usize,
+    pushback_ms: u64,
+}
+
+impl Budget {
+    /// Takes `len` bytes from the budget.
+    fn take(&self, len: usize) -> Result<OwnedSemaphorePermit, Status> {
+        u32::try_from(len)
+            .ok()
+            .and_then(|n| Arc::clone(&self.bytes).try_acquire_many_owned(n).ok())
+            .ok_or_else(|| self.refusal())
+    }
+
+    fn refusal(&self) -> Status {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(RETRY_PUSHBACK, MetadataValue::from(self.pushback_ms));
+        let message = format!(
+            "the server is receiving {} bytes of requests at once, its limit \
+             (--max-receiving-bytes); retry later",
+            self.total - self.bytes.available_permits()
+        );
+        Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)
+    }
+}
+
+/// See [`ReceiveBudgetLayer`].
+#[derive(Debug, Clone)]
+pub struct ReceiveBudget<S> {
+    inner: S,
+    budget: Arc<Budget>,
+}
+
+impl<S> Service<http::Request<Body>> for ReceiveBudget<S>
+where
+    S: Service<http::Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let budget = Arc::clone(&self.budget);
+        let request = request.map(|inner| {
+            Body::new(Budgeted {
+                inner,
+                budget,
+                held: None,
+            })
+        });
+        self.inner.call(request)
+    }
+}
+
+/// A request body that holds the bytes it has delivered against the budget until dropped.
+struct Budgeted {
+    inner: Body,
+    budget: Arc<Budget>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for Budgeted {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let len = match &frame {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+            _ => 0,
+        };
+        if len > 0 {
+            let permit = match self.budget.take(len) {
+                Ok(permit) => permit,
+                Err(refusal) => return Poll::Ready(Some(Err(refusal))),
+            };
+            match &mut self.held {
+                Some(held) => held.merge(permit),
+                held => *held = Some(permit),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn body(chunks: &[usize]) -> Body {
+        let frames = chunks
+            .iter()
+            .map(|&n| Ok::<_, Status>(Frame::data(Bytes::from(vec![7; n]))))
+            .collect::<Vec<_>>();
+        Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    fn budgeted(budget: &Arc<Budget>, chunks: &[usize]) -> Budgeted {
+        Budgeted {
+            inner: body(chunks),
+            budget: Arc::clone(budget),
+            held: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_hold_their_bytes_until_dropped_and_are_refused_past_the_budget() {
+        let budget = ReceiveBudgetLayer::new(100, 250).budget;
+        let mut first = budgeted(&budget, &[30, 30]);
+        let mut second = budgeted(&budget, &[30, 30]);
+        for body in [&mut first, &mut second] {
+            let frame = body.frame().await.expect("a frame").expect("within budget");
+            assert_eq!(frame.into_data().expect("data").len(), 30);
+        }
+        first.frame().await.expect("a frame").expect("90 of 100");
+        assert_eq!(budget.bytes.available_permits(), 10);
+        let refused = second
+            .frame()
+            .await
+            .expect("a frame")
+            .expect_err("120 of 100");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("90 bytes"), "{refused:?}");
+        assert!(refused.message().contains("--max-receiving-bytes"));
+        let pushback = refused.metadata().get(RETRY_PUSHBACK).expect("pushback");
+        assert_eq!(pushback.to_str().expect("ascii"), "250");
+
+        drop(first);
+        assert_eq!(budget.bytes.available_permits(), 70, "the second keeps 30");
+        let mut third = budgeted(&budget, &[70]);
+        third
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("70 of 70 free");
+        assert!(third.frame().await.is_none(), "the body ends");
+        drop((second, third));
+        assert_eq!(budget.bytes.available_permits(), 100);
+    }
+}
