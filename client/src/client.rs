@@ -1,6 +1,6 @@
 //! [`Client`]: a typed, deadline-aware wrapper over the generated `PolyheadClient` that retries
 //! connecting, and calls the server could not take (UNAVAILABLE, RESOURCE_EXHAUSTED), within
-//! the call's deadline.
+//! the call's deadline, or within one deadline for everything (a CLI command's).
 
 use std::fmt;
 use std::future::Future;
@@ -12,6 +12,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::addr::resolve_addr;
+use crate::deadline::Deadline;
 use crate::error::{ClientError, Result};
 use crate::retry::retrying;
 use crate::windows::{WindowStream, window_messages};
@@ -23,8 +24,13 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClientOptions {
     /// Deadline of every call, sent to the server as `grpc-timeout` and enforced locally; also
-    /// how long [`Client::connect`] may keep retrying.
+    /// how long [`Client::connect`] may keep retrying. `deadline` cuts both short.
     pub timeout: Duration,
+    /// One deadline for everything done with these options: connecting with its retries, and
+    /// every call with its retries, each sent what is left of it as its `grpc-timeout` when it
+    /// comes before `timeout` does. The CLI sets it once per command from `--timeout`, so that
+    /// connecting and the calls share that budget. `None`: each has `timeout` of its own.
+    pub deadline: Option<Deadline>,
     /// How long one attempt at establishing the connection may take.
     pub connect_timeout: Duration,
     /// Interval of the HTTP/2 pings that check a connection nothing arrived on for that long,
@@ -41,14 +47,23 @@ pub struct ClientOptions {
     /// How many times a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED, or a connection
     /// attempt that failed, is tried again (0: never), waiting as long as the server's
     /// `grpc-retry-pushback-ms` hint asks, else with jittered exponential backoff; retries never
-    /// extend past `timeout`.
+    /// extend past `timeout` (or `deadline`).
     pub max_retries: u32,
+}
+
+impl ClientOptions {
+    /// The deadline of a call, or of connecting, that starts now: `timeout` from now, or
+    /// `deadline` when it comes first.
+    fn deadline_from_now(&self) -> Deadline {
+        Deadline::after(self.timeout).min(self.deadline)
+    }
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(30),
+            deadline: None,
             connect_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(20),
             max_message_bytes: 64 * 1024 * 1024,
@@ -63,6 +78,7 @@ impl fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientOptions")
             .field("timeout", &self.timeout)
+            .field("deadline", &self.deadline)
             .field("connect_timeout", &self.connect_timeout)
             .field("keep_alive", &self.keep_alive)
             .field("max_message_bytes", &self.max_message_bytes)
@@ -132,6 +148,7 @@ fn endpoint(addr: &str, uri: &str, options: &ClientOptions) -> Result<Endpoint> 
             reason: err.to_string(),
         })?
         .tcp_nodelay(true)
+        .connect_timeout(options.connect_timeout)
         .http2_keep_alive_interval(options.keep_alive)
         .keep_alive_timeout(options.keep_alive)
         // hyper does not ping a connection whose only open stream is a response being received
@@ -151,27 +168,18 @@ impl Client {
     ///
     /// The connection is established eagerly, so an unreachable server fails here with
     /// [`ClientError::Connect`] rather than on the first call. A failed attempt is retried like
-    /// a call refused with UNAVAILABLE (see [`ClientOptions::max_retries`]), within `timeout`,
-    /// so that a server that is starting or restarting is waited for; a failed TLS handshake is
-    /// not retried.
+    /// a call refused with UNAVAILABLE (see [`ClientOptions::max_retries`]), within `timeout`
+    /// (or `deadline`, when it comes first), so that a server that is starting or restarting is
+    /// waited for; a failed TLS handshake is not retried. An attempt still under way when that
+    /// passes fails with [`ClientError::ConnectTimeout`].
     pub async fn connect(addr: &str, options: ClientOptions) -> Result<Self> {
         let uri = resolve_addr(addr, options.tls.is_some())?;
         let endpoint = endpoint(addr, &uri, &options)?;
         // Checked before connecting, so a token that cannot be sent fails at once.
         authorization(options.token.as_deref())?;
-        let attempt = |remaining: Duration| {
-            let endpoint = endpoint
-                .clone()
-                .connect_timeout(options.connect_timeout.min(remaining));
-            let addr = uri.clone();
-            async move {
-                endpoint
-                    .connect()
-                    .await
-                    .map_err(|source| ClientError::Connect { addr, source })
-            }
-        };
-        let channel = retrying(options.timeout, options.max_retries, attempt).await?;
+        let deadline = options.deadline_from_now();
+        let attempt = |_remaining| connect_once(&endpoint, &uri, deadline);
+        let channel = retrying(deadline, options.max_retries, attempt).await?;
         Self::from_channel(channel, uri, options)
     }
 
@@ -203,7 +211,8 @@ impl Client {
         &self.options
     }
 
-    /// A client on the same connection with another call deadline.
+    /// A client on the same connection with another call deadline; [`ClientOptions::deadline`]
+    /// still holds.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         let mut client = self.clone();
         client.options.timeout = timeout;
@@ -305,9 +314,10 @@ impl Client {
         options: v1::WindowOptions,
         chunk_bytes: usize,
     ) -> Result<WindowStream> {
-        let started = tokio::time::Instant::now();
-        let inner = self.recognize_windows(video, options, chunk_bytes).await?;
-        Ok(WindowStream::new(inner, started, self.options.timeout))
+        let deadline = self.options.deadline_from_now();
+        let messages = window_messages(video.into(), options, chunk_bytes);
+        let inner = self.open_windows(messages, deadline).await?;
+        Ok(WindowStream::new(inner, deadline))
     }
 
     /// [`Client::stream_windows`], returning the raw response stream: its messages after the
@@ -319,16 +329,27 @@ impl Client {
         options: v1::WindowOptions,
         chunk_bytes: usize,
     ) -> Result<tonic::Streaming<v1::RecognizeActionWindowsResponse>> {
-        let total = self.options.timeout;
-        let request = self.request(tokio_stream::iter(window_messages(
-            video.into(),
-            options,
-            chunk_bytes,
-        )));
+        let messages = window_messages(video.into(), options, chunk_bytes);
+        self.open_windows(messages, self.options.deadline_from_now())
+            .await
+    }
+
+    /// Starts a RecognizeActionWindows call that uploads `messages`, held to `deadline`.
+    async fn open_windows(
+        &self,
+        messages: Vec<v1::RecognizeActionWindowsRequest>,
+        deadline: Deadline,
+    ) -> Result<tonic::Streaming<v1::RecognizeActionWindowsResponse>> {
+        let after = deadline.budget();
+        let remaining = deadline.remaining();
+        if remaining.is_zero() {
+            return Err(ClientError::Timeout { after });
+        }
+        let request = self.request_within(tokio_stream::iter(messages), remaining);
         let mut inner = self.inner.clone();
         match inner.recognize_action_windows(request).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(ClientError::from_call(status, total)),
+            Err(status) => Err(ClientError::from_call(status, after)),
         }
     }
 
@@ -382,9 +403,10 @@ impl Client {
         .await
     }
 
-    /// Wraps a message in a request carrying the call deadline and the bearer token.
+    /// Wraps a message in a request carrying the bearer token and the call deadline:
+    /// [`ClientOptions::timeout`], or what is left of [`ClientOptions::deadline`] when less.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        self.request_within(message, self.options.timeout)
+        self.request_within(message, self.options.deadline_from_now().remaining())
     }
 
     /// Wraps a message in a request carrying the bearer token and the deadline `timeout`.
@@ -401,25 +423,47 @@ impl Client {
 
     /// Sends `message` through `rpc`, trying again (see [`ClientOptions::max_retries`]) while
     /// the server refuses it for now and the call's overall deadline allows; each attempt's
-    /// deadline is what remains of it. The last failure is returned.
+    /// deadline, sent as its `grpc-timeout`, is what remains of it when it is sent, and none is
+    /// sent once nothing does. The last failure is returned.
     async fn call<M, T, F, Fut>(&self, message: M, rpc: F) -> Result<T>
     where
         M: Clone,
         F: Fn(PolyheadClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let total = self.options.timeout;
-        retrying(total, self.options.max_retries, |remaining| {
-            let request = self.request_within(message.clone(), remaining);
-            let reply = rpc(self.inner.clone(), request);
+        let deadline = self.options.deadline_from_now();
+        let after = deadline.budget();
+        retrying(deadline, self.options.max_retries, |remaining| {
+            let reply = (!remaining.is_zero()).then(|| {
+                rpc(
+                    self.inner.clone(),
+                    self.request_within(message.clone(), remaining),
+                )
+            });
             async move {
+                let Some(reply) = reply else {
+                    return Err(ClientError::Timeout { after });
+                };
                 match reply.await {
                     Ok(response) => Ok(response.into_inner()),
-                    Err(status) => Err(ClientError::from_call(status, total)),
+                    Err(status) => Err(ClientError::from_call(status, after)),
                 }
             }
         })
         .await
+    }
+}
+
+/// One attempt at connecting to `uri` through `endpoint`, given up when `deadline` passes.
+async fn connect_once(endpoint: &Endpoint, uri: &str, deadline: Deadline) -> Result<Channel> {
+    let addr = uri.to_owned();
+    match tokio::time::timeout_at(deadline.tokio_instant(), endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(source)) => Err(ClientError::Connect { addr, source }),
+        Err(_elapsed) => Err(ClientError::ConnectTimeout {
+            addr,
+            after: deadline.budget(),
+        }),
     }
 }
 

@@ -44,10 +44,25 @@ pub enum ClientError {
         /// The transport error.
         source: tonic::transport::Error,
     },
-    /// The call did not complete within the configured timeout.
+    /// No connection was established before the deadline passed: that of connecting
+    /// ([`crate::ClientOptions::timeout`]), or of the whole command
+    /// ([`crate::ClientOptions::deadline`]).
+    #[error(
+        "cannot connect to polyhead at {addr}: timed out after {} (raise --timeout or \
+         POLYHEAD_TIMEOUT)",
+        secs(*.after)
+    )]
+    ConnectTimeout {
+        /// The normalised address (`http://host:port`).
+        addr: String,
+        /// The budget that ran out.
+        after: Duration,
+    },
+    /// The call did not complete within its deadline: the configured timeout, or what was left
+    /// of the command's.
     #[error("request timed out after {} (raise --timeout or POLYHEAD_TIMEOUT)", secs(*.after))]
     Timeout {
-        /// The timeout that expired.
+        /// The budget that ran out: the call's timeout, or the command's.
         after: Duration,
     },
     /// The server (or the transport) answered with a gRPC error status.
@@ -75,7 +90,7 @@ impl ClientError {
         match self {
             Self::Status(status) => Some(status.code()),
             Self::Connect { .. } => Some(Code::Unavailable),
-            Self::Timeout { .. } => Some(Code::DeadlineExceeded),
+            Self::Timeout { .. } | Self::ConnectTimeout { .. } => Some(Code::DeadlineExceeded),
             Self::InvalidAddress { .. }
             | Self::Tls { .. }
             | Self::InvalidToken
@@ -410,6 +425,17 @@ mod tests {
             fraction
                 .to_string()
                 .starts_with("request timed out after 2.5s")
+        );
+        let connecting = ClientError::ConnectTimeout {
+            addr: "http://127.0.0.1:50051".into(),
+            after,
+        };
+        assert_eq!(connecting.code(), Some(Code::DeadlineExceeded));
+        assert!(!connecting.is_transient(), "the deadline has passed");
+        assert_eq!(
+            connecting.to_string(),
+            "cannot connect to polyhead at http://127.0.0.1:50051: timed out after 30s (raise \
+             --timeout or POLYHEAD_TIMEOUT)"
         );
     }
 

@@ -24,6 +24,7 @@
 
 mod addr;
 mod client;
+mod deadline;
 mod error;
 mod input;
 pub mod json;
@@ -32,6 +33,7 @@ mod windows;
 
 pub use addr::normalize_addr;
 pub use client::{Client, ClientOptions, ClientTls, DEFAULT_SERVER};
+pub use deadline::Deadline;
 pub use error::{ClientError, Result};
 pub use input::{
     frames_clip, handle_image, image_from_bytes, image_from_path, raw_image, read_file, video_clip,

@@ -1,12 +1,14 @@
 //! When and how long to wait before trying again: calls and connection attempts refused for now
 //! (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried with the server's pushback hint or jittered
-//! exponential backoff, within a retry budget and an overall deadline.
+//! exponential backoff, within a retry budget and an overall deadline: one call's, or a whole
+//! command's.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::metadata::AsciiMetadataValue;
 
+use crate::deadline::Deadline;
 use crate::error::{ClientError, Result};
 
 /// The server's retry hint: how long to wait before the next attempt, in milliseconds.
@@ -19,10 +21,10 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Runs `attempt` until it succeeds, fails for good, has been retried `max_retries` times, or
-/// waiting for the next attempt would end past `budget` (counted from now). `attempt` gets what
-/// remains of the budget, its deadline: all of it the first time. The last failure is returned.
+/// waiting for the next attempt would end past `deadline`. `attempt` gets what remains of the
+/// deadline when it starts, its own deadline. The last failure is returned.
 pub(crate) async fn retrying<T, F, Fut>(
-    budget: Duration,
+    deadline: Deadline,
     max_retries: u32,
     mut attempt: F,
 ) -> Result<T>
@@ -30,20 +32,17 @@ where
     F: FnMut(Duration) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let started = Instant::now();
-    let mut remaining = budget;
     let mut retries = 0;
     loop {
-        let error = match attempt(remaining).await {
+        let error = match attempt(deadline.remaining()).await {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
         let wait = match retry_delay(&error, retries, max_retries) {
-            Some(wait) if started.elapsed() + wait < budget => wait,
+            Some(wait) if wait < deadline.remaining() => wait,
             _ => return Err(error),
         };
         tokio::time::sleep(wait).await;
-        remaining = budget.saturating_sub(started.elapsed());
         retries += 1;
     }
 }
@@ -148,15 +147,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn attempts_stop_at_the_budget_with_the_last_error() {
-        let mut attempts = 0;
-        let result: Result<()> = retrying(Duration::from_millis(150), 1000, |remaining| {
-            attempts += 1;
-            assert!(remaining <= Duration::from_millis(150));
+    async fn attempts_stop_at_the_deadline_with_the_last_error() {
+        let deadline = Deadline::after(Duration::from_millis(150));
+        let mut given = Vec::new();
+        let result: Result<()> = retrying(deadline, 1000, |remaining| {
+            given.push(remaining);
             std::future::ready(Err(refused(Code::Unavailable, Some("20"))))
         })
         .await;
         assert!(matches!(result, Err(ClientError::Status(_))));
-        assert!((2..=8).contains(&attempts), "{attempts} attempts");
+        assert!((2..=8).contains(&given.len()), "{} attempts", given.len());
+        assert!(given[0] <= Duration::from_millis(150));
+        assert!(
+            given
+                .windows(2)
+                .all(|pair| pair[1] + Duration::from_millis(20) <= pair[0]),
+            "each attempt gets what is left after the waits: {given:?}"
+        );
     }
 }

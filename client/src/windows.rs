@@ -1,12 +1,10 @@
 //! RecognizeActionWindows from the client's side: the chunked upload and [`WindowStream`], the
 //! response stream held to the call's deadline with its failures classified like a unary call's.
 
-use std::time::Duration;
-
 use polyhead_proto::Bytes;
 use polyhead_proto::v1;
-use tokio::time::Instant;
 
+use crate::deadline::Deadline;
 use crate::error::{ClientError, Result};
 
 /// The responses of a RecognizeActionWindows call, one per window as it completes, then the
@@ -18,34 +16,27 @@ use crate::error::{ClientError, Result};
 #[derive(Debug)]
 pub struct WindowStream {
     inner: tonic::Streaming<v1::RecognizeActionWindowsResponse>,
-    deadline: Instant,
-    timeout: Duration,
+    deadline: Deadline,
 }
 
 impl WindowStream {
-    /// Wraps `inner`, a stream whose call started with deadline `timeout` at `started`.
+    /// Wraps `inner`, the responses of a call held to `deadline`.
     pub(crate) fn new(
         inner: tonic::Streaming<v1::RecognizeActionWindowsResponse>,
-        started: Instant,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Self {
-        Self {
-            inner,
-            deadline: started + timeout,
-            timeout,
-        }
+        Self { inner, deadline }
     }
 
     /// The next response, or `None` once the server has ended the stream. A failure ends the
     /// stream: [`ClientError::Timeout`] when the deadline passes first, the classified status
     /// otherwise (a broken connection is UNAVAILABLE, see [`ClientError::code`]).
     pub async fn message(&mut self) -> Result<Option<v1::RecognizeActionWindowsResponse>> {
-        match tokio::time::timeout_at(self.deadline, self.inner.message()).await {
+        let after = self.deadline.budget();
+        match tokio::time::timeout_at(self.deadline.tokio_instant(), self.inner.message()).await {
             Ok(Ok(message)) => Ok(message),
-            Ok(Err(status)) => Err(ClientError::from_call(status, self.timeout)),
-            Err(_elapsed) => Err(ClientError::Timeout {
-                after: self.timeout,
-            }),
+            Ok(Err(status)) => Err(ClientError::from_call(status, after)),
+            Err(_elapsed) => Err(ClientError::Timeout { after }),
         }
     }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use polyhead_client::{Client, ClientError, ClientOptions, DEFAULT_SERVER};
+use polyhead_client::{Client, ClientError, ClientOptions, DEFAULT_SERVER, Deadline};
 use serde::Serialize;
 
 /// Help section of the options every subcommand accepts.
@@ -37,8 +37,9 @@ pub struct Cli {
         value_name = "ADDR"
     )]
     pub server: String,
-    /// Deadline of each call, in seconds, its retries included (connecting gets as long); a
-    /// video streamed in windows must be done within it.
+    /// One deadline for the whole command, in seconds from its start: connecting (with its
+    /// retries) and every call (with its retries, a video streamed in windows included) must be
+    /// done within it; each call is sent what is left of it as its gRPC deadline.
     #[arg(
         long,
         global = true,
@@ -50,7 +51,7 @@ pub struct Cli {
     )]
     pub timeout: Duration,
     /// How many times connecting, or a call the server refuses for now (UNAVAILABLE,
-    /// RESOURCE_EXHAUSTED), is retried within its deadline; 0 disables retries.
+    /// RESOURCE_EXHAUSTED), is retried within --timeout; 0 disables retries.
     #[arg(
         long,
         global = true,
@@ -103,12 +104,14 @@ impl Cli {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Set once, so that connecting, its retries and every call share the one --timeout.
+    let deadline = Deadline::after(cli.timeout);
     let out = Output { json: cli.json };
     let session = Session {
         server: cli.server,
         options: ClientOptions {
             timeout: cli.timeout,
-            connect_timeout: cli.timeout.min(ClientOptions::default().connect_timeout),
+            deadline: Some(deadline),
             tls: cli.credentials.tls()?,
             token: cli.credentials.token,
             max_retries: cli.retries,
@@ -124,14 +127,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Where and how to connect.
+/// Where and how to connect, and the deadline of the command.
 pub(crate) struct Session {
     server: String,
     options: ClientOptions,
 }
 
 impl Session {
-    /// Connects to the server.
+    /// Connects to the server, within what is left of the command's deadline.
     pub(crate) async fn connect(&self) -> Result<Client, ClientError> {
         Client::connect(&self.server, self.options.clone()).await
     }

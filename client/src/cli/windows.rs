@@ -32,8 +32,8 @@ struct SummaryLine {
     timings: Option<json::Timings>,
 }
 
-/// Streams `video` with `options` and prints every window, then the totals. `--timeout` covers
-/// the whole stream.
+/// Streams `video` with `options` and prints every window, then the totals. The command's
+/// `--timeout` covers the whole stream, a second upload in smaller chunks included.
 pub(super) async fn run(
     client: &Client,
     out: &Output,

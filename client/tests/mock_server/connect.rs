@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use polyhead_client::{Client, ClientError, ClientOptions, ClientTls};
 
-use crate::mock::{serve, serve_on};
+use crate::mock::{Received, serve, serve_on};
 use crate::{args, polyhead, polyhead_with, temp_file, text};
 
 /// A local address nothing listens on, and a task that starts serving the mock on it after
-/// `delay`: a server that is starting.
-fn late_server(delay: Duration) -> anyhow::Result<SocketAddr> {
+/// `delay`, keeping what it receives in `received`: a server that is starting.
+pub fn late_server(delay: Duration, received: Received) -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     drop(listener);
@@ -20,7 +20,7 @@ fn late_server(delay: Duration) -> anyhow::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("the port is still free");
-        serve_on(listener);
+        serve_on(listener, received);
     });
     Ok(addr)
 }
@@ -44,7 +44,7 @@ async fn cli_reports_an_absent_server() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_is_retried_until_the_server_listens() -> anyhow::Result<()> {
-    let addr = late_server(Duration::from_millis(300))?;
+    let addr = late_server(Duration::from_millis(300), Received::default())?;
     let options = ClientOptions {
         timeout: Duration::from_secs(20),
         max_retries: 30,
@@ -53,7 +53,7 @@ async fn connecting_is_retried_until_the_server_listens() -> anyhow::Result<()> 
     let client = Client::connect(&addr.to_string(), options).await?;
     assert_eq!(client.list_models().await?.model_set, "mock");
 
-    let addr = late_server(Duration::from_millis(300))?;
+    let addr = late_server(Duration::from_millis(300), Received::default())?;
     let output = polyhead(args(addr, &["--retries", "30", "models"])).await?;
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("k400"));

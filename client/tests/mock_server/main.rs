@@ -1,6 +1,7 @@
 //! The library and the `polyhead` binary against an in-process mock server with canned answers:
 //! deadlines, retries, status mapping, connection errors, output formats and exit codes.
 
+mod budget;
 mod cli;
 mod connect;
 mod library;

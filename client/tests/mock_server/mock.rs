@@ -1,10 +1,11 @@
 //! The mock server: canned answers from fixed data, with failure modes selected by the head
-//! name, and the server's refusal of a request message over its size limit.
+//! name, and the server's refusal of a request message over its size limit. It keeps what the
+//! tests check it received: the number of detect calls and every call's deadline.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use polyhead_client::v1;
@@ -20,10 +21,51 @@ pub const MESSAGE_LIMIT: usize = 4096;
 
 type Reply<T> = Result<Response<T>, Status>;
 
-/// Answers from fixed data; the head name selects failure modes. Counts the detect calls.
+/// What a mock received; clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    /// How many detect calls arrived.
+    pub detect_calls: Arc<AtomicUsize>,
+    deadlines: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl Received {
+    /// The deadline every call was sent with (its `grpc-timeout`), in the order they arrived; a
+    /// call sent without one is left out.
+    pub fn deadlines(&self) -> Vec<Duration> {
+        self.deadlines.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Notes the deadline of `request`.
+    fn note<T>(&self, request: &Request<T>) {
+        let sent = request.metadata().get("grpc-timeout");
+        if let Some(deadline) = sent.and_then(|v| grpc_timeout(v.to_str().ok()?)) {
+            if let Ok(mut deadlines) = self.deadlines.lock() {
+                deadlines.push(deadline);
+            }
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit (gRPC over HTTP/2).
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
+    let unit = value.chars().last()?;
+    let amount: u64 = value.strip_suffix(unit)?.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(amount * 3600),
+        'M' => Duration::from_secs(amount * 60),
+        'S' => Duration::from_secs(amount),
+        'm' => Duration::from_millis(amount),
+        'u' => Duration::from_micros(amount),
+        'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Answers from fixed data; the head name selects failure modes. Keeps what it received.
 #[derive(Default)]
 struct Mock {
-    detect_calls: Arc<AtomicUsize>,
+    received: Received,
 }
 
 /// polyhead's answer to a request message over its size limit (`server/src/grpc/status.rs`):
@@ -65,7 +107,8 @@ fn flaky(head: &str, call: usize) -> Option<Status> {
 #[tonic::async_trait]
 impl Polyhead for Mock {
     async fn detect(&self, request: Request<v1::DetectRequest>) -> Reply<v1::DetectResponse> {
-        let call = self.detect_calls.fetch_add(1, Ordering::SeqCst);
+        self.received.note(&request);
+        let call = self.received.detect_calls.fetch_add(1, Ordering::SeqCst);
         if let Some(refusal) = flaky(&request.get_ref().head, call) {
             return Err(refusal);
         }
@@ -93,7 +136,8 @@ impl Polyhead for Mock {
         }))
     }
 
-    async fn segment(&self, _: Request<v1::SegmentRequest>) -> Reply<v1::SegmentResponse> {
+    async fn segment(&self, request: Request<v1::SegmentRequest>) -> Reply<v1::SegmentResponse> {
+        self.received.note(&request);
         Ok(Response::new(v1::SegmentResponse {
             segmentation: Some(segmentation()),
             timings: Some(timings(1)),
@@ -104,6 +148,7 @@ impl Polyhead for Mock {
         &self,
         request: Request<v1::RecognizeActionRequest>,
     ) -> Reply<v1::RecognizeActionResponse> {
+        self.received.note(&request);
         let (count, fps) = match &request.get_ref().clip {
             Some(v1::recognize_action_request::Clip::Frames(f)) => (f.frames.len(), f.fps),
             Some(v1::recognize_action_request::Clip::Video(video))
@@ -129,6 +174,7 @@ impl Polyhead for Mock {
     }
 
     async fn analyze(&self, request: Request<v1::AnalyzeRequest>) -> Reply<v1::AnalyzeResponse> {
+        self.received.note(&request);
         use v1::head_result::Result as R;
         let results = request
             .get_ref()
@@ -151,8 +197,9 @@ impl Polyhead for Mock {
 
     async fn list_models(
         &self,
-        _: Request<v1::ListModelsRequest>,
+        request: Request<v1::ListModelsRequest>,
     ) -> Reply<v1::ListModelsResponse> {
+        self.received.note(&request);
         let head = |name: &str, kind: v1::HeadKind| v1::ModelInfo {
             name: name.into(),
             role: v1::ModelRole::Head as i32,
@@ -171,6 +218,7 @@ impl Polyhead for Mock {
     }
 
     async fn get_model(&self, request: Request<v1::GetModelRequest>) -> Reply<v1::ModelInfo> {
+        self.received.note(&request);
         Err(Status::not_found(format!(
             "no model named {:?}",
             request.get_ref().name
@@ -179,8 +227,9 @@ impl Polyhead for Mock {
 
     async fn extract_features(
         &self,
-        _: Request<v1::ExtractFeaturesRequest>,
+        request: Request<v1::ExtractFeaturesRequest>,
     ) -> Reply<v1::ExtractFeaturesResponse> {
+        self.received.note(&request);
         Err(Status::unimplemented("the mock keeps no features"))
     }
 
@@ -194,6 +243,7 @@ impl Polyhead for Mock {
         &self,
         request: Request<tonic::Streaming<v1::RecognizeActionWindowsRequest>>,
     ) -> Reply<Self::RecognizeActionWindowsStream> {
+        self.received.note(&request);
         let mut upload = request.into_inner();
         let mut video_bytes = 0;
         let mut head = String::new();
@@ -317,17 +367,16 @@ pub async fn serve() -> anyhow::Result<SocketAddr> {
 pub async fn serve_counting() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    Ok((addr, serve_on(listener)))
+    let received = Received::default();
+    serve_on(listener, received.clone());
+    Ok((addr, received.detect_calls))
 }
 
-/// Serves [`Mock`] on `listener`; the counter is the number of detect calls it received.
-pub fn serve_on(listener: tokio::net::TcpListener) -> Arc<AtomicUsize> {
-    let mock = Mock::default();
-    let calls = Arc::clone(&mock.detect_calls);
+/// Serves [`Mock`] on `listener`, keeping what it receives in `received`.
+pub fn serve_on(listener: tokio::net::TcpListener, received: Received) {
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(PolyheadServer::new(mock))
+            .add_service(PolyheadServer::new(Mock { received }))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    calls
 }
