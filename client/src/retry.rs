@@ -20,8 +20,12 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest backoff between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// Least time an attempt after a wait must have left: a retry that would start with less is
+/// not made, and the server's last answer is returned rather than a bare timeout.
+const MIN_ATTEMPT: Duration = Duration::from_millis(10);
+
 /// Runs `attempt` until it succeeds, fails for good, has been retried `max_retries` times, or
-/// waiting for the next attempt would end past `deadline`. `attempt` gets what remains of the
+/// waiting for the next attempt would leave it less than [`MIN_ATTEMPT`] before `deadline`. `attempt` gets what remains of the
 /// deadline when it starts, its own deadline. The last failure is returned.
 pub(crate) async fn retrying<T, F, Fut>(
     deadline: Deadline,
@@ -39,7 +43,7 @@ where
             Err(error) => error,
         };
         let wait = match retry_delay(&error, retries, max_retries) {
-            Some(wait) if wait < deadline.remaining() => wait,
+            Some(wait) if wait + MIN_ATTEMPT < deadline.remaining() => wait,
             _ => return Err(error),
         };
         tokio::time::sleep(wait).await;
@@ -164,5 +168,19 @@ mod tests {
                 .all(|pair| pair[1] + Duration::from_millis(20) <= pair[0]),
             "each attempt gets what is left after the waits: {given:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_leaves_no_time_for_an_attempt_returns_the_servers_answer() {
+        let deadline = Deadline::after(Duration::from_secs(60));
+        let mut attempts = 0;
+        let result: Result<()> = retrying(deadline, 1000, |_| {
+            attempts += 1;
+            std::future::ready(Err(refused(Code::ResourceExhausted, Some("59995"))))
+        })
+        .await;
+        let code = result.err().as_ref().and_then(ClientError::code);
+        assert_eq!(code, Some(Code::ResourceExhausted));
+        assert_eq!(attempts, 1);
     }
 }

@@ -17,6 +17,8 @@ use crate::error::{ClientError, Result};
 pub struct WindowStream {
     inner: tonic::Streaming<v1::RecognizeActionWindowsResponse>,
     deadline: Deadline,
+    /// Whether the summary has arrived.
+    summarized: bool,
 }
 
 impl WindowStream {
@@ -25,17 +27,27 @@ impl WindowStream {
         inner: tonic::Streaming<v1::RecognizeActionWindowsResponse>,
         deadline: Deadline,
     ) -> Self {
-        Self { inner, deadline }
+        Self {
+            inner,
+            deadline,
+            summarized: false,
+        }
     }
 
     /// The next response, or `None` once the server has ended the stream. A failure ends the
     /// stream: [`ClientError::Timeout`] when the deadline passes first, the classified status
-    /// otherwise (a broken connection is UNAVAILABLE, see [`ClientError::code`]).
+    /// otherwise (a broken connection is UNAVAILABLE, see [`ClientError::code`]). Once the
+    /// summary has arrived the stream has its answer: a deadline that passes while its end is
+    /// on the way ends it as if it had arrived.
     pub async fn message(&mut self) -> Result<Option<v1::RecognizeActionWindowsResponse>> {
         let after = self.deadline.budget();
         match tokio::time::timeout_at(self.deadline.tokio_instant(), self.inner.message()).await {
-            Ok(Ok(message)) => Ok(message),
+            Ok(Ok(message)) => {
+                self.summarized |= message.as_ref().is_some_and(is_summary);
+                Ok(message)
+            }
             Ok(Err(status)) => Err(ClientError::from_call(status, after)),
+            Err(_elapsed) if self.summarized => Ok(None),
             Err(_elapsed) => Err(ClientError::Timeout { after }),
         }
     }
@@ -44,6 +56,13 @@ impl WindowStream {
     pub fn into_inner(self) -> tonic::Streaming<v1::RecognizeActionWindowsResponse> {
         self.inner
     }
+}
+
+fn is_summary(message: &v1::RecognizeActionWindowsResponse) -> bool {
+    matches!(
+        message.event,
+        Some(v1::recognize_action_windows_response::Event::Summary(_))
+    )
 }
 
 /// The upload of a RecognizeActionWindows call: `options` and the first chunk, then the rest

@@ -12,24 +12,26 @@ use crate::{args, polyhead, polyhead_with, temp_file, text};
 /// A local address nothing listens on, and a task that starts serving the mock on it after
 /// `delay`, keeping what it receives in `received`: a server that is starting.
 pub fn late_server(delay: Duration, received: Received) -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    drop(listener);
+    let (socket, addr) = closed_port()?;
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("the port is still free");
-        serve_on(listener, received);
+        serve_on(socket.listen(64).expect("listen"), received);
     });
     Ok(addr)
 }
 
+/// A socket bound to a local port but not listening yet: connecting to it is refused, and no
+/// one else can take the port before it listens.
+pub fn closed_port() -> anyhow::Result<(tokio::net::TcpSocket, SocketAddr)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let addr = socket.local_addr()?;
+    Ok((socket, addr))
+}
+
 #[tokio::test]
 async fn cli_reports_an_absent_server() -> anyhow::Result<()> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    drop(listener);
+    let (_closed, addr) = closed_port()?;
     let output = polyhead(args(addr, &["models"])).await?;
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
@@ -62,9 +64,7 @@ async fn connecting_is_retried_until_the_server_listens() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn without_retries_a_refused_connection_fails_at_once() -> anyhow::Result<()> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    drop(listener);
+    let (_closed, addr) = closed_port()?;
     let options = ClientOptions {
         max_retries: 0,
         ..ClientOptions::default()

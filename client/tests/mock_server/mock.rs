@@ -238,7 +238,7 @@ impl Polyhead for Mock {
 
     /// Reads the whole upload (refusing a chunk over [`MESSAGE_LIMIT`]), then answers two
     /// windows of 2 frames and the totals. The head `stall` answers the first window and then
-    /// nothing, keeping the stream open.
+    /// nothing, keeping the stream open; `linger` answers everything but keeps the stream open.
     async fn recognize_action_windows(
         &self,
         request: Request<tonic::Streaming<v1::RecognizeActionWindowsRequest>>,
@@ -263,6 +263,10 @@ impl Polyhead for Mock {
             return Ok(Response::new(Box::pin(stalled)));
         }
         messages.push(Ok(summary(video_bytes)));
+        if head == "linger" {
+            let lingering = tokio_stream::iter(messages).chain(tokio_stream::pending());
+            return Ok(Response::new(Box::pin(lingering)));
+        }
         Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
     }
 }

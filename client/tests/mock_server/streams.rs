@@ -47,6 +47,31 @@ async fn a_stalled_stream_ends_at_the_deadline() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_after_the_summary_ends_the_stream_as_answered() -> anyhow::Result<()> {
+    let addr = serve().await?;
+    let options = ClientOptions {
+        timeout: Duration::from_millis(800),
+        ..ClientOptions::default()
+    };
+    let mut stream = first_window(addr, "linger", options).await?;
+    let mut events = Vec::new();
+    while let Some(message) = stream.message().await? {
+        events.push(message.event.expect("an event"));
+    }
+    assert!(
+        matches!(
+            events.as_slice(),
+            [
+                v1::recognize_action_windows_response::Event::Window(_),
+                v1::recognize_action_windows_response::Event::Summary(_)
+            ]
+        ),
+        "{events:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_finds_a_silent_server() -> anyhow::Result<()> {
     let proxy = Proxy::start(serve().await?).await?;
     let options = ClientOptions {
