@@ -166,9 +166,9 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_IMAGE_SIDE", default_value_t = 8192)]
     pub max_image_side: u32,
 
-    /// Most pixels the instance masks of one image may cover in all, counted over their
-    /// boxes (each box's pixels are evaluated). A Detect or Analyze asking for masks over more
-    /// is refused with INVALID_ARGUMENT before any mask is computed.
+    /// Most pixels the instance masks of one detection head on one image may cover in all,
+    /// counted over their boxes (each box's pixels are evaluated). A Detect or Analyze asking
+    /// for masks over more is refused with INVALID_ARGUMENT before any mask is computed.
     #[arg(long, env = "POLYHEAD_MAX_MASK_PIXELS", default_value_t = 200_000_000)]
     pub max_mask_pixels: u64,
 
@@ -270,6 +270,8 @@ impl Config {
             max_concurrent_streams: self.admission.max_concurrent_streams,
             drain_timeout: Duration::try_from_secs_f64(self.drain_timeout_seconds)
                 .unwrap_or_default(),
+            default_timeout: self.limits.default_timeout(),
+            max_timeout: self.limits.max_timeout(),
             max_receiving_bytes: self.admission.max_receiving_bytes,
             retry_pushback_ms: self.limits.retry_pushback_ms,
         }

@@ -68,26 +68,48 @@ const TIMER_TICK: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, Copy)]
 struct Arrival(Instant);
 
-/// Stamps every request with the moment it arrives and, for a call with a `grpc-timeout`, ends
-/// it with DEADLINE_EXCEEDED once that has passed (one timer tick early) if no response has
-/// started by then. The handler's own deadline covers calls whose message has arrived; this one
-/// covers the time before, while tonic still reads and decodes the message, where otherwise
-/// tonic's own timer would answer CANCELLED ("Timeout expired"). Inside the metrics layer, so
-/// that such calls are counted too.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ArrivalLayer;
+/// Stamps every request with the moment it arrives and ends it with DEADLINE_EXCEEDED once its
+/// deadline has passed (one timer tick early) if no response has started by then. The deadline
+/// is the handler's: the caller's `grpc-timeout`, else the default, capped at the maximum. The
+/// handler's own deadline covers calls whose message has arrived; this one covers the time
+/// before, while tonic still reads and decodes the message, where otherwise tonic's own timer
+/// would answer CANCELLED ("Timeout expired") and a call without a deadline could hold its
+/// connection's stream, and the request bytes it has sent, for ever. Inside the metrics layer,
+/// so that such calls are counted too.
+#[derive(Debug, Clone, Copy)]
+pub struct ArrivalLayer {
+    default_timeout: Duration,
+    max_timeout: Duration,
+}
+
+impl ArrivalLayer {
+    /// Calls that carry no `grpc-timeout` get `default_timeout`; none gets more than
+    /// `max_timeout`.
+    pub fn new(default_timeout: Duration, max_timeout: Duration) -> Self {
+        Self {
+            default_timeout,
+            max_timeout,
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for ArrivalLayer {
     type Service = StampArrival<S>;
 
     fn layer(&self, inner: S) -> StampArrival<S> {
-        StampArrival(inner)
+        StampArrival {
+            inner,
+            timeouts: *self,
+        }
     }
 }
 
 /// See [`ArrivalLayer`].
 #[derive(Debug, Clone)]
-pub struct StampArrival<S>(S);
+pub struct StampArrival<S> {
+    inner: S,
+    timeouts: ArrivalLayer,
+}
 
 impl<S, B, R> tower::Service<http::Request<B>> for StampArrival<S>
 where
@@ -102,24 +124,29 @@ where
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let arrived = Instant::now();
+        let ArrivalLayer {
+            default_timeout,
+            max_timeout,
+        } = self.timeouts;
         let timeout = request
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_timeout);
+            .and_then(parse_timeout)
+            .unwrap_or(default_timeout)
+            .min(max_timeout);
         request.extensions_mut().insert(Arrival(arrived));
-        // A deadline too far away to be represented is no deadline here; the handler caps it.
-        let deadline = timeout.and_then(|t| {
-            let at = arrived.checked_add(t.saturating_sub(TIMER_TICK))?;
-            Some((Box::pin(tokio::time::sleep_until(at.into())), t))
-        });
+        // A deadline too far away to be represented (a maximum of centuries) is none here.
+        let deadline = arrived
+            .checked_add(timeout.saturating_sub(TIMER_TICK))
+            .map(|at| (Box::pin(tokio::time::sleep_until(at.into())), timeout));
         ArrivalFuture {
-            inner: self.0.call(request),
+            inner: self.inner.call(request),
             deadline,
         }
     }
@@ -227,7 +254,8 @@ mod tests {
             let arrived = request.extensions().get::<Arrival>().is_some();
             Ok::<_, std::convert::Infallible>(http::Response::new(arrived))
         });
-        let mut service = ArrivalLayer.layer(inner);
+        let forever = Duration::from_secs(u64::MAX);
+        let mut service = ArrivalLayer::new(forever, forever).layer(inner);
         for value in [
             "99999999H",
             "9999999999999999999S",
@@ -246,6 +274,25 @@ mod tests {
                 .await
                 .expect("answered");
             assert!(*response.body(), "{value}: the arrival was stamped");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_still_arriving_gets_the_default_deadline_or_the_maximum() {
+        use tower::{Layer, ServiceExt};
+        let never = tower::service_fn(|_: http::Request<()>| {
+            std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>()
+        });
+        let layer = ArrivalLayer::new(Duration::from_millis(50), Duration::from_millis(80));
+        for header in [None, Some("2H")] {
+            let mut request = http::Request::builder();
+            if let Some(value) = header {
+                request = request.header("grpc-timeout", value);
+            }
+            let request = request.body(()).expect("request");
+            let response = layer.layer(never).oneshot(request).await.expect("answered");
+            let status = Status::from_header_map(response.headers()).expect("a status");
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{header:?}");
         }
     }
 

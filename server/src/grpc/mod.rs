@@ -67,6 +67,10 @@ pub struct ServeOptions {
     pub max_concurrent_streams: u32,
     /// How long in-flight calls may take to finish once shutdown starts.
     pub drain_timeout: Duration,
+    /// Deadline of calls that carry none.
+    pub default_timeout: Duration,
+    /// Longest deadline of any call.
+    pub max_timeout: Duration,
     /// Bytes of request messages received at once, over every call and connection.
     pub max_receiving_bytes: u64,
     /// The `grpc-retry-pushback-ms` sent when that budget refuses a call.
@@ -133,7 +137,10 @@ pub async fn serve_secured(
     }
     builder
         .layer(metrics_layer())
-        .layer(deadline::ArrivalLayer)
+        .layer(deadline::ArrivalLayer::new(
+            options.default_timeout,
+            options.max_timeout,
+        ))
         .layer(AuthLayer::new(security.tokens))
         .layer(receive::ReceiveBudgetLayer::new(
             options.max_receiving_bytes,

@@ -2,12 +2,16 @@
 //!
 //! Each call's message limit bounds what one call may send, but not how many calls send at
 //! once: a client with many connections and streams could make the server buffer their uploads
-//! all together. Every request body draws on one budget as its bytes arrive and gives them back
-//! when the body is dropped: a unary call once its message is read, a streaming call once its
-//! stream ends (a RecognizeActionWindows upload holds its bytes until the call is admitted). A
-//! call whose next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the
-//! configured `grpc-retry-pushback-ms`: the bytes are freed as soon as other calls' messages
-//! are in.
+//! all together. Every request body draws on one budget as its bytes arrive (as sent: gRPC
+//! framing included, compressed messages at their compressed size) and gives them back when the
+//! body is dropped: a unary call once its message is read, a streaming call once its stream ends
+//! (a RecognizeActionWindows upload holds its bytes until the call is admitted). A body cannot
+//! hold them for ever: the call's deadline also runs while its message arrives. A call whose
+//! next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the configured
+//! `grpc-retry-pushback-ms`, as the bytes are freed as soon as other calls' messages are in;
+//! one that alone holds more than the whole budget is told it can never fit (pushback -1).
+//! Health checks and reflection, whose messages are a few bytes, are not held to it: a probe
+//! must get through while the server is busy.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,24 +70,46 @@ struct Budget {
 }
 
 impl Budget {
-    /// Takes `len` bytes from the budget.
-    fn take(&self, len: usize) -> Result<OwnedSemaphorePermit, Status> {
+    /// Takes `len` more bytes from the budget for a call that holds `held`.
+    fn take(&self, held: usize, len: usize) -> Result<OwnedSemaphorePermit, Status> {
+        if held.saturating_add(len) > self.total {
+            return Err(refusal(
+                -1,
+                format!(
+                    "the request is larger than the {} bytes the server receives at once \
+                     (--max-receiving-bytes)",
+                    self.total
+                ),
+            ));
+        }
         u32::try_from(len)
             .ok()
             .and_then(|n| Arc::clone(&self.bytes).try_acquire_many_owned(n).ok())
-            .ok_or_else(|| self.refusal())
+            .ok_or_else(|| {
+                let in_use = self.total - self.bytes.available_permits();
+                let message = format!(
+                    "the server is receiving {in_use} of the {} bytes of requests it receives at \
+                     once (--max-receiving-bytes); retry later",
+                    self.total
+                );
+                refusal(i64::try_from(self.pushback_ms).unwrap_or(i64::MAX), message)
+            })
     }
+}
 
-    fn refusal(&self) -> Status {
-        let mut metadata = MetadataMap::new();
-        metadata.insert(RETRY_PUSHBACK, MetadataValue::from(self.pushback_ms));
-        let message = format!(
-            "the server is receiving {} bytes of requests at once, its limit \
-             (--max-receiving-bytes); retry later",
-            self.total - self.bytes.available_permits()
-        );
-        Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)
-    }
+/// RESOURCE_EXHAUSTED with `message` and a `grpc-retry-pushback-ms` of `pushback_ms` (negative:
+/// do not retry).
+fn refusal(pushback_ms: i64, message: String) -> Status {
+    let mut metadata = MetadataMap::new();
+    metadata.insert(RETRY_PUSHBACK, MetadataValue::from(pushback_ms));
+    Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)
+}
+
+/// Paths whose bodies are not held to the budget: the health and reflection services.
+fn exempt(path: &str) -> bool {
+    ["/grpc.health.v1.Health/", "/grpc.reflection."]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
 }
 
 /// See [`ReceiveBudgetLayer`].
@@ -106,6 +132,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if exempt(request.uri().path()) {
+            return self.inner.call(request);
+        }
         let budget = Arc::clone(&self.budget);
         let request = request.map(|inner| {
             Body::new(Budgeted {
@@ -139,7 +168,11 @@ impl http_body::Body for Budgeted {
             _ => 0,
         };
         if len > 0 {
-            let permit = match self.budget.take(len) {
+            let held = self
+                .held
+                .as_ref()
+                .map_or(0, OwnedSemaphorePermit::num_permits);
+            let permit = match self.budget.take(held, len) {
                 Ok(permit) => permit,
                 Err(refusal) => return Poll::Ready(Some(Err(refusal))),
             };
@@ -201,10 +234,12 @@ mod tests {
             .expect("a frame")
             .expect_err("120 of 100");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(refused.message().contains("90 bytes"), "{refused:?}");
+        assert!(
+            refused.message().contains("receiving 90 of the 100 bytes"),
+            "{refused:?}"
+        );
         assert!(refused.message().contains("--max-receiving-bytes"));
-        let pushback = refused.metadata().get(RETRY_PUSHBACK).expect("pushback");
-        assert_eq!(pushback.to_str().expect("ascii"), "250");
+        assert_eq!(pushback(&refused), "250");
 
         drop(first);
         assert_eq!(budget.bytes.available_permits(), 70, "the second keeps 30");
@@ -217,5 +252,56 @@ mod tests {
         assert!(third.frame().await.is_none(), "the body ends");
         drop((second, third));
         assert_eq!(budget.bytes.available_permits(), 100);
+    }
+
+    fn pushback(status: &Status) -> &str {
+        let value = status.metadata().get(RETRY_PUSHBACK).expect("pushback");
+        value.to_str().expect("ascii")
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_whole_budget_is_told_not_to_retry() {
+        let budget = ReceiveBudgetLayer::new(100, 250).budget;
+        let mut body = budgeted(&budget, &[60, 60]);
+        body.frame().await.expect("a frame").expect("60 of 100");
+        let refused = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect_err("120 in one call");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("larger than the 100 bytes"));
+        assert_eq!(pushback(&refused), "-1");
+    }
+
+    #[tokio::test]
+    async fn health_and_reflection_bodies_pass_outside_the_budget() {
+        use tower::{Layer, ServiceExt};
+        let layer = ReceiveBudgetLayer::new(10, 250);
+        let read_all = tower::service_fn(|request: http::Request<Body>| async move {
+            let read = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len());
+            Ok::<_, std::convert::Infallible>(read.map_err(|s| s.code()))
+        });
+        let call = |path: &str| {
+            let request = http::Request::builder()
+                .uri(path)
+                .body(body(&[30]))
+                .expect("request");
+            layer.layer(read_all).oneshot(request)
+        };
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(call(path).await.expect("answered"), Ok(30), "{path}");
+        }
+        let held = call("/polyhead.v1.Polyhead/Detect")
+            .await
+            .expect("answered");
+        assert_eq!(held, Err(tonic::Code::ResourceExhausted));
     }
 }

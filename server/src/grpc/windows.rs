@@ -245,14 +245,17 @@ async fn respond(
     slot: Slot,
     out: mpsc::Sender<Result<v1::RecognizeActionWindowsResponse, Status>>,
 ) {
-    let _slot = slot;
     let video_bytes = request.video.len() as u64;
     let head = Arc::clone(&request.head);
     let (events, results) = mpsc::channel(1);
     let work =
         crate::engine::within_deadline(call.deadline, call.pipeline.run_windows(request, events));
     let to_message = |event| response(event, &head.labels, video_bytes);
-    let status = match forward(call.deadline, work, results, &out, to_message).await {
+    let end = forward(call.deadline, work, results, &out, to_message).await;
+    // The work is over: the slot goes back before a reader that is slow to take the status
+    // can hold it.
+    drop(slot);
+    let status = match end {
         End::Answered => return,
         End::Failed(error) => call.status(error),
         End::Expired => call.expired(),
