@@ -405,6 +405,9 @@ impl Client {
 
     /// Wraps a message in a request carrying the bearer token and the call deadline:
     /// [`ClientOptions::timeout`], or what is left of [`ClientOptions::deadline`] when less.
+    /// Once that deadline has passed the request carries a zero timeout, which tonic's channel
+    /// fails at once, locally, with CANCELLED ("Timeout expired"); the typed calls check first
+    /// and answer [`ClientError::Timeout`].
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         self.request_within(message, self.options.deadline_from_now().remaining())
     }
