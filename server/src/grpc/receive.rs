@@ -2,19 +2,23 @@
 //!
 //! Each call's message limit bounds what one call may send, but not how many calls send at
 //! once: a client with many connections and streams could make the server buffer their uploads
-//! all together. Every request body draws on one budget as its bytes arrive (as sent: gRPC
-//! framing included, compressed messages at their compressed size) and gives them back when the
-//! body is dropped: a unary call once its message is read, a streaming call once its stream ends
-//! (a RecognizeActionWindows upload holds its bytes until the call is admitted). A body cannot
-//! hold them for ever: the call's deadline also runs while its message arrives. A call whose
+//! all together, and hold them all while their calls wait for a slot. Every request body draws
+//! on one budget as its bytes arrive (as sent: gRPC framing included, compressed messages at
+//! their compressed size), and the call gives them back once it has been answered and its body
+//! is gone: a unary call when its handler has its reply, a streaming call when its response
+//! starts and its request stream has ended (a RecognizeActionWindows upload once the call is
+//! admitted). So the budget bounds the request messages the server holds at once, whether they
+//! are arriving, waiting for a slot or being served. A call cannot hold them for ever: its
+//! deadline also runs while its message arrives. A call whose
 //! next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the configured
 //! `grpc-retry-pushback-ms`, as the bytes are freed as soon as other calls' messages are in;
 //! one that alone holds more than the whole budget is told it can never fit (pushback -1).
 //! Health checks and reflection, whose messages are a few bytes, are not held to it: a probe
 //! must get through while the server is busy.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -119,13 +123,16 @@ pub struct ReceiveBudget<S> {
     budget: Arc<Budget>,
 }
 
+/// The bytes one call holds, shared by its body and its response future.
+type Held = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+
 impl<S> Service<http::Request<Body>> for ReceiveBudget<S>
 where
     S: Service<http::Request<Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Answering<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -133,25 +140,54 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if exempt(request.uri().path()) {
-            return self.inner.call(request);
+            return Answering {
+                inner: self.inner.call(request),
+                held: None,
+            };
         }
         let budget = Arc::clone(&self.budget);
+        let held = Held::default();
+        let body_held = Arc::clone(&held);
         let request = request.map(|inner| {
             Body::new(Budgeted {
                 inner,
                 budget,
-                held: None,
+                held: body_held,
             })
         });
-        self.inner.call(request)
+        Answering {
+            inner: self.inner.call(request),
+            held: Some(held),
+        }
     }
 }
 
-/// A request body that holds the bytes it has delivered against the budget until dropped.
+pin_project_lite::pin_project! {
+    /// The inner service's answer; keeps the call's bytes held until it is ready.
+    pub struct Answering<F> {
+        #[pin]
+        inner: F,
+        held: Option<Held>,
+    }
+}
+
+impl<F: Future> Future for Answering<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let answer = ready!(this.inner.poll(cx));
+        *this.held = None;
+        Poll::Ready(answer)
+    }
+}
+
+/// A request body that holds the bytes it has delivered against the budget, with its call's
+/// response future: they go back when both are gone.
 struct Budgeted {
     inner: Body,
     budget: Arc<Budget>,
-    held: Option<OwnedSemaphorePermit>,
+    held: Held,
 }
 
 impl http_body::Body for Budgeted {
@@ -168,17 +204,15 @@ impl http_body::Body for Budgeted {
             _ => 0,
         };
         if len > 0 {
-            let held = self
-                .held
-                .as_ref()
-                .map_or(0, OwnedSemaphorePermit::num_permits);
-            let permit = match self.budget.take(held, len) {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            let holds = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+            let permit = match self.budget.take(holds, len) {
                 Ok(permit) => permit,
                 Err(refusal) => return Poll::Ready(Some(Err(refusal))),
             };
-            match &mut self.held {
+            match &mut *held {
                 Some(held) => held.merge(permit),
-                held => *held = Some(permit),
+                none => *none = Some(permit),
             }
         }
         Poll::Ready(frame)
@@ -213,7 +247,7 @@ mod tests {
         Budgeted {
             inner: body(chunks),
             budget: Arc::clone(budget),
-            held: None,
+            held: Held::default(),
         }
     }
 
@@ -272,6 +306,52 @@ mod tests {
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().contains("larger than the 100 bytes"));
         assert_eq!(pushback(&refused), "-1");
+    }
+
+    #[tokio::test]
+    async fn a_call_holds_its_bytes_until_it_is_answered() {
+        use tokio::sync::oneshot;
+        use tower::{Layer, ServiceExt};
+        let layer = ReceiveBudgetLayer::new(100, 250);
+        let budget = Arc::clone(&layer.budget);
+        let (read_tx, read_rx) = oneshot::channel::<()>();
+        let (answer_tx, answer_rx) = oneshot::channel::<()>();
+        let channels = Arc::new(std::sync::Mutex::new(Some((read_tx, answer_rx))));
+        // Reads the message and drops the body (as tonic does for a unary call), then waits for
+        // the test before it answers (as a call waiting for a slot, then served).
+        let handler = tower::service_fn(move |request: http::Request<Body>| {
+            let (read, answer) = channels.lock().expect("lock").take().expect("one call");
+            async move {
+                let len = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("read")
+                    .to_bytes()
+                    .len();
+                read.send(()).expect("the test waits");
+                answer.await.expect("answered");
+                Ok::<_, std::convert::Infallible>(len)
+            }
+        });
+        let request = http::Request::builder()
+            .uri("/polyhead.v1.Polyhead/Detect")
+            .body(body(&[40, 20]))
+            .expect("request");
+        let call = tokio::spawn(layer.layer(handler).oneshot(request));
+        read_rx.await.expect("the message was read");
+        assert_eq!(
+            budget.bytes.available_permits(),
+            40,
+            "the body is gone, the call not answered"
+        );
+        answer_tx.send(()).expect("the call waits");
+        assert_eq!(call.await.expect("join"), Ok(60));
+        assert_eq!(
+            budget.bytes.available_permits(),
+            100,
+            "given back once answered"
+        );
     }
 
     #[tokio::test]
