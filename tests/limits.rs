@@ -488,51 +488,20 @@ async fn masks_over_the_pixel_limit_are_invalid_argument() {
 }
 
 #[tokio::test]
-async fn bytes_being_received_are_held_to_one_budget_over_all_calls() {
+async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
     use tokio_stream::StreamExt;
     use v1::polyhead_client::PolyheadClient;
     const MIB: usize = 1 << 20;
-    let server = server(4, 4, |config| {
+    let server = server(1, 4, |config| {
         config.limits.max_message_bytes = MIB;
         config.limits.max_video_bytes = MIB as u64;
         config.admission.max_receiving_bytes = (MIB + MIB / 2) as u64;
     });
-    // A window stream whose upload stays open holds its first message (a clip of noise, about
-    // 820 KB) against the budget.
-    let noise = "nullsrc=size=176x128:rate=10,geq=random(1)*255:random(1)*255:random(1)*255";
-    let first = crate::common::make_clip(noise, 2.0, "mp4", &["-c:v", "mpeg4", "-q:v", "1"]);
-    assert!(
-        (780_000..1_000_000).contains(&first.len()),
-        "{}",
-        first.len()
-    );
-    let (upload, chunks) = tokio::sync::mpsc::channel(2);
-    let options = v1::WindowOptions {
-        window_frames: 8,
-        ..Default::default()
-    };
-    upload
-        .send(v1::RecognizeActionWindowsRequest {
-            options: Some(options),
-            chunk: first.into(),
-        })
-        .await
-        .expect("first message");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut raw = PolyheadClient::new(channel).max_decoding_message_size(usize::MAX);
-    let held = tokio::spawn(async move {
-        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks);
-        let responses = raw.recognize_action_windows(stream).await?.into_inner();
-        responses.collect::<Result<Vec<_>, _>>().await
-    });
-
-    // An 800 KB image fits one message but not what the budget has left.
+    let admission = Arc::clone(server.pipeline.admission());
+    let slot = admission.admit().await.expect("the only slot");
+    // An 800 KB image fits one message; two do not fit the budget.
     let (width, height) = (520, 512);
-    let image = || v1::Image {
+    let image = move || v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width,
             height,
@@ -540,21 +509,23 @@ async fn bytes_being_received_are_held_to_one_budget_over_all_calls() {
         })),
     };
     let client = no_retries(&server).await;
-    let started = Instant::now();
-    let refused = loop {
-        match client
-            .detect(image(), v1::DetectOptions::default(), "")
-            .await
-        {
-            // Sent before the stream's bytes had arrived.
-            Ok(_) => {}
-            Err(err) => break err.status().cloned().expect("a status"),
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no call was refused while the upload held its bytes"
-        );
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .detect(image(), v1::DetectOptions::default(), "")
+                .await
+        })
     };
+    // Received in full and waiting for the slot, it still holds its bytes.
+    until_queued(&admission, 1).await;
+    let refused = client
+        .detect(image(), v1::DetectOptions::default(), "")
+        .await
+        .expect_err("over the budget")
+        .status()
+        .cloned()
+        .expect("a status");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("--max-receiving-bytes"),
@@ -562,12 +533,48 @@ async fn bytes_being_received_are_held_to_one_budget_over_all_calls() {
     );
     assert_eq!(pushback(&refused), Some("100"));
 
-    // Once the upload is complete its bytes are the call's own: others are received again.
-    drop(upload);
-    let responses = held
+    // So does a window upload (a clip of noise, about 820 KB, in one message).
+    let noise = "nullsrc=size=176x128:rate=10,geq=random(1)*255:random(1)*255:random(1)*255";
+    let clip = crate::common::make_clip(noise, 2.0, "mp4", &["-c:v", "mpeg4", "-q:v", "1"]);
+    assert!((780_000..1_000_000).contains(&clip.len()), "{}", clip.len());
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = PolyheadClient::new(channel).max_decoding_message_size(usize::MAX);
+    let upload = |clip: Vec<u8>| {
+        let options = v1::WindowOptions {
+            window_frames: 8,
+            ..Default::default()
+        };
+        tokio_stream::iter([v1::RecognizeActionWindowsRequest {
+            options: Some(options),
+            chunk: clip.into(),
+        }])
+    };
+    let refused = raw
+        .recognize_action_windows(upload(clip.clone()))
+        .await
+        .expect_err("over the budget");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(pushback(&refused), Some("100"));
+
+    // Once the waiting call is answered its bytes go back, and others are received again.
+    drop(slot);
+    waiting
         .await
         .expect("join")
-        .expect("the held stream is answered");
+        .expect("the waiting call is served");
+    let responses = raw
+        .recognize_action_windows(upload(clip))
+        .await
+        .expect("received")
+        .into_inner();
+    let responses = responses
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .expect("answered");
     assert!(
         responses.last().is_some_and(|r| matches!(
             r.event,
@@ -575,8 +582,4 @@ async fn bytes_being_received_are_held_to_one_budget_over_all_calls() {
         )),
         "the stream ends with its summary"
     );
-    client
-        .detect(image(), v1::DetectOptions::default(), "")
-        .await
-        .expect("received once the upload is in");
 }
