@@ -79,7 +79,7 @@ async fn bad_options_are_invalid_arguments() {
 }
 
 #[tokio::test]
-async fn unknown_heads_are_invalid_arguments() {
+async fn unknown_heads_are_not_found_and_bad_head_lists_invalid() {
     let client = client().await;
     let image = encoded(photo("coffee.png"));
     let err = client
@@ -91,7 +91,7 @@ async fn unknown_heads_are_invalid_arguments() {
         )
         .await
         .expect_err("unknown head");
-    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert_eq!(err.code(), Some(Code::NotFound));
     assert!(err.to_string().contains("unknown head 'depth'"), "{err}");
     let err = client
         .analyze(

@@ -248,6 +248,12 @@ async fn list_and_get_models_describe_the_set() {
     assert_eq!(action.kind(), v1::HeadKind::Action);
     let missing = client.get_model("nope").await.expect_err("unknown model");
     assert_eq!(missing.code(), Some(tonic::Code::NotFound));
+    assert!(
+        missing
+            .to_string()
+            .contains("detection, segmentation, action)"),
+        "{missing}"
+    );
     // A name of a megabyte is quoted in part, so the status fits in any peer's header limit.
     let long = client
         .get_model(&"n".repeat(1 << 20))

@@ -135,7 +135,7 @@ async fn overload_is_accounted_exactly() {
         )
         .await
         .expect_err("unknown head");
-    assert_eq!(status.code(), Some(Code::InvalidArgument), "{status}");
+    assert_eq!(status.code(), Some(Code::NotFound), "{status}");
     let mut oip = GrpcInferenceServiceClient::connect(format!("http://{}", server.addr))
         .await
         .expect("connect");

@@ -89,8 +89,25 @@ def test_rendered_config_is_accepted_by_the_server(tmp_path, extra):
     assert effective["listen"] == "0.0.0.0:50051"
     assert effective["metrics-listen"] == "0.0.0.0:9464"
     assert effective["cache-bytes"] == 268435456
+    assert effective["max-receiving-bytes"] == 1 << 30
     if extra:
         assert effective["max-frames"] == 16 and effective["allow-cpu-fallback"] is True
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in binary units ("4Gi") as bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_memory_limit_leaves_room_beyond_the_cache_and_the_receive_budget():
+    docs = rendered()
+    config = tomllib.loads(kind(docs, "ConfigMap")["data"]["polyhead.toml"])
+    container = kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    limit = quantity_bytes(container["resources"]["limits"]["memory"])
+    held = config["cache-bytes"] + config["max-receiving-bytes"]
+    # The rest holds the weights, the runtime's buffers and every running call's decoded image.
+    assert limit - held >= 2 << 30, (limit, held)
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

@@ -121,10 +121,11 @@ pub(super) fn pick<'a, H: HeadEntry>(
     Ok(head)
 }
 
-/// The head called `name` among `heads`.
+/// The head called `name` among `heads`; NOT_FOUND names the heads there are, as GetModel and
+/// the OIP calls do for a model they do not serve.
 pub(super) fn find<'a, H: HeadEntry>(heads: &'a [H], name: &str) -> Result<&'a H, Error> {
     heads.iter().find(|h| h.name() == name).ok_or_else(|| {
-        invalid(format!(
+        Error::NotFound(format!(
             "unknown head '{name}' (heads: {})",
             names(heads.iter())
         ))

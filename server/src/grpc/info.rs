@@ -3,6 +3,7 @@
 use polyhead_proto::v1;
 
 use crate::engine::{SessionWorker, TensorInfo};
+use crate::error::Error;
 use crate::manifest::{HeadKind, ResizeKind};
 use crate::model_set::{Head, ModelSet};
 
@@ -13,6 +14,17 @@ pub fn list(models: &ModelSet) -> v1::ListModelsResponse {
         backbone: Some(backbone(models)),
         heads: models.heads.iter().map(|h| head(models, h)).collect(),
     }
+}
+
+/// NOT_FOUND for a model name the set does not hold, naming the ones it does.
+pub fn not_served(models: &ModelSet, name: &str) -> Error {
+    let names: Vec<&str> = std::iter::once(models.backbone.spec.name.as_str())
+        .chain(models.heads.iter().map(|h| h.name()))
+        .collect();
+    Error::NotFound(format!(
+        "no model named '{name}' (models: {})",
+        names.join(", ")
+    ))
 }
 
 /// The model called `name`, if any.

@@ -80,8 +80,8 @@ impl Budget {
             return Err(refusal(
                 -1,
                 format!(
-                    "the request is larger than the {} bytes the server receives at once \
-                     (--max-receiving-bytes)",
+                    "the request is larger than the {} bytes of requests the server holds at \
+                     once (--max-receiving-bytes)",
                     self.total
                 ),
             ));
@@ -92,8 +92,8 @@ impl Budget {
             .ok_or_else(|| {
                 let in_use = self.total - self.bytes.available_permits();
                 let message = format!(
-                    "the server is receiving {in_use} of the {} bytes of requests it receives at \
-                     once (--max-receiving-bytes); retry later",
+                    "the server holds {in_use} of the {} bytes of requests it may hold at once, \
+                     received and not yet answered (--max-receiving-bytes); retry later",
                     self.total
                 );
                 refusal(i64::try_from(self.pushback_ms).unwrap_or(i64::MAX), message)
@@ -269,7 +269,7 @@ mod tests {
             .expect_err("120 of 100");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(
-            refused.message().contains("receiving 90 of the 100 bytes"),
+            refused.message().contains("holds 90 of the 100 bytes"),
             "{refused:?}"
         );
         assert!(refused.message().contains("--max-receiving-bytes"));

@@ -236,8 +236,7 @@ impl Polyhead for PolyheadService {
             if name.is_empty() {
                 return Err(Error::InvalidArgument("name is required".into()));
             }
-            info::find(models, &name)
-                .ok_or_else(|| Error::NotFound(format!("no model named '{name}'")))
+            info::find(models, &name).ok_or_else(|| info::not_served(models, &name))
         })
         .await
     }

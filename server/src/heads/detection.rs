@@ -84,12 +84,14 @@ pub struct DetectOptions {
     /// Whether instance masks are computed.
     pub masks: bool,
     /// Most pixels the masks of one image may cover in all, counted over their boxes: a mask
-    /// costs work for every pixel of its box.
+    /// costs work for every pixel of its box. Not the client's to choose: the pipeline sets it
+    /// from `--max-mask-pixels` for every head it runs.
     pub max_mask_pixels: u64,
 }
 
 impl DetectOptions {
-    /// The head's defaults: its thresholds and limit, every class, no masks.
+    /// The head's defaults: its thresholds and limit, every class, no masks (and no mask limit
+    /// until the pipeline sets the server's).
     pub fn defaults(params: &DetectionParams) -> Self {
         Self {
             score_threshold: params.score_threshold,

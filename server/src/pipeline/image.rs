@@ -79,12 +79,10 @@ impl Pipeline {
         let started = Instant::now();
         let found = self.features_of(request.image).await?;
         let max_mask_pixels = self.limits.max_mask_pixels;
-        let runs = request.tasks.into_iter().map(|mut task| {
-            if let HeadOptions::Detection(options) = &mut task.options {
-                options.max_mask_pixels = max_mask_pixels;
-            }
-            run_head(&found.features, task, found.geometry)
-        });
+        let runs = request
+            .tasks
+            .into_iter()
+            .map(|task| run_head(&found.features, task, found.geometry, max_mask_pixels));
         let results = futures_util::future::try_join_all(runs).await?;
         let mut timings = found.timings();
         let mut outputs = Vec::with_capacity(results.len());
@@ -198,11 +196,16 @@ fn preprocess(rgb: &RgbImage, spec: &PreprocessSpec) -> (Vec<f32>, Geometry) {
 }
 
 /// Runs one head on the shared features and post-processes its outputs, off the async workers.
+/// A detection head's masks may cover at most `max_mask_pixels` (`--max-mask-pixels`).
 async fn run_head(
     features: &Features,
-    task: HeadTask,
+    mut task: HeadTask,
     geometry: Geometry,
+    max_mask_pixels: u64,
 ) -> Result<(String, HeadOutput, HeadTiming), Error> {
+    if let HeadOptions::Detection(options) = &mut task.options {
+        options.max_mask_pixels = max_mask_pixels;
+    }
     let inputs = features.select(&task.head.spec.inputs)?;
     let Run {
         outputs,

@@ -11,6 +11,7 @@ use polyhead_proto::inference::model_metadata_response::TensorMetadata;
 use crate::config::Limits;
 use crate::engine::{NamedTensors, Stage, TensorInfo};
 use crate::error::Error;
+use crate::grpc::info::not_served;
 use crate::manifest::HeadParams;
 use crate::model_set::{Head, ModelSet};
 
@@ -35,7 +36,7 @@ impl<'a> Model<'a> {
         let head = if name == set.backbone.spec.name {
             None
         } else {
-            let head = set.head(name).ok_or_else(|| unknown(set, name))?;
+            let head = set.head(name).ok_or_else(|| not_served(set, name))?;
             Some(head.as_ref())
         };
         let model = Self { set, head };
@@ -196,16 +197,6 @@ fn select(features: &NamedTensors, head: &Head) -> Result<NamedTensors, Error> {
                 .ok_or_else(|| Error::Internal(format!("the backbone returned no '{name}'")))
         })
         .collect()
-}
-
-fn unknown(set: &ModelSet, name: &str) -> Error {
-    let names: Vec<&str> = std::iter::once(set.backbone.spec.name.as_str())
-        .chain(set.heads.iter().map(|h| h.name()))
-        .collect();
-    Error::NotFound(format!(
-        "no model named '{name}' (models: {})",
-        names.join(", ")
-    ))
 }
 
 fn tensor_metadata(tensor: &TensorInfo) -> TensorMetadata {
