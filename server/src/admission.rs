@@ -37,8 +37,8 @@ pub struct AdmissionConfig {
     /// whose next bytes would go over is refused with RESOURCE_EXHAUSTED. A call holds what it
     /// has received until it has been answered (a RecognizeActionWindows upload until the call
     /// is admitted), so this bounds the request messages held at once, arriving, waiting for a
-    /// slot or being served. Health checks and reflection are not counted. At least
-    /// --max-message-bytes and --max-video-bytes.
+    /// slot or being served. Health checks and reflection are not counted. At least 64 KiB
+    /// (for gRPC framing) more than --max-message-bytes and --max-video-bytes.
     #[arg(long, env = "POLYHEAD_MAX_RECEIVING_BYTES", default_value_t = 2 << 30)]
     pub max_receiving_bytes: u64,
 }

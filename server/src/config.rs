@@ -10,6 +10,12 @@ use serde::Serialize;
 
 use crate::engine::{Device, Placement};
 
+/// What `--max-receiving-bytes` must hold beyond the largest request it admits: the budget
+/// counts bytes as they arrive, a message's 5-byte gRPC prefix included, and a video streamed in
+/// chunks has a prefix and a field header (about 10 bytes) per chunk; 64 KiB covers a
+/// `--max-video-bytes` video in chunks of 80 KiB or more.
+pub const FRAMING_ALLOWANCE: u64 = 64 << 10;
+
 /// polyhead: one frozen vision backbone, many task heads, served over gRPC.
 ///
 /// Loads one model set (a backbone and its heads), runs the backbone once per image and fans its
@@ -340,10 +346,14 @@ impl Config {
             ("max-message-bytes", self.limits.max_message_bytes as u64),
             ("max-video-bytes", self.limits.max_video_bytes),
         ];
-        match largest.iter().find(|(_, v)| *v > receiving) {
+        match largest
+            .iter()
+            .find(|(_, v)| v.saturating_add(FRAMING_ALLOWANCE) > receiving)
+        {
             Some((flag, bytes)) => Err(format!(
-                "--max-receiving-bytes is {receiving}, less than --{flag} ({bytes}): such a \
-                 request could never be received"
+                "--max-receiving-bytes is {receiving}, less than --{flag} ({bytes}) and \
+                 {FRAMING_ALLOWANCE} bytes for its gRPC framing: such a request could never be \
+                 received"
             )),
             None => Ok(()),
         }
@@ -404,10 +414,11 @@ mod tests {
             ("--max-decoded-frames", |c| c.limits.max_decoded_frames = 0),
             ("--max-mask-pixels", |c| c.limits.max_mask_pixels = 0),
             ("--max-video-bytes", |c| {
-                c.admission.max_receiving_bytes = c.limits.max_video_bytes - 1;
+                c.admission.max_receiving_bytes = c.limits.max_video_bytes + FRAMING_ALLOWANCE - 1;
             }),
             ("--max-message-bytes", |c| {
-                c.admission.max_receiving_bytes = c.limits.max_message_bytes as u64 - 1;
+                c.admission.max_receiving_bytes =
+                    c.limits.max_message_bytes as u64 + FRAMING_ALLOWANCE - 1;
             }),
         ] {
             let mut config = config.clone();

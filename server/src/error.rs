@@ -17,6 +17,10 @@ pub enum Error {
     /// A named model does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The server's configuration does not allow what the request asks; the same request
+    /// fails again until an operator changes it.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Every request slot is busy and the admission queue is full.
     #[error(transparent)]
     Full(#[from] crate::admission::Full),

@@ -90,6 +90,7 @@ def test_rendered_config_is_accepted_by_the_server(tmp_path, extra):
     assert effective["metrics-listen"] == "0.0.0.0:9464"
     assert effective["cache-bytes"] == 268435456
     assert effective["max-receiving-bytes"] == 1 << 30
+    assert effective["intra-threads"] == 2
     if extra:
         assert effective["max-frames"] == 16 and effective["allow-cpu-fallback"] is True
 
@@ -203,6 +204,13 @@ def test_addresses_the_chart_sets_cannot_be_set_twice(key, pointer):
     result = run_helm(*template_args(f"config.{key}=0.0.0.0:7000"))
     assert result.returncode != 0
     assert f"config.{key} cannot be set" in result.stderr and pointer in result.stderr
+
+
+@pytest.mark.parametrize("key", ["tls-cert", "tls_key", "tls-client-ca"])
+def test_tls_is_refused_with_where_to_terminate_it(key):
+    result = run_helm(*template_args(f"config.{key}=/etc/polyhead/tls.pem"))
+    assert result.returncode != 0
+    assert f"config.{key} cannot be set" in result.stderr and "in front of the Service" in result.stderr
 
 
 def test_scrape_annotations_follow_the_metrics_port():

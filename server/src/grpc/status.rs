@@ -56,6 +56,7 @@ fn code(error: &Error) -> Code {
         Error::Media(e) if e.is_internal() => Code::Internal,
         Error::Media(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::Full(_) => Code::ResourceExhausted,
         Error::Engine(e) => engine_code(e),
         Error::Head(_) | Error::Internal(_) => Code::Internal,

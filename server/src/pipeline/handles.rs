@@ -40,8 +40,14 @@ pub struct HandleConfig {
     pub handle_ttl_seconds: u32,
 
     /// Memory the features behind feature handles may hold, in bytes of feature tensors; the
-    /// least recently used handles are forgotten beyond it.
-    #[arg(long, env = "POLYHEAD_HANDLE_BYTES", default_value_t = 512 << 20)]
+    /// least recently used handles are forgotten beyond it. An image whose features alone are
+    /// larger gets no handle (FAILED_PRECONDITION).
+    #[arg(
+        long,
+        env = "POLYHEAD_HANDLE_BYTES",
+        default_value_t = 512 << 20,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub handle_bytes: u64,
 }
 
@@ -72,6 +78,8 @@ pub struct HandleEntry {
 pub struct HandleStore {
     entries: Cache<String, HandleEntry>,
     ttl: Duration,
+    /// The bytes the entries may weigh in all (`--handle-bytes`).
+    budget: u64,
 }
 
 impl HandleStore {
@@ -83,14 +91,15 @@ impl HandleStore {
     fn with_budget(bytes: u64, ttl: Duration) -> Self {
         let entries = Cache::builder()
             .max_capacity(bytes)
-            .weigher(|handle: &String, entry: &HandleEntry| {
-                let bytes = u64::from(cache::weight(&entry.tensors)) + handle.len() as u64;
-                u32::try_from(bytes).unwrap_or(u32::MAX)
-            })
+            .weigher(|handle: &String, entry: &HandleEntry| weight(handle, entry))
             .time_to_live(ttl)
             .eviction_policy(EvictionPolicy::lru())
             .build();
-        Self { entries, ttl }
+        Self {
+            entries,
+            ttl,
+            budget: bytes,
+        }
     }
 
     /// How long a handle lives.
@@ -99,8 +108,18 @@ impl HandleStore {
     }
 
     /// Keeps `entry` under a new handle; returns the handle and when it expires.
+    /// FAILED_PRECONDITION when the entry alone weighs more than the whole budget: the cache
+    /// would drop it at once, and the handle would name nothing.
     pub async fn insert(&self, entry: HandleEntry) -> Result<(String, SystemTime), Error> {
         let handle = new_handle()?;
+        let bytes = u64::from(weight(&handle, &entry));
+        if bytes > self.budget {
+            return Err(Error::FailedPrecondition(format!(
+                "the features of this image take {bytes} bytes, more than the server keeps for \
+                 all feature handles (--handle-bytes {}); send the image with each call instead",
+                self.budget
+            )));
+        }
         let expires_at = SystemTime::now() + self.ttl;
         self.entries.insert(handle.clone(), entry).await;
         // Evict what the new entry pushed over the budget now: moka applies its writes only
@@ -125,6 +144,12 @@ impl HandleStore {
             ))
         })
     }
+}
+
+/// The bytes `entry` holds under `handle`, capped to what the cache can weigh.
+fn weight(handle: &str, entry: &HandleEntry) -> u32 {
+    let bytes = u64::from(cache::weight(&entry.tensors)) + handle.len() as u64;
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// A new handle: 128 bits from the operating system's random source, hex encoded.
@@ -227,6 +252,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn features_larger_than_the_whole_budget_get_no_handle() {
+        let fits = u64::from(cache::weight(&entry(1_000).tensors)) + 2 * HANDLE_BYTES as u64;
+        let store = HandleStore::with_budget(fits, Duration::from_secs(60));
+        let (handle, _) = store.insert(entry(1_000)).await.expect("insert");
+        assert!(store.get(&handle).await.is_ok(), "exactly the budget fits");
+        let Err(Error::FailedPrecondition(message)) = store.insert(entry(1_001)).await else {
+            panic!("a handle that would name nothing");
+        };
+        assert!(message.contains("--handle-bytes"), "{message}");
+        assert!(
+            store.get(&handle).await.is_ok(),
+            "nothing was evicted for it"
+        );
+    }
+
+    #[tokio::test]
     async fn handles_expire_after_their_time_to_live() {
         let ttl = Duration::from_millis(50);
         let store = HandleStore::with_budget(1 << 20, ttl);
@@ -269,5 +310,6 @@ mod tests {
             HandleConfig::default().handle_bytes
         );
         assert!(Flags::try_parse_from(["test", "--handle-ttl-seconds", "0"]).is_err());
+        assert!(Flags::try_parse_from(["test", "--handle-bytes", "0"]).is_err());
     }
 }

@@ -45,6 +45,8 @@ the server refuses. The server reads `_` in a key as `-`.
 {{- fail (printf "config.%s cannot be set: the chart listens on 0.0.0.0:service.grpcPort, which the Service and the probes use too; set service.grpcPort instead" $key) }}
 {{- else if eq $long "metrics-listen" }}
 {{- fail (printf "config.%s cannot be set: the chart serves metrics on 0.0.0.0:service.metricsPort, which the Service and the scrape annotations use too; set service.metricsPort instead" $key) }}
+{{- else if has $long (list "tls-cert" "tls-key" "tls-client-ca") }}
+{{- fail (printf "config.%s cannot be set: the chart serves plaintext gRPC, the only kind the kubelet's gRPC probes and the helm test pod speak; terminate TLS in front of the Service (an ingress or a service mesh)" $key) }}
 {{- else if and (eq $long "auth-token-file") $.Values.auth.existingSecret }}
 {{- fail (printf "config.%s cannot be set together with auth.existingSecret, which sets it" $key) }}
 {{- end }}
