@@ -306,8 +306,9 @@ impl Client {
     /// Recognises actions in a long video window by window: sends `video` in chunks of at most
     /// `chunk_bytes` (the first with `options`) and returns the server's response stream, one
     /// message per window as it completes, then the summary. The call's deadline covers the
-    /// whole stream, locally too, and its failures are classified like a unary call's; it is
-    /// not retried.
+    /// whole stream, locally too, and its failures are classified like a unary call's. A call
+    /// the server refuses for now (UNAVAILABLE, RESOURCE_EXHAUSTED: it answers so before any
+    /// window) is sent again like a unary one; a stream that has started is not.
     pub async fn stream_windows(
         &self,
         video: impl Into<Bytes>,
@@ -334,23 +335,18 @@ impl Client {
             .await
     }
 
-    /// Starts a RecognizeActionWindows call that uploads `messages`, held to `deadline`.
+    /// Starts a RecognizeActionWindows call that uploads `messages`, held to `deadline`, and
+    /// uploads them again while the server refuses the call for now (see [`Client::attempts`]).
     async fn open_windows(
         &self,
         messages: Vec<v1::RecognizeActionWindowsRequest>,
         deadline: Deadline,
     ) -> Result<tonic::Streaming<v1::RecognizeActionWindowsResponse>> {
-        let after = deadline.budget();
-        let remaining = deadline.remaining();
-        if remaining.is_zero() {
-            return Err(ClientError::Timeout { after });
-        }
-        let request = self.request_within(tokio_stream::iter(messages), remaining);
-        let mut inner = self.inner.clone();
-        match inner.recognize_action_windows(request).await {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(ClientError::from_call(status, after)),
-        }
+        self.attempts(deadline, move |mut inner, remaining| {
+            let request = self.request_within(tokio_stream::iter(messages.clone()), remaining);
+            async move { inner.recognize_action_windows(request).await }
+        })
+        .await
     }
 
     /// Runs several heads on `image` from one backbone pass.
@@ -424,32 +420,38 @@ impl Client {
         request
     }
 
-    /// Sends `message` through `rpc`, trying again (see [`ClientOptions::max_retries`]) while
-    /// the server refuses it for now and the call's overall deadline allows; each attempt's
-    /// deadline, sent as its `grpc-timeout`, is what remains of it when it is sent, and none is
-    /// sent once nothing does. The last failure is returned.
+    /// Sends `message` through `rpc`, with [`Client::attempts`]: each attempt's deadline, sent
+    /// as its `grpc-timeout`, is what remains of the call's when it is sent.
     async fn call<M, T, F, Fut>(&self, message: M, rpc: F) -> Result<T>
     where
         M: Clone,
         F: Fn(PolyheadClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let deadline = self.options.deadline_from_now();
+        self.attempts(self.options.deadline_from_now(), |inner, remaining| {
+            rpc(inner, self.request_within(message.clone(), remaining))
+        })
+        .await
+    }
+
+    /// Makes the call `rpc` starts, given the channel and what remains of `deadline`, and makes
+    /// it again (see [`ClientOptions::max_retries`]) while the server refuses it for now and
+    /// the deadline allows; none is made once nothing remains. The last failure is returned.
+    async fn attempts<T, F, Fut>(&self, deadline: Deadline, rpc: F) -> Result<T>
+    where
+        F: Fn(PolyheadClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
         let after = deadline.budget();
         retrying(deadline, self.options.max_retries, |remaining| {
-            let reply = (!remaining.is_zero()).then(|| {
-                rpc(
-                    self.inner.clone(),
-                    self.request_within(message.clone(), remaining),
-                )
-            });
+            let reply = (!remaining.is_zero()).then(|| rpc(self.inner.clone(), remaining));
             async move {
                 let Some(reply) = reply else {
                     return Err(ClientError::Timeout { after });
                 };
                 match reply.await {
                     Ok(response) => Ok(response.into_inner()),
-                    Err(status) => Err(ClientError::from_call(status, after)),
+                    Err(status) => Err(ClientError::from_call(status, &deadline)),
                 }
             }
         })

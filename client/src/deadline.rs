@@ -46,6 +46,15 @@ impl Deadline {
         self.remaining().is_zero()
     }
 
+    /// A deadline set from `budget` that has just passed.
+    #[cfg(test)]
+    pub(crate) fn passed(budget: Duration) -> Self {
+        Self {
+            at: Instant::now(),
+            budget,
+        }
+    }
+
     /// The earlier of this deadline and `other`, when there is one.
     pub(crate) fn min(self, other: Option<Self>) -> Self {
         match other {

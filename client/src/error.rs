@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use tonic::Code;
 
+use crate::deadline::Deadline;
+
+/// How long before the client's deadline a server's DEADLINE_EXCEEDED may still be for it: the
+/// server starts the call's clock when its headers arrive and fires a timer tick early.
+const SERVER_EARLY: Duration = Duration::from_millis(20);
+
 /// Result of a client operation.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
@@ -135,17 +141,25 @@ impl ClientError {
         refused_for_now && !for_good
     }
 
-    /// Classifies a failed call: deadline expiries (reported by the server as
-    /// `DEADLINE_EXCEEDED`, or by the channel as a cancelled "Timeout expired") become
-    /// [`ClientError::Timeout`]; a connection that broke (a TLS handshake the server refused, a
+    /// Classifies a failed call held to `deadline`: its expiry (reported by the server as
+    /// `DEADLINE_EXCEEDED` once it has passed, or by the channel as a cancelled "Timeout
+    /// expired") becomes [`ClientError::Timeout`]. A `DEADLINE_EXCEEDED` while the deadline
+    /// is still ahead keeps the server's message: the server ended the call at a deadline of
+    /// its own (its `--max-timeout-seconds`), which a longer `--timeout` would not move. A
+    /// connection that broke (a TLS handshake the server refused, a
     /// server that went away mid-stream, a keepalive ping left unanswered), which tonic reports
     /// as UNKNOWN "transport error", "h2 protocol error" or UNAVAILABLE "http2 error", becomes
     /// UNAVAILABLE "connection failed" with the reason; everything else [`ClientError::Status`].
-    pub(crate) fn from_call(status: tonic::Status, timeout: Duration) -> Self {
-        let expired = status.code() == Code::DeadlineExceeded
-            || (status.code() == Code::Cancelled && status.message() == "Timeout expired");
+    pub(crate) fn from_call(status: tonic::Status, deadline: &Deadline) -> Self {
+        let expired = match status.code() {
+            Code::DeadlineExceeded => deadline.remaining() < SERVER_EARLY,
+            Code::Cancelled => status.message() == "Timeout expired",
+            _ => false,
+        };
         if expired {
-            return Self::Timeout { after: timeout };
+            return Self::Timeout {
+                after: deadline.budget(),
+            };
         }
         match transport_failure(&status) {
             Some(reason) => Self::Status(tonic::Status::unavailable(format!(
@@ -407,17 +421,30 @@ mod tests {
 
     #[test]
     fn timeouts_are_classified() {
-        let after = Duration::from_secs(30);
-        let server = ClientError::from_call(tonic::Status::deadline_exceeded("late"), after);
+        let passed = Deadline::passed(Duration::from_secs(30));
+        let server = ClientError::from_call(tonic::Status::deadline_exceeded("late"), &passed);
         assert!(matches!(server, ClientError::Timeout { .. }));
         assert_eq!(
             server.to_string(),
             "request timed out after 30s (raise --timeout or POLYHEAD_TIMEOUT)"
         );
-        let local = ClientError::from_call(tonic::Status::cancelled("Timeout expired"), after);
+        let local = ClientError::from_call(tonic::Status::cancelled("Timeout expired"), &passed);
         assert_eq!(local.code(), Some(Code::DeadlineExceeded));
-        let other = ClientError::from_call(tonic::Status::cancelled("client went away"), after);
+        let other = ClientError::from_call(tonic::Status::cancelled("client went away"), &passed);
         assert_eq!(other.code(), Some(Code::Cancelled));
+        // The server's own, earlier deadline is not the client's timeout running out.
+        let ahead = Deadline::after(Duration::from_secs(600));
+        let capped = tonic::Status::deadline_exceeded(
+            "Detect did not finish within its deadline of 300.000 s, the most this server allows \
+             (--max-timeout-seconds); the caller's timeout was longer",
+        );
+        let server = ClientError::from_call(capped, &ahead);
+        assert_eq!(server.code(), Some(Code::DeadlineExceeded));
+        assert_eq!(
+            server.to_string(),
+            "request timed out: Detect did not finish within its deadline of 300.000 s, the most \
+             this server allows (--max-timeout-seconds); the caller's timeout was longer"
+        );
         let fraction = ClientError::Timeout {
             after: Duration::from_millis(2500),
         };
@@ -428,7 +455,7 @@ mod tests {
         );
         let connecting = ClientError::ConnectTimeout {
             addr: "http://127.0.0.1:50051".into(),
-            after,
+            after: passed.budget(),
         };
         assert_eq!(connecting.code(), Some(Code::DeadlineExceeded));
         assert!(!connecting.is_transient(), "the deadline has passed");
@@ -503,14 +530,15 @@ mod tests {
         let mut status = tonic::Status::unknown("h2 protocol error: error reading a body");
         let lost = io::Error::new(io::ErrorKind::BrokenPipe, "stream closed");
         status.set_source(std::sync::Arc::new(lost));
-        let err = ClientError::from_call(status, Duration::from_secs(1));
+        let deadline = Deadline::after(Duration::from_secs(1));
+        let err = ClientError::from_call(status, &deadline);
         assert_eq!(err.code(), Some(Code::Unavailable));
         assert_eq!(
             err.to_string(),
             "server unavailable: connection failed: connection lost"
         );
         let sent = tonic::Status::unknown("the handler panicked");
-        let err = ClientError::from_call(sent, Duration::from_secs(1));
+        let err = ClientError::from_call(sent, &deadline);
         assert_eq!(err.code(), Some(Code::Unknown), "a server's status is kept");
     }
 }

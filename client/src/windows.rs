@@ -34,19 +34,24 @@ impl WindowStream {
         }
     }
 
-    /// The next response, or `None` once the server has ended the stream. A failure ends the
-    /// stream: [`ClientError::Timeout`] when the deadline passes first, the classified status
-    /// otherwise (a broken connection is UNAVAILABLE, see [`ClientError::code`]). Once the
-    /// summary has arrived the stream has its answer: a deadline that passes while its end is
-    /// on the way ends it as if it had arrived.
+    /// The next response, or `None` once the server has ended the stream after its summary. A
+    /// failure ends the stream: [`ClientError::Timeout`] when the deadline passes first, the
+    /// classified status otherwise (a broken connection is UNAVAILABLE, see
+    /// [`ClientError::code`]), and INTERNAL when the stream ends without a summary, its result
+    /// incomplete. Once the summary has arrived the stream has its answer: a deadline that
+    /// passes while its end is on the way ends it as if it had arrived.
     pub async fn message(&mut self) -> Result<Option<v1::RecognizeActionWindowsResponse>> {
         let after = self.deadline.budget();
         match tokio::time::timeout_at(self.deadline.tokio_instant(), self.inner.message()).await {
+            Ok(Ok(None)) if !self.summarized => Err(ClientError::Status(tonic::Status::internal(
+                "the server ended the stream before its summary: the windows received are not \
+                 the whole result",
+            ))),
             Ok(Ok(message)) => {
                 self.summarized |= message.as_ref().is_some_and(is_summary);
                 Ok(message)
             }
-            Ok(Err(status)) => Err(ClientError::from_call(status, after)),
+            Ok(Err(status)) => Err(ClientError::from_call(status, &self.deadline)),
             Err(_elapsed) if self.summarized => Ok(None),
             Err(_elapsed) => Err(ClientError::Timeout { after }),
         }

@@ -127,8 +127,18 @@ pub(crate) async fn run(session: &Session, out: &Output, args: VideoArgs) -> any
         let response = recognize(&client, &progress, &args, clip, &what).await?;
         return print_actions(out, &response);
     };
+    if args.windowed() {
+        let options = args.window_options();
+        return windows::run(&client, out, &progress, video, options).await;
+    }
     // A video too large for one request message can only go in chunks.
-    if args.windowed() || video.len() >= session.options.max_message_bytes {
+    let limit = session.options.max_message_bytes;
+    if video.len() >= limit {
+        let why = format!(
+            "{what} is larger than one request message ({} MiB)",
+            limit >> 20
+        );
+        eprintln!("note: {}", chunked_note(&args, &why));
         let options = args.window_options();
         return windows::run(&client, out, &progress, video, options).await;
     }
@@ -137,7 +147,8 @@ pub(crate) async fn run(session: &Session, out: &Output, args: VideoArgs) -> any
         Ok(response) => print_actions(out, &response),
         // The server's limit is lower than the client's: as for a video over the client's.
         Err(err) if err.is_request_too_large() => {
-            eprintln!("note: {}", chunked_note(&args, &what));
+            let why = format!("the server refuses {what} in one message (its --max-message-bytes)");
+            eprintln!("note: {}", chunked_note(&args, &why));
             let options = args.window_options();
             windows::run(&client, out, &progress, video, options).await
         }
@@ -145,12 +156,10 @@ pub(crate) async fn run(session: &Session, out: &Output, args: VideoArgs) -> any
     }
 }
 
-/// Why a video goes to RecognizeActionWindows after all, and what that changes.
-fn chunked_note(args: &VideoArgs, what: &str) -> String {
-    let mut note = format!(
-        "the server refuses {what} in one message (its --max-message-bytes); classifying it \
-         in sliding windows instead, as with --windows"
-    );
+/// A video not asked to go to RecognizeActionWindows goes there after all, `why`: what that
+/// changes.
+fn chunked_note(args: &VideoArgs, why: &str) -> String {
+    let mut note = format!("{why}; classifying it in sliding windows instead, as with --windows");
     if args.frames.is_some() {
         note.push_str(" (--frames does not apply to windows; see --window)");
     }
@@ -273,6 +282,22 @@ mod tests {
             (16, 2, 3)
         );
         assert_eq!(args.head.as_deref(), Some("k400"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_video_sent_in_windows_unasked_says_what_no_longer_applies() -> Result<(), clap::Error> {
+        let why = "long.mp4 is larger than one request message (64 MiB)";
+        assert_eq!(
+            chunked_note(&video(&["long.mp4"])?, why),
+            "long.mp4 is larger than one request message (64 MiB); classifying it in sliding \
+             windows instead, as with --windows"
+        );
+        let note = chunked_note(&video(&["long.mp4", "--frames", "8"])?, why);
+        assert!(
+            note.ends_with("(--frames does not apply to windows; see --window)"),
+            "{note}"
+        );
         Ok(())
     }
 

@@ -26,6 +26,8 @@ type Reply<T> = Result<Response<T>, Status>;
 pub struct Received {
     /// How many detect calls arrived.
     pub detect_calls: Arc<AtomicUsize>,
+    /// How many window streams were uploaded in full.
+    pub window_calls: Arc<AtomicUsize>,
     deadlines: Arc<Mutex<Vec<Duration>>>,
 }
 
@@ -84,7 +86,7 @@ fn too_large(found: usize) -> Status {
 }
 
 /// The refusal a `flaky` head answers with: `flaky <failures> <code> [<pushback>]` fails the
-/// first `failures` detect calls with `code` (`exhausted`, `unavailable` or `invalid`),
+/// first `failures` detect calls (or window streams, once uploaded) with `code` (`exhausted`, `unavailable` or `invalid`),
 /// carrying `pushback` as the `grpc-retry-pushback-ms` hint when given.
 fn flaky(head: &str, call: usize) -> Option<Status> {
     let mut words = head.strip_prefix("flaky ")?.split(' ');
@@ -238,7 +240,8 @@ impl Polyhead for Mock {
 
     /// Reads the whole upload (refusing a chunk over [`MESSAGE_LIMIT`]), then answers two
     /// windows of 2 frames and the totals. The head `stall` answers the first window and then
-    /// nothing, keeping the stream open; `linger` answers everything but keeps the stream open.
+    /// nothing, keeping the stream open; `truncated` answers the first window and ends the
+    /// stream as answered (OK); `linger` answers everything but keeps the stream open.
     async fn recognize_action_windows(
         &self,
         request: Request<tonic::Streaming<v1::RecognizeActionWindowsRequest>>,
@@ -256,7 +259,15 @@ impl Polyhead for Mock {
                 head = options.head;
             }
         }
+        let call = self.received.window_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(refusal) = flaky(&head, call) {
+            return Err(refusal);
+        }
         let mut messages = vec![Ok(window(0)), Ok(window(1))];
+        if head == "truncated" {
+            messages.truncate(1);
+            return Ok(Response::new(Box::pin(tokio_stream::iter(messages))));
+        }
         if head == "stall" {
             messages.truncate(1);
             let stalled = tokio_stream::iter(messages).chain(tokio_stream::pending());

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use polyhead_client::{Client, ClientError, ClientOptions, WindowStream, v1};
 use tonic::Code;
 
-use crate::mock::serve;
+use crate::mock::{Received, serve, serve_on};
 use crate::proxy::{Link, Proxy};
 use crate::{args, polyhead, temp_file, text};
 
@@ -28,6 +28,65 @@ async fn first_window(
     let first = stream.message().await?;
     assert!(first.is_some_and(|m| m.event.is_some()), "a window");
     Ok(stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_for_now_is_uploaded_again_within_the_deadline() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let received = Received::default();
+    serve_on(listener, received.clone());
+    let client = Client::connect(&addr.to_string(), ClientOptions::default()).await?;
+    let options = v1::WindowOptions {
+        head: "flaky 2 unavailable 10".to_owned(),
+        ..v1::WindowOptions::default()
+    };
+    let mut stream = client
+        .stream_windows(vec![9u8; 3000], options, 1000)
+        .await?;
+    let mut last = None;
+    while let Some(message) = stream.message().await? {
+        last = Some(message);
+    }
+    let Some(v1::recognize_action_windows_response::Event::Summary(summary)) =
+        last.and_then(|m| m.event)
+    else {
+        panic!("the stream ended without its summary");
+    };
+    assert_eq!(summary.video_bytes, 3000, "the whole video, uploaded again");
+    assert_eq!(
+        received
+            .window_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "two refusals, then the stream"
+    );
+    let deadlines = received.deadlines();
+    assert_eq!(deadlines.len(), 3, "{deadlines:?}");
+    assert!(
+        deadlines.windows(2).all(|pair| pair[1] < pair[0]),
+        "each attempt is sent what is left: {deadlines:?}"
+    );
+
+    // With retries off, the first refusal is the answer.
+    let once = ClientOptions {
+        max_retries: 0,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&addr.to_string(), once).await?;
+    let options = v1::WindowOptions {
+        head: "flaky 4 exhausted 10".to_owned(),
+        ..v1::WindowOptions::default()
+    };
+    let refused = client
+        .stream_windows(vec![9u8; 3000], options, 1000)
+        .await
+        .err();
+    assert_eq!(
+        refused.and_then(|e| e.code()),
+        Some(Code::ResourceExhausted)
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,6 +167,30 @@ async fn a_server_that_goes_away_mid_stream_is_unavailable() -> anyhow::Result<(
     assert!(
         message.starts_with("server unavailable: connection failed"),
         "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_before_its_summary_is_an_error() -> anyhow::Result<()> {
+    let addr = serve().await?;
+    let mut stream = first_window(addr, "truncated", ClientOptions::default()).await?;
+    let err = stream.message().await.err();
+    assert_eq!(
+        err.as_ref().and_then(ClientError::code),
+        Some(Code::Internal)
+    );
+
+    let clip = temp_file("truncated.mp4", &[9u8; 3000])?;
+    let clip = clip.to_string_lossy().into_owned();
+    let rest = ["video", &clip, "--windows", "--head", "truncated"];
+    let output = polyhead(args(addr, &rest)).await?;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("window    0"));
+    assert_eq!(
+        text(&output.stderr),
+        "error: internal server error: the server ended the stream before its summary: the \
+         windows received are not the whole result\n"
     );
     Ok(())
 }

@@ -40,10 +40,7 @@ where
     match work.instrument(span).await {
         Ok(Ok(reply)) => Ok(Response::new(reply)),
         Ok(Err(error)) => Err(status::to_status(error, request_id, limits)),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "{rpc} did not finish within its deadline of {:.3} s",
-            timeout.as_secs_f64()
-        ))),
+        Err(_) => Err(timeout.unfinished(rpc)),
     }
 }
 
@@ -53,12 +50,61 @@ pub(super) fn call_deadline(
     metadata: &MetadataMap,
     extensions: &Extensions,
     limits: &Limits,
-) -> (Instant, Duration) {
-    let timeout = effective_timeout(metadata, limits);
+) -> (Instant, CallTimeout) {
+    let timeout = CallTimeout::of(
+        metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()),
+        limits.default_timeout(),
+        limits.max_timeout(),
+    );
     let arrived = extensions
         .get::<Arrival>()
         .map_or_else(Instant::now, |a| a.0);
-    (arrived + timeout.saturating_sub(TIMER_TICK), timeout)
+    (
+        arrived + timeout.timeout.saturating_sub(TIMER_TICK),
+        timeout,
+    )
+}
+
+/// A call's timeout: the caller's `grpc-timeout`, else the default, never longer than the
+/// maximum (`--max-timeout-seconds`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct CallTimeout {
+    /// The timeout the call runs under.
+    pub(super) timeout: Duration,
+    /// Whether the maximum cut the caller's (or the default) timeout short.
+    capped: bool,
+}
+
+impl CallTimeout {
+    /// The timeout of a call whose `grpc-timeout` header is `header`.
+    fn of(header: Option<&str>, default: Duration, max: Duration) -> Self {
+        let asked = header.and_then(parse_timeout).unwrap_or(default);
+        Self {
+            timeout: asked.min(max),
+            capped: asked > max,
+        }
+    }
+
+    /// DEADLINE_EXCEEDED for `rpc`, whose work did not finish in time.
+    pub(super) fn unfinished(&self, rpc: &str) -> Status {
+        self.expired(format!(
+            "{rpc} did not finish within its deadline of {:.3} s",
+            self.timeout.as_secs_f64()
+        ))
+    }
+
+    /// DEADLINE_EXCEEDED with `message`, which says that the server's maximum set the deadline
+    /// when it did: a caller then knows that a longer timeout of its own would not help.
+    fn expired(&self, message: String) -> Status {
+        if self.capped {
+            Status::deadline_exceeded(format!(
+                "{message}, the most this server allows (--max-timeout-seconds); the caller's \
+                 timeout was longer"
+            ))
+        } else {
+            Status::deadline_exceeded(message)
+        }
+    }
 }
 
 /// The resolution of tokio's timers.
@@ -129,21 +175,18 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let arrived = Instant::now();
-        let ArrivalLayer {
-            default_timeout,
-            max_timeout,
-        } = self.timeouts;
-        let timeout = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_timeout)
-            .unwrap_or(default_timeout)
-            .min(max_timeout);
+        let timeout = CallTimeout::of(
+            request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+            self.timeouts.default_timeout,
+            self.timeouts.max_timeout,
+        );
         request.extensions_mut().insert(Arrival(arrived));
         // A deadline too far away to be represented (a maximum of centuries) is none here.
         let deadline = arrived
-            .checked_add(timeout.saturating_sub(TIMER_TICK))
+            .checked_add(timeout.timeout.saturating_sub(TIMER_TICK))
             .map(|at| (Box::pin(tokio::time::sleep_until(at.into())), timeout));
         ArrivalFuture {
             inner: self.inner.call(request),
@@ -157,7 +200,7 @@ pin_project_lite::pin_project! {
     pub struct ArrivalFuture<F> {
         #[pin]
         inner: F,
-        deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, Duration)>,
+        deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, CallTimeout)>,
     }
 }
 
@@ -178,26 +221,14 @@ where
         }
         if let Some((sleep, timeout)) = this.deadline {
             std::task::ready!(sleep.as_mut().poll(cx));
-            let status = Status::deadline_exceeded(format!(
+            let status = timeout.expired(format!(
                 "the call's deadline of {:.3} s passed before its request had arrived in full",
-                timeout.as_secs_f64()
+                timeout.timeout.as_secs_f64()
             ));
             return std::task::Poll::Ready(Ok(status.into_http()));
         }
         std::task::Poll::Pending
     }
-}
-
-/// The caller's deadline, else the default one, never longer than the configured maximum.
-fn effective_timeout(metadata: &MetadataMap, limits: &Limits) -> Duration {
-    deadline(metadata)
-        .unwrap_or_else(|| limits.default_timeout())
-        .min(limits.max_timeout())
-}
-
-/// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
-fn deadline(metadata: &MetadataMap) -> Option<Duration> {
-    parse_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// The most digits a `grpc-timeout` value may have, as the gRPC protocol specifies; a longer
@@ -228,22 +259,16 @@ mod tests {
 
     #[test]
     fn grpc_timeout_header_parses() {
-        let mut metadata = MetadataMap::new();
-        assert_eq!(deadline(&metadata), None);
-        metadata.insert("grpc-timeout", "250m".parse().expect("ascii"));
-        assert_eq!(deadline(&metadata), Some(Duration::from_millis(250)));
-        metadata.insert("grpc-timeout", "2S".parse().expect("ascii"));
-        assert_eq!(deadline(&metadata), Some(Duration::from_secs(2)));
-        metadata.insert("grpc-timeout", "xS".parse().expect("ascii"));
-        assert_eq!(deadline(&metadata), None);
-        metadata.insert("grpc-timeout", "99999999H".parse().expect("ascii"));
+        assert_eq!(parse_timeout(""), None);
+        assert_eq!(parse_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("xS"), None);
         assert_eq!(
-            deadline(&metadata),
+            parse_timeout("99999999H"),
             Some(Duration::from_secs(99_999_999 * 3600))
         );
         for too_long in ["999999999S", "9999999999999999999S", "99999999999999H"] {
-            metadata.insert("grpc-timeout", too_long.parse().expect("ascii"));
-            assert_eq!(deadline(&metadata), None, "{too_long}");
+            assert_eq!(parse_timeout(too_long), None, "{too_long}");
         }
     }
 
@@ -293,6 +318,13 @@ mod tests {
             let response = layer.layer(never).oneshot(request).await.expect("answered");
             let status = Status::from_header_map(response.headers()).expect("a status");
             assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{header:?}");
+            // Only the caller who asked for more than the maximum is told of it.
+            assert_eq!(
+                status.message().contains("--max-timeout-seconds"),
+                header.is_some(),
+                "{header:?}: {}",
+                status.message()
+            );
         }
     }
 
@@ -302,19 +334,24 @@ mod tests {
         limits.default_timeout_seconds = 7.0;
         limits.max_timeout_seconds = 30.0;
         let mut metadata = MetadataMap::new();
-        assert_eq!(
-            effective_timeout(&metadata, &limits),
-            Duration::from_secs(7)
-        );
+        let timeout =
+            |metadata: &MetadataMap| call_deadline(metadata, &Extensions::new(), &limits).1;
+        let secs = Duration::from_secs;
+        assert_eq!(timeout(&metadata).timeout, secs(7));
         metadata.insert("grpc-timeout", "10S".parse().expect("ascii"));
-        assert_eq!(
-            effective_timeout(&metadata, &limits),
-            Duration::from_secs(10)
+        assert_eq!(timeout(&metadata).timeout, secs(10));
+        assert!(
+            !timeout(&metadata)
+                .unfinished("Detect")
+                .message()
+                .contains("--max-timeout")
         );
         metadata.insert("grpc-timeout", "2H".parse().expect("ascii"));
+        assert_eq!(timeout(&metadata).timeout, secs(30));
         assert_eq!(
-            effective_timeout(&metadata, &limits),
-            Duration::from_secs(30)
+            timeout(&metadata).unfinished("Detect").message(),
+            "Detect did not finish within its deadline of 30.000 s, the most this server allows \
+             (--max-timeout-seconds); the caller's timeout was longer"
         );
     }
 

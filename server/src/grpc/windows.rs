@@ -3,11 +3,13 @@
 //! back until the video ends, the call's deadline passes or the client goes away. Errors end the
 //! stream with the status [`status::to_status`] gives them.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use polyhead_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -40,7 +42,7 @@ struct Call {
     request_id: String,
     limits: Limits,
     deadline: Instant,
-    timeout: Duration,
+    timeout: deadline::CallTimeout,
 }
 
 impl Call {
@@ -49,10 +51,7 @@ impl Call {
     }
 
     fn expired(&self) -> Status {
-        Status::deadline_exceeded(format!(
-            "{RPC} did not finish within its deadline of {:.3} s",
-            self.timeout.as_secs_f64()
-        ))
+        self.timeout.unfinished(RPC)
     }
 }
 
@@ -276,7 +275,8 @@ enum End {
 
 /// Runs `work` until `deadline`, sending each of its events to `out` as it comes. Once the
 /// summary is sent the stream has its answer: a deadline that passes while the work winds
-/// down adds no status after it.
+/// down adds no status after it. A panic (a bug) fails the stream with INTERNAL rather than
+/// ending it as if it had been answered.
 async fn forward<M>(
     deadline: Instant,
     work: impl Future<Output = Result<(), Error>>,
@@ -294,7 +294,9 @@ async fn forward<M>(
             summarized.store(done, Ordering::Relaxed);
         }
     };
-    let both = async { tokio::join!(work, send).0 };
+    let both = AssertUnwindSafe(async { tokio::join!(work, send).0 })
+        .catch_unwind()
+        .map(|ended| ended.unwrap_or_else(|_| Err(Error::panicked())));
     let outcome = tokio::select! {
         outcome = tokio::time::timeout_at(deadline.into(), both) => outcome,
         () = out.closed() => return End::Answered,
@@ -383,6 +385,7 @@ fn window_progress(p: WindowProgress) -> v1::WindowProgress {
 mod tests {
     use super::*;
     use crate::pipeline::Timings;
+    use std::time::Duration;
 
     fn done() -> WindowEvent {
         WindowEvent::Done(Timings::default(), WindowProgress::default())
@@ -442,6 +445,20 @@ mod tests {
             matches!(end, End::Failed(Error::InvalidArgument(_))),
             "{end:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panic_fails_the_stream_rather_than_ending_it() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (end, sent) = forwarded(deadline, |_events| async {
+            panic!("a bug in the window loop");
+        })
+        .await;
+        assert!(
+            matches!(&end, End::Failed(Error::Internal(m)) if m.contains("panicked")),
+            "{end:?}"
+        );
+        assert!(sent.is_empty());
     }
 
     #[test]
