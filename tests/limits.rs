@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use polyhead_client::{Client, ClientOptions};
 use polyhead_proto::inference::ModelInferRequest;
 use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use polyhead_proto::inference::model_infer_request::InferInputTensor;
 use polyhead_proto::v1;
 use polyhead_server::Config;
 use polyhead_server::admission::Admission;
@@ -145,6 +146,21 @@ async fn overload_is_accounted_exactly() {
     };
     let status = oip.model_infer(unknown).await.expect_err("unknown model");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // So is an input the model cannot take.
+    let misshapen = ModelInferRequest {
+        model_name: "detection".into(),
+        inputs: vec![InferInputTensor {
+            name: "pixel_values".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 2],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 8].into()],
+        ..Default::default()
+    };
+    let status = oip.model_infer(misshapen).await.expect_err("rank 2");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("rank"), "{status:?}");
 
     drop(held);
     let mut ok = 0;

@@ -14,11 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use polyhead_proto::Bytes;
 use polyhead_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
-use polyhead_proto::inference::model_infer_request::InferInputTensor;
 use polyhead_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
     ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
@@ -157,7 +155,8 @@ impl GrpcInferenceService for OipService {
         let (metadata, extensions, request) = request.into_parts();
         let request_id = self.request_id();
         let pipeline = self.pipeline()?;
-        // Checked before admission: a request that names no model is refused at once.
+        // Checked before admission: a request that names no model, or whose input the model
+        // cannot take, is refused at once, never after a wait for a slot.
         let work = async move {
             let checked = check(pipeline, request)?;
             pipeline.admission().run(infer(pipeline, checked)).await
@@ -174,16 +173,15 @@ impl GrpcInferenceService for OipService {
     }
 }
 
-/// A ModelInfer request whose model and outputs exist.
+/// A ModelInfer request whose model and outputs exist and whose input the model takes.
 struct Checked<'a> {
     model: Model<'a>,
     wanted: Vec<String>,
     id: String,
-    inputs: Vec<InferInputTensor>,
-    raw_input_contents: Vec<Bytes>,
+    input: tensor::CheckedInput,
 }
 
-/// Finds the request's model and checks the outputs it asks for.
+/// Finds the request's model and checks the outputs it asks for and its input.
 fn check(pipeline: &Pipeline, request: ModelInferRequest) -> Result<Checked<'_>, Error> {
     // Request-level parameters (priority, sequence ids, ...) select nothing polyhead offers.
     let ModelInferRequest {
@@ -197,12 +195,13 @@ fn check(pipeline: &Pipeline, request: ModelInferRequest) -> Result<Checked<'_>,
     } = request;
     let model = Model::find(pipeline.models(), &model_name, &model_version)?;
     let wanted = tensor::requested_outputs(&outputs, model.outputs())?;
+    let input = tensor::check_input(inputs, raw_input_contents, model.input()?)?;
+    model.check_batch(input.shape(), pipeline.limits())?;
     Ok(Checked {
         model,
         wanted,
         id,
-        inputs,
-        raw_input_contents,
+        input,
     })
 }
 
@@ -213,16 +212,10 @@ async fn infer(pipeline: &Pipeline, checked: Checked<'_>) -> Result<ModelInferRe
         model,
         wanted,
         id,
-        inputs,
-        raw_input_contents,
+        input,
     } = checked;
-    let declared = model.input()?.clone();
     // Turning up to a whole message of bytes into floats is kept off the async workers.
-    let input = tokio::task::spawn_blocking(move || {
-        tensor::read_input(inputs, raw_input_contents, &declared)
-    })
-    .await??;
-    model.check_batch(input.shape(), pipeline.limits())?;
+    let input = tokio::task::spawn_blocking(move || input.read()).await??;
     let results = model.run(input).await?;
     tensor::check_response_size(&results, &wanted, pipeline.limits().max_response_bytes)?;
     let (outputs, raw_output_contents) =

@@ -33,20 +33,51 @@ const UNSUPPORTED_PARAMETERS: &[&str] = &[
 /// Encoded outputs: one header per tensor and, in the same order, its raw bytes.
 pub(super) type EncodedOutputs = (Vec<InferOutputTensor>, Vec<Bytes>);
 
-/// Reads the request's one input, checked against the model's `declared` input: name, datatype,
-/// shape (rank, fixed dimensions) and element count against the data sent.
-pub(super) fn read_input(
+/// The request's one input, checked against the model's `declared` input (name, datatype,
+/// shape: rank and fixed dimensions, element count against the data sent), its values not yet
+/// read: the checks take no time, reading a message's worth of bytes does.
+pub(super) fn check_input(
     inputs: Vec<InferInputTensor>,
     raw: Vec<Bytes>,
     declared: &TensorInfo,
-) -> Result<ArrayD<f32>, Error> {
+) -> Result<CheckedInput, Error> {
     let input = single(inputs, declared)?;
     check_header(&input, declared)?;
     let dims = dims(&input.name, &input.shape, &declared.shape)?;
     let count = element_count(&input.name, &dims)?;
-    let data = data(input, raw, count)?;
-    ArrayD::from_shape_vec(IxDyn(&dims), data)
-        .map_err(|e| Error::Internal(format!("input shape: {e}")))
+    let values = data(input, raw, count)?;
+    Ok(CheckedInput { dims, values })
+}
+
+/// An input [`check_input`] accepted.
+pub(super) struct CheckedInput {
+    dims: Vec<usize>,
+    values: Values,
+}
+
+/// Where a checked input's values are, as many as its shape holds.
+enum Values {
+    /// Little-endian FP32 bytes (`raw_input_contents`).
+    Raw(Bytes),
+    /// `contents.fp32_contents`.
+    Floats(Vec<f32>),
+}
+
+impl CheckedInput {
+    /// The input's shape.
+    pub(super) fn shape(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// The input as an array; raw bytes are read into floats here.
+    pub(super) fn read(self) -> Result<ArrayD<f32>, Error> {
+        let values = match self.values {
+            Values::Raw(bytes) => f32_from_le(&bytes),
+            Values::Floats(values) => values,
+        };
+        ArrayD::from_shape_vec(IxDyn(&self.dims), values)
+            .map_err(|e| Error::Internal(format!("input shape: {e}")))
+    }
 }
 
 /// The names of the outputs to return: all of `available` when none is requested, else the
@@ -216,16 +247,18 @@ fn element_count(name: &str, dims: &[usize]) -> Result<usize, Error> {
         .ok_or_else(|| invalid(format!("input '{name}' of shape {dims:?} is too large")))
 }
 
-/// The input's values from `raw_input_contents` (when sent) or `contents.fp32_contents`.
-fn data(input: InferInputTensor, raw: Vec<Bytes>, count: usize) -> Result<Vec<f32>, Error> {
+/// The input's values, `count` of them, in `raw_input_contents` (when sent) or
+/// `contents.fp32_contents`.
+fn data(input: InferInputTensor, raw: Vec<Bytes>, count: usize) -> Result<Values, Error> {
     let name = input.name;
     let contents = input.contents.unwrap_or_default();
     let entries = raw.len();
     let mut raw = raw.into_iter();
     match (raw.next(), raw.next()) {
-        (None, _) => from_contents(&name, contents, count),
+        (None, _) => from_contents(&name, contents, count).map(Values::Floats),
         (Some(bytes), None) if contents == InferTensorContents::default() => {
-            f32_from_le(&name, &bytes, count)
+            check_raw_len(&name, &bytes, count)?;
+            Ok(Values::Raw(bytes))
         }
         (Some(_), None) => Err(invalid(format!(
             "input '{name}' has data both in contents and in raw_input_contents; send one"
@@ -257,8 +290,8 @@ fn from_contents(
     Ok(values)
 }
 
-/// `count` little-endian `f32`s from `bytes`, which must hold exactly that many.
-fn f32_from_le(name: &str, bytes: &[u8], count: usize) -> Result<Vec<f32>, Error> {
+/// Refuses raw bytes that do not hold exactly `count` FP32 values.
+fn check_raw_len(name: &str, bytes: &[u8], count: usize) -> Result<(), Error> {
     let expected = count.saturating_mul(FP32_BYTES);
     if bytes.len() != expected {
         return Err(invalid(format!(
@@ -267,11 +300,16 @@ fn f32_from_le(name: &str, bytes: &[u8], count: usize) -> Result<Vec<f32>, Error
             bytes.len()
         )));
     }
-    Ok(bytes
+    Ok(())
+}
+
+/// The little-endian `f32`s in `bytes` (a trailing partial value is dropped).
+fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes
         .chunks_exact(FP32_BYTES)
         .filter_map(|chunk| <[u8; FP32_BYTES]>::try_from(chunk).ok())
         .map(f32::from_le_bytes)
-        .collect())
+        .collect()
 }
 
 fn list(tensors: &[TensorInfo]) -> String {

@@ -32,6 +32,15 @@ fn raw(n: usize) -> Bytes {
     f32_to_le(values(n).into_iter(), n).into()
 }
 
+/// The input as the model will get it, checked and read.
+fn read_input(
+    inputs: Vec<InferInputTensor>,
+    raw: Vec<Bytes>,
+    declared: &TensorInfo,
+) -> Result<ArrayD<f32>, Error> {
+    check_input(inputs, raw, declared)?.read()
+}
+
 /// The INVALID_ARGUMENT message of a refused input.
 fn refusal(inputs: Vec<InferInputTensor>, raw: Vec<Bytes>) -> String {
     match read_input(inputs, raw, &declared()) {
@@ -55,8 +64,8 @@ fn f32_bytes_are_little_endian_and_round_trip() {
     let original = vec![0.0, -1.5, f32::MAX, 1e-7, f32::MIN_POSITIVE];
     let bytes = f32_to_le(original.iter().copied(), original.len());
     assert_eq!(bytes.len(), 20);
-    let back = f32_from_le("x", &bytes, original.len()).expect("exact length");
-    assert_eq!(back, original);
+    check_raw_len("x", &bytes, original.len()).expect("exact length");
+    assert_eq!(f32_from_le(&bytes), original);
 }
 
 #[test]
@@ -242,6 +251,7 @@ fn outputs_are_encoded_row_major_whatever_their_memory_layout() {
     assert_eq!(headers[0].name, "scores");
     assert_eq!(headers[0].datatype, "FP32");
     assert_eq!(headers[0].shape, [2, 3]);
-    let back = f32_from_le("scores", &raw[0], 6).expect("6 values");
+    check_raw_len("scores", &raw[0], 6).expect("6 values");
+    let back = f32_from_le(&raw[0]);
     assert_eq!(back, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
 }
