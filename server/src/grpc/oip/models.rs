@@ -13,7 +13,41 @@ use crate::engine::{NamedTensors, Stage, TensorInfo};
 use crate::error::Error;
 use crate::grpc::info::not_served;
 use crate::manifest::HeadParams;
+use crate::media::preprocess::ResizePolicy;
 use crate::model_set::{Head, ModelSet};
+
+/// Refuses an input of `height` x `width` past the image limits, or, for a backbone that takes
+/// images at their aspect ratio, with a side its preprocessing never gives (not a multiple of
+/// `multiple`, or longer than `max_side` rounded up to one): such an input fails inside ONNX
+/// Runtime, which would be INTERNAL, or runs a shape the model was not made for.
+fn check_sides(
+    input: &str,
+    height: usize,
+    width: usize,
+    resize: &ResizePolicy,
+    limits: &Limits,
+) -> Result<(), Error> {
+    let side = height.max(width);
+    let pixels = height as u64 * width as u64;
+    if side > limits.max_image_side as usize || pixels > limits.max_image_pixels {
+        return Err(Error::InvalidArgument(format!(
+            "input '{input}' is {height} x {width}; the limits are {} pixels a side \
+             (--max-image-side) and {} pixels (--max-image-pixels)",
+            limits.max_image_side, limits.max_image_pixels
+        )));
+    }
+    if let ResizePolicy::KeepAspect { max_side, multiple } = *resize {
+        let multiple = multiple.max(1) as usize;
+        let longest = (max_side.max(1) as usize).div_ceil(multiple) * multiple;
+        if height % multiple != 0 || width % multiple != 0 || side > longest {
+            return Err(Error::InvalidArgument(format!(
+                "input '{input}' is {height} x {width}; the backbone takes sides that are \
+                 multiples of {multiple}, at most {longest} (its keep-aspect preprocessing)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// The platform every polyhead model reports.
 const PLATFORM: &str = "onnxruntime_onnx";
@@ -84,8 +118,8 @@ impl<'a> Model<'a> {
 
     /// Refuses an input `[N, 3, H, W]` that one run must not take: a clip of more frames than an
     /// action head takes, more images than `--max-batch` for the other models (which bounds a
-    /// run's activation memory, as on the request path), or a dynamic height and width past the
-    /// image limits.
+    /// run's activation memory, as on the request path), or a dynamic height and width the
+    /// backbone's preprocessing would never give it (see [`check_sides`]).
     pub(super) fn check_batch(&self, shape: &[usize], limits: &Limits) -> Result<(), Error> {
         let input = &self.set.backbone.spec.input;
         let items = shape.first().copied().unwrap_or(0);
@@ -104,18 +138,13 @@ impl<'a> Model<'a> {
                 self.name()
             )));
         }
-        if let [_, _, height, width] = *shape {
-            let side = height.max(width);
-            let pixels = height as u64 * width as u64;
-            if side > limits.max_image_side as usize || pixels > limits.max_image_pixels {
-                return Err(Error::InvalidArgument(format!(
-                    "input '{input}' is {height} x {width}; the limits are {} pixels a side \
-                     (--max-image-side) and {} pixels (--max-image-pixels)",
-                    limits.max_image_side, limits.max_image_pixels
-                )));
+        match *shape {
+            [_, _, height, width] => {
+                let resize = &self.set.backbone.preprocess.resize;
+                check_sides(input, height, width, resize, limits)
             }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Runs the backbone ONCE on `input`, then the head (if any) on the features it consumes.
@@ -233,4 +262,43 @@ fn join(values: &[f32]) -> String {
         .map(f32::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_aspect_inputs_take_the_sides_the_preprocessing_gives() {
+        let limits = crate::config::Config::for_models("m").limits;
+        let keep = ResizePolicy::KeepAspect {
+            max_side: 1000,
+            multiple: 32,
+        };
+        let sides = |h, w, resize: &ResizePolicy| check_sides("x", h, w, resize, &limits);
+        assert!(sides(512, 1024, &keep).is_ok(), "1000 rounds up to 1024");
+        assert!(sides(32, 32, &keep).is_ok());
+        for (h, w) in [(500, 1024), (512, 1000), (512, 1056)] {
+            let Err(Error::InvalidArgument(message)) = sides(h, w, &keep) else {
+                panic!("{h} x {w} was taken");
+            };
+            assert!(
+                message.contains("multiples of 32, at most 1024"),
+                "{message}"
+            );
+        }
+        let fixed = ResizePolicy::Letterbox {
+            width: 224,
+            height: 224,
+        };
+        assert!(
+            sides(500, 1000, &fixed).is_ok(),
+            "the declared shape decides"
+        );
+        let side = limits.max_image_side as usize + 1;
+        assert!(
+            sides(side, 32, &fixed).is_err(),
+            "the image limits hold for all"
+        );
+    }
 }
