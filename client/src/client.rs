@@ -307,8 +307,9 @@ impl Client {
     /// `chunk_bytes` (the first with `options`) and returns the server's response stream, one
     /// message per window as it completes, then the summary. The call's deadline covers the
     /// whole stream, locally too, and its failures are classified like a unary call's. A call
-    /// the server refuses for now (UNAVAILABLE, RESOURCE_EXHAUSTED: it answers so before any
-    /// window) is sent again like a unary one; a stream that has started is not.
+    /// the server refuses for now (UNAVAILABLE, RESOURCE_EXHAUSTED) before admitting it, that
+    /// is before its response starts, is sent again like a unary one, the whole video with it;
+    /// a refusal inside a stream that has started (a model's full queue) is not.
     pub async fn stream_windows(
         &self,
         video: impl Into<Bytes>,

@@ -229,10 +229,7 @@ fn too_large_message(message: &str) -> String {
             "request too large: {found} bytes, over the server's limit of {limit} bytes per \
              message (its --max-message-bytes); send a smaller input"
         ),
-        None => format!(
-            "request too large for the server (its --max-message-bytes): {message}; send a \
-             smaller input"
-        ),
+        None => format!("request too large for the server: {message}; send a smaller input"),
     }
 }
 
@@ -499,10 +496,7 @@ mod tests {
                     size limit reached";
         assert_eq!(
             message(Code::ResourceExhausted, bomb),
-            format!(
-                "request too large for the server (its --max-message-bytes): {bomb}; send a \
-                 smaller input"
-            )
+            format!("request too large for the server: {bomb}; send a smaller input")
         );
         let busy = ClientError::Status(tonic::Status::resource_exhausted("8 requests in flight"));
         assert!(!busy.is_request_too_large());

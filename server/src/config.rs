@@ -12,8 +12,8 @@ use crate::engine::{Device, Placement};
 
 /// What `--max-receiving-bytes` must hold beyond the largest request it admits: the budget
 /// counts bytes as they arrive, a message's 5-byte gRPC prefix included, and a video streamed in
-/// chunks has a prefix and a field header (about 10 bytes) per chunk; 64 KiB covers a
-/// `--max-video-bytes` video in chunks of 80 KiB or more.
+/// chunks has a prefix and a field header (about 10 bytes) per chunk; 64 KiB covers a video of
+/// the default `--max-video-bytes` (512 MiB) in chunks of 80 KiB or more.
 pub const FRAMING_ALLOWANCE: u64 = 64 << 10;
 
 /// polyhead: one frozen vision backbone, many task heads, served over gRPC.
@@ -328,6 +328,7 @@ impl Config {
             ("max-video-bytes", self.limits.max_video_bytes),
             ("max-video-frames", self.limits.max_video_frames),
             ("max-video-windows", self.limits.max_video_windows),
+            ("handle-bytes", self.handles.handle_bytes),
             ("queue-capacity", self.runtime.queue_capacity as u64),
             (
                 "max-concurrent-requests",
@@ -413,6 +414,7 @@ mod tests {
             ("--max-clip-side", |c| c.limits.max_clip_side = 0),
             ("--max-decoded-frames", |c| c.limits.max_decoded_frames = 0),
             ("--max-mask-pixels", |c| c.limits.max_mask_pixels = 0),
+            ("--handle-bytes", |c| c.handles.handle_bytes = 0),
             ("--max-video-bytes", |c| {
                 c.admission.max_receiving_bytes = c.limits.max_video_bytes + FRAMING_ALLOWANCE - 1;
             }),

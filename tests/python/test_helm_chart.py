@@ -101,12 +101,12 @@ def quantity_bytes(quantity: str) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]]
 
 
-def test_memory_limit_leaves_room_beyond_the_cache_and_the_receive_budget():
+def test_memory_limit_leaves_room_beyond_the_caches_and_the_receive_budget():
     docs = rendered()
     config = tomllib.loads(kind(docs, "ConfigMap")["data"]["polyhead.toml"])
     container = kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     limit = quantity_bytes(container["resources"]["limits"]["memory"])
-    held = config["cache-bytes"] + config["max-receiving-bytes"]
+    held = config["cache-bytes"] + config["handle-bytes"] + config["max-receiving-bytes"]
     # The rest holds the weights, the runtime's buffers and every running call's decoded image.
     assert limit - held >= 2 << 30, (limit, held)
 

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::status;
 use crate::config::Limits;
+use crate::engine::EngineError;
 use crate::error::Error;
 
 /// Runs `work` for `rpc` under the deadline of `metadata`, or the default timeout of `limits`
@@ -39,7 +40,7 @@ where
     let work = tokio::time::timeout_at(deadline.into(), work);
     match work.instrument(span).await {
         Ok(Ok(reply)) => Ok(Response::new(reply)),
-        Ok(Err(error)) => Err(status::to_status(error, request_id, limits)),
+        Ok(Err(error)) => Err(timeout.failed(rpc, error, request_id, limits)),
         Err(_) => Err(timeout.unfinished(rpc)),
     }
 }
@@ -78,10 +79,26 @@ pub(super) struct CallTimeout {
 impl CallTimeout {
     /// The timeout of a call whose `grpc-timeout` header is `header`.
     fn of(header: Option<&str>, default: Duration, max: Duration) -> Self {
-        let asked = header.and_then(parse_timeout).unwrap_or(default);
+        let asked = header.and_then(parse_timeout);
         Self {
-            timeout: asked.min(max),
-            capped: asked > max,
+            timeout: asked.unwrap_or(default).min(max),
+            capped: asked.is_some_and(|asked| asked > max),
+        }
+    }
+
+    /// The status of `rpc`, which failed with `error`: a request whose deadline passed while
+    /// it waited for a model says so as [`CallTimeout::unfinished`] does when the maximum set
+    /// that deadline.
+    pub(super) fn failed(
+        &self,
+        rpc: &str,
+        error: Error,
+        request_id: &str,
+        limits: &Limits,
+    ) -> Status {
+        match error {
+            Error::Engine(EngineError::Expired(_)) if self.capped => self.unfinished(rpc),
+            error => status::to_status(error, request_id, limits),
         }
     }
 
@@ -346,8 +363,26 @@ mod tests {
                 .message()
                 .contains("--max-timeout")
         );
+        // A default longer than the maximum is the server's own doing, not the caller's.
+        assert!(!CallTimeout::of(None, secs(60), secs(30)).capped);
+        // Expired in a model's queue: the same note.
+        let queued = Error::Engine(EngineError::Expired("backbone".into()));
+        let status = timeout(&metadata).failed("Detect", queued, "r1", &limits);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            !status.message().contains("--max-timeout"),
+            "{}",
+            status.message()
+        );
         metadata.insert("grpc-timeout", "2H".parse().expect("ascii"));
         assert_eq!(timeout(&metadata).timeout, secs(30));
+        let queued = Error::Engine(EngineError::Expired("backbone".into()));
+        let status = timeout(&metadata).failed("Detect", queued, "r1", &limits);
+        assert!(
+            status.message().contains("--max-timeout-seconds"),
+            "{}",
+            status.message()
+        );
         assert_eq!(
             timeout(&metadata).unfinished("Detect").message(),
             "Detect did not finish within its deadline of 30.000 s, the most this server allows \

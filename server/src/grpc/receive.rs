@@ -80,8 +80,8 @@ impl Budget {
             return Err(refusal(
                 -1,
                 format!(
-                    "the request is larger than the {} bytes of requests the server holds at \
-                     once (--max-receiving-bytes)",
+                    "the request is too large: the server holds at most {} bytes of requests \
+                     at once (--max-receiving-bytes)",
                     self.total
                 ),
             ));
@@ -93,7 +93,7 @@ impl Budget {
                 let in_use = self.total - self.bytes.available_permits();
                 let message = format!(
                     "the server holds {in_use} of the {} bytes of requests it may hold at once, \
-                     received and not yet answered (--max-receiving-bytes); retry later",
+                     received and not yet answered (--max-receiving-bytes)",
                     self.total
                 );
                 refusal(i64::try_from(self.pushback_ms).unwrap_or(i64::MAX), message)
@@ -304,7 +304,11 @@ mod tests {
             .expect("a frame")
             .expect_err("120 in one call");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(refused.message().contains("larger than the 100 bytes"));
+        assert!(
+            refused
+                .message()
+                .contains("too large: the server holds at most 100 bytes")
+        );
         assert_eq!(pushback(&refused), "-1");
     }
 

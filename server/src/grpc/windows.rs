@@ -1,7 +1,7 @@
 //! RecognizeActionWindows: receives the video upload (the settings first, then chunks, within
 //! the video size limit), takes an admission slot, then streams the pipeline's window results
 //! back until the video ends, the call's deadline passes or the client goes away. Errors end the
-//! stream with the status [`status::to_status`] gives them.
+//! stream with the status [`super::status::to_status`] gives them.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{convert, deadline, status};
+use super::{convert, deadline};
 use crate::admission::Slot;
 use crate::config::Limits;
 use crate::error::Error;
@@ -47,7 +47,8 @@ struct Call {
 
 impl Call {
     fn status(&self, error: Error) -> Status {
-        status::to_status(error, &self.request_id, &self.limits)
+        self.timeout
+            .failed(RPC, error, &self.request_id, &self.limits)
     }
 
     fn expired(&self) -> Status {

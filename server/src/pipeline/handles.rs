@@ -42,12 +42,7 @@ pub struct HandleConfig {
     /// Memory the features behind feature handles may hold, in bytes of feature tensors; the
     /// least recently used handles are forgotten beyond it. An image whose features alone are
     /// larger gets no handle (FAILED_PRECONDITION).
-    #[arg(
-        long,
-        env = "POLYHEAD_HANDLE_BYTES",
-        default_value_t = 512 << 20,
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
+    #[arg(long, env = "POLYHEAD_HANDLE_BYTES", default_value_t = 512 << 20)]
     pub handle_bytes: u64,
 }
 
@@ -310,6 +305,5 @@ mod tests {
             HandleConfig::default().handle_bytes
         );
         assert!(Flags::try_parse_from(["test", "--handle-ttl-seconds", "0"]).is_err());
-        assert!(Flags::try_parse_from(["test", "--handle-bytes", "0"]).is_err());
     }
 }
