@@ -32,7 +32,7 @@ pub struct AdmissionConfig {
     #[arg(long, env = "POLYHEAD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
-    /// Bytes of requests the server receives at once, over every call and connection (as
+    /// Bytes of requests the server holds at once, over every call and connection (as
     /// sent: gRPC framing included, compressed messages at their compressed size); a call
     /// whose next bytes would go over is refused with RESOURCE_EXHAUSTED. A call holds what it
     /// has received until it has been answered (a RecognizeActionWindows upload until the call
