@@ -46,24 +46,26 @@ where
 }
 
 /// When the call must be answered (its arrival plus its timeout, less one timer tick), and the
-/// timeout itself. Streaming calls, whose work outlives the handler, end at this instant too.
+/// timeout itself, both as [`ArrivalLayer`] stamped them; a call that did not pass through it
+/// (in tests) arrives now, with the timeout of its `grpc-timeout` header and `limits`.
+/// Streaming calls, whose work outlives the handler, end at this instant too.
 pub(super) fn call_deadline(
     metadata: &MetadataMap,
     extensions: &Extensions,
     limits: &Limits,
 ) -> (Instant, CallTimeout) {
-    let timeout = CallTimeout::of(
-        metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()),
-        limits.default_timeout(),
-        limits.max_timeout(),
-    );
-    let arrived = extensions
+    let Arrival { at, timeout } = extensions
         .get::<Arrival>()
-        .map_or_else(Instant::now, |a| a.0);
-    (
-        arrived + timeout.timeout.saturating_sub(TIMER_TICK),
-        timeout,
-    )
+        .copied()
+        .unwrap_or_else(|| Arrival {
+            at: Instant::now(),
+            timeout: CallTimeout::of(
+                metadata.get("grpc-timeout").and_then(|v| v.to_str().ok()),
+                limits.default_timeout(),
+                limits.max_timeout(),
+            ),
+        });
+    (at + timeout.timeout.saturating_sub(TIMER_TICK), timeout)
 }
 
 /// A call's timeout: the caller's `grpc-timeout`, else the default, never longer than the
@@ -127,9 +129,12 @@ impl CallTimeout {
 /// The resolution of tokio's timers.
 const TIMER_TICK: Duration = Duration::from_millis(1);
 
-/// When a call arrived, before its body was read.
+/// When a call arrived, before its body was read, and the timeout it arrived with.
 #[derive(Debug, Clone, Copy)]
-struct Arrival(Instant);
+struct Arrival {
+    at: Instant,
+    timeout: CallTimeout,
+}
 
 /// Stamps every request with the moment it arrives and ends it with DEADLINE_EXCEEDED once its
 /// deadline has passed (one timer tick early) if no response has started by then. The deadline
@@ -200,7 +205,10 @@ where
             self.timeouts.default_timeout,
             self.timeouts.max_timeout,
         );
-        request.extensions_mut().insert(Arrival(arrived));
+        request.extensions_mut().insert(Arrival {
+            at: arrived,
+            timeout,
+        });
         // A deadline too far away to be represented (a maximum of centuries) is none here.
         let deadline = arrived
             .checked_add(timeout.timeout.saturating_sub(TIMER_TICK))
