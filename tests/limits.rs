@@ -599,3 +599,74 @@ async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
         "the stream ends with its summary"
     );
 }
+
+#[tokio::test]
+async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
+    const MIB: usize = 1 << 20;
+    let server = server(1, 4, |config| {
+        config.limits.max_message_bytes = MIB;
+        config.limits.max_video_bytes = MIB as u64;
+        config.admission.max_receiving_bytes = (MIB + MIB / 2) as u64;
+    });
+    let admission = Arc::clone(server.pipeline.admission());
+    let slot = admission.admit().await.expect("the only slot");
+    // A few KB on the wire, which a gzip message of the same size could inflate to 1 MiB.
+    let image = || v1::Image {
+        source: Some(v1::image::Source::Raw(v1::RawImage {
+            width: 32,
+            height: 32,
+            rgb: noise_rgb(11, 32, 32).into(),
+        })),
+    };
+    let request = move || v1::DetectRequest {
+        image: Some(image()),
+        ..Default::default()
+    };
+    let client = no_retries(&server).await;
+    let gzip = client
+        .raw()
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Gzip);
+    let waiting = {
+        let (mut gzip, request) = (gzip.clone(), client.request(request()));
+        tokio::spawn(async move { gzip.detect(request).await })
+    };
+    until_queued(&admission, 1).await;
+    let refused = gzip
+        .clone()
+        .detect(client.request(request()))
+        .await
+        .expect_err("a second 1 MiB does not fit the budget");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("a compressed request holds the 1114112 bytes it may inflate to"),
+        "{refused:?}"
+    );
+    assert_eq!(pushback(&refused), Some("100"));
+    // The same request uncompressed holds what it sends, and fits.
+    let plain = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .detect(image(), v1::DetectOptions::default(), "")
+                .await
+        })
+    };
+    until_queued(&admission, 2).await;
+    drop(slot);
+    waiting
+        .await
+        .expect("join")
+        .expect("the compressed call is served");
+    plain
+        .await
+        .expect("join")
+        .expect("the plain call is served");
+    // Both answered, their bytes are back: a compressed call fits again.
+    gzip.clone()
+        .detect(client.request(request()))
+        .await
+        .expect("served");
+}

@@ -271,6 +271,7 @@ impl Config {
     pub fn serve_options(&self) -> crate::grpc::ServeOptions {
         crate::grpc::ServeOptions {
             max_request_bytes: self.limits.max_message_bytes,
+            max_upload_bytes: self.limits.max_video_bytes,
             max_response_bytes: self.limits.max_response_bytes,
             reflection: self.reflection,
             max_concurrent_streams: self.admission.max_concurrent_streams,

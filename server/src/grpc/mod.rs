@@ -59,6 +59,8 @@ const REFLECTION_DESCRIPTOR_SETS: [&[u8]; 2] = [
 pub struct ServeOptions {
     /// Largest request message, in bytes.
     pub max_request_bytes: usize,
+    /// Most bytes one RecognizeActionWindows upload may send over all its messages.
+    pub max_upload_bytes: u64,
     /// Largest response message, in bytes.
     pub max_response_bytes: usize,
     /// Serve gRPC reflection (v1 and v1alpha).
@@ -144,6 +146,11 @@ pub async fn serve_secured(
         .layer(AuthLayer::new(security.tokens))
         .layer(receive::ReceiveBudgetLayer::new(
             options.max_receiving_bytes,
+            receive::Inflated::new(
+                max_request as u64,
+                options.max_upload_bytes,
+                crate::config::FRAMING_ALLOWANCE,
+            ),
             options.retry_pushback_ms,
         ))
         .add_service(lifecycle.health_service())
