@@ -79,7 +79,8 @@ struct Args {
     /// ONNX Runtime intra-op threads per session, for the server and the in-process sessions.
     #[arg(long, default_value_t = 2)]
     intra_threads: usize,
-    /// Threads, each with its own sessions, of the in-process saturation variant.
+    /// Threads, each with its own sessions, of the in-process saturation variants: the Detect from
+    /// the photo's bytes (the saturation target's limit) and the sessions fed the tensor.
     #[arg(long, default_value_t = 2)]
     raw_threads: usize,
     /// Concurrency levels tried for gRPC Detect at saturation; the best is the saturation figure.
@@ -408,7 +409,8 @@ async fn side_by_side(
 }
 
 /// The raw and naive variants: ONNX Runtime sessions in this process, on the preprocessed photo
-/// and clip.
+/// and clip, and the Detect from the photo's bytes (decoding, preprocessing, the sessions and
+/// post-processing, as the server does them), each Detect at 1 and `--raw-threads` threads.
 fn in_process<'a>(
     args: &Args,
     set: &raw::Models,
@@ -418,14 +420,23 @@ fn in_process<'a>(
     let mut variants = Vec::new();
     let mut levels = vec![1];
     levels.extend((args.raw_threads > 1).then_some(args.raw_threads));
-    for threads in levels {
+    for &threads in &levels {
         let workers = (0..threads)
             .map(|_| set.shared(&["detection"]).map(|mut s| move || s.run(image)))
             .collect::<Result<Vec<_>>>()?;
         let name = format!("{RAW_DETECT} c={threads}");
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
-    variants.push(photo_detect(set, inputs, RAW_PHOTO_DETECT)?);
+    for &threads in &levels {
+        let workers = (0..threads)
+            .map(|_| {
+                set.photo_detect("detection", &inputs.photo)
+                    .map(|mut detect| move || detect.run())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name = format!("{RAW_PHOTO} c={threads}");
+        variants.push(raw::variant(name, "raw", 1, workers).interleaved());
+    }
     let mut shared = set.shared(&["detection", "segmentation"])?;
     variants.push(
         raw::variant(
@@ -456,18 +467,6 @@ fn in_process<'a>(
         vec![move || backbone.run(frames)],
     ));
     Ok(variants)
-}
-
-/// The Detect from the photo's bytes in process, as the row `name`, interleaved with the other
-/// c=1 variants.
-fn photo_detect<'a>(
-    set: &raw::Models,
-    inputs: &'a Inputs,
-    name: &str,
-) -> Result<rounds::Variant<'a>> {
-    let mut detect = set.photo_detect("detection", &inputs.photo)?;
-    let run = move || detect.run();
-    Ok(raw::variant(name.into(), "raw", 1, vec![run]).interleaved())
 }
 
 /// The c=1 Detect target's pair: the server's Detect and the in-process Detect from the photo's
