@@ -610,7 +610,8 @@ async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
     });
     let admission = Arc::clone(server.pipeline.admission());
     let slot = admission.admit().await.expect("the only slot");
-    // A few KB on the wire, which a gzip message of the same size could inflate to 1 MiB.
+    // A few KB on the wire, which a gzip message of the same size could inflate to 1 MiB: once
+    // in, it holds 1 MiB and 3 KB of the 1.5 MiB.
     let image = || v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage {
             width: 32,
@@ -641,7 +642,7 @@ async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
     assert!(
         refused
             .message()
-            .contains("a compressed request holds the 1114112 bytes it may inflate to"),
+            .contains("a compressed message counts at the --max-message-bytes it may inflate to"),
         "{refused:?}"
     );
     assert_eq!(pushback(&refused), Some("100"));
@@ -669,4 +670,94 @@ async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
         .detect(client.request(request()))
         .await
         .expect("served");
+}
+
+#[tokio::test]
+async fn a_compressed_upload_holds_at_most_its_video_while_it_waits() {
+    use tokio_stream::StreamExt;
+    use v1::polyhead_client::PolyheadClient;
+    const MIB: usize = 1 << 20;
+    let server = server(1, 4, |config| {
+        config.limits.max_message_bytes = MIB;
+        config.limits.max_video_bytes = 2 * MIB as u64;
+        config.admission.max_receiving_bytes = (2 * MIB + MIB / 2) as u64;
+    });
+    let admission = Arc::clone(server.pipeline.admission());
+    let slot = admission.admit().await.expect("the only slot");
+    let clip = crate::common::make_clip("testsrc=size=64x64:rate=10", 2.0, "mp4", &[]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut gzip = PolyheadClient::new(channel)
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Gzip);
+    // Three compressed chunks, which may inflate to 1 MiB each.
+    let requests: Vec<_> = clip
+        .chunks(clip.len() / 3 + 1)
+        .enumerate()
+        .map(|(i, chunk)| v1::RecognizeActionWindowsRequest {
+            options: (i == 0).then(|| v1::WindowOptions {
+                window_frames: 8,
+                ..Default::default()
+            }),
+            chunk: chunk.to_vec().into(),
+        })
+        .collect();
+    assert_eq!(requests.len(), 3);
+    let upload = tokio::spawn(async move {
+        let responses = gzip
+            .recognize_action_windows(tokio_stream::iter(requests))
+            .await?
+            .into_inner();
+        responses.collect::<Result<Vec<_>, _>>().await
+    });
+    until_queued(&admission, 1).await;
+    // Uploaded and waiting for the slot, it holds its 2 MiB video and framing, not 3 MiB: the
+    // 448 KiB left take a plain Detect but not a compressed one.
+    let client = no_retries(&server).await;
+    let image = || v1::Image {
+        source: Some(v1::image::Source::Raw(v1::RawImage {
+            width: 32,
+            height: 32,
+            rgb: noise_rgb(13, 32, 32).into(),
+        })),
+    };
+    let refused = client
+        .raw()
+        .send_compressed(CompressionEncoding::Gzip)
+        .detect(client.request(v1::DetectRequest {
+            image: Some(image()),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("1 MiB more does not fit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("compressed message counts"),
+        "{refused:?}"
+    );
+    let plain = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .detect(image(), v1::DetectOptions::default(), "")
+                .await
+        })
+    };
+    until_queued(&admission, 2).await;
+    drop(slot);
+    let responses = upload.await.expect("join").expect("the upload is served");
+    assert!(
+        responses.last().is_some_and(|r| matches!(
+            r.event,
+            Some(v1::recognize_action_windows_response::Event::Summary(_))
+        )),
+        "the stream ends with its summary"
+    );
+    plain
+        .await
+        .expect("join")
+        .expect("the plain call is served");
 }

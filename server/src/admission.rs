@@ -33,10 +33,9 @@ pub struct AdmissionConfig {
     pub max_concurrent_streams: u32,
 
     /// Bytes of requests the server holds at once, over every call and connection (as
-    /// sent, gRPC framing included; a compressed call holds from its first byte the most it may
-    /// inflate to: --max-message-bytes, or --max-video-bytes for a RecognizeActionWindows
-    /// upload, and 64 KiB); a call whose next bytes would go over is refused with
-    /// RESOURCE_EXHAUSTED. A call holds what it
+    /// sent, gRPC framing included; a compressed message, once in, also counts at the
+    /// --max-message-bytes it may inflate to, up to a call's limits); a call whose next bytes
+    /// would go over is refused with RESOURCE_EXHAUSTED. A call holds what it
     /// has received until it has been answered (a RecognizeActionWindows upload until the call
     /// is admitted), so this bounds the request messages held at once, arriving, waiting for a
     /// slot or being served. Health checks and reflection are not counted. At least 64 KiB

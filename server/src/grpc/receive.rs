@@ -3,21 +3,24 @@
 //! Each call's message limit bounds what one call may send, but not how many calls send at
 //! once: a client with many connections and streams could make the server buffer their uploads
 //! all together, and hold them all while their calls wait for a slot. Every request body draws
-//! on one budget as its bytes arrive (as sent, gRPC framing included; a compressed call at the
-//! most it may inflate to, below), and the call gives them back once it has been answered and its body
-//! is gone: a unary call when its handler has its reply, a streaming call when its response
-//! starts and its request stream has ended (a RecognizeActionWindows upload once the call is
-//! admitted). So the budget bounds the request messages the server holds at once, whether they
-//! are arriving, waiting for a slot or being served. A call cannot hold them for ever: its
-//! deadline also runs while its message arrives. A compressed call (a `grpc-encoding` other
-//! than `identity`) inflates after its bytes are counted, to at most the message limit, so from
-//! its first byte it holds the most it may inflate to ([`Inflated`]): a gzip message of a few
-//! KiB can take `--max-message-bytes` once decoded. A call whose
-//! next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the configured
-//! `grpc-retry-pushback-ms`, as the bytes are freed as soon as other calls' messages are in;
-//! one that alone holds more than the whole budget is told it can never fit (pushback -1).
-//! Health checks and reflection, whose messages are a few bytes, are not held to it: a probe
-//! must get through while the server is busy.
+//! on one budget as its bytes arrive (as sent, gRPC framing included), and the call gives them
+//! back once it has been answered and its body is gone: a unary call when its handler has its
+//! reply, a streaming call when its response starts and its request stream has ended (a
+//! RecognizeActionWindows upload once the call is admitted). So the budget bounds the request
+//! messages the server holds at once, whether they are arriving, waiting for a slot or being
+//! served. A call cannot hold them for ever: its deadline also runs while its message arrives.
+//!
+//! A compressed message (its gRPC prefix's flag set) is inflated once it has arrived whole,
+//! after its bytes were counted, to as much as `--max-message-bytes`: a gzip message of a few
+//! KiB can take all of it. So once a compressed message is in, its call also holds what it may
+//! inflate to, up to the most the call may hold decoded ([`Inflated`]); a call that has sent
+//! part of a message holds only what it has sent.
+//!
+//! A call whose next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the
+//! configured `grpc-retry-pushback-ms`, as the bytes are freed as soon as other calls' messages
+//! are in; one that alone holds more than the whole budget is told it can never fit (pushback
+//! -1). Health checks and reflection, whose messages are a few bytes, are not held to it: a
+//! probe must get through while the server is busy.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,39 +41,79 @@ type Body = tonic::body::Body;
 /// The path of the one call whose request is a stream of messages: an upload in chunks.
 const UPLOAD_PATH: &str = "/polyhead.v1.Polyhead/RecognizeActionWindows";
 
-/// What a compressed call holds from its first byte: the most its messages may inflate to, with
-/// their gRPC framing.
+/// What compressed messages are held at once they have arrived: what they may inflate to.
 #[derive(Debug, Clone, Copy)]
 pub struct Inflated {
-    /// A call of one message: `--max-message-bytes` and its framing.
+    /// One compressed message: `--max-message-bytes`.
     pub message: u64,
-    /// A RecognizeActionWindows upload: `--max-video-bytes` over all its messages, and their
-    /// framing.
+    /// The most a call of one message holds: `--max-message-bytes` and its framing.
+    pub call: u64,
+    /// The most a RecognizeActionWindows upload holds: its video, `--max-video-bytes` (one
+    /// message's limit if larger), and the framing of its messages.
     pub upload: u64,
 }
 
 impl Inflated {
-    /// The limits on a message and on an upload's messages, each with `framing` bytes for their
+    /// The limits on a message and on an upload's messages, each with `framing` bytes for the
     /// gRPC prefixes.
     pub fn new(max_message_bytes: u64, max_upload_bytes: u64, framing: u64) -> Self {
         Self {
-            message: max_message_bytes.saturating_add(framing),
-            upload: max_upload_bytes.saturating_add(framing),
+            message: max_message_bytes,
+            call: max_message_bytes.saturating_add(framing),
+            upload: max_upload_bytes
+                .max(max_message_bytes)
+                .saturating_add(framing),
         }
     }
 
-    /// What a call to `path` with `headers` holds from its first byte: nothing more than it
-    /// receives unless its messages are compressed.
-    fn reserve(&self, path: &str, headers: &http::HeaderMap) -> usize {
-        let compressed = headers
-            .get("grpc-encoding")
-            .is_some_and(|encoding| encoding.as_bytes() != b"identity");
-        let bytes = match (compressed, path == UPLOAD_PATH) {
-            (false, _) => 0,
-            (true, false) => self.message,
-            (true, true) => self.upload,
+    /// The most a call to `path` holds once its compressed messages are counted inflated.
+    fn ceiling(&self, path: &str) -> usize {
+        let bytes = if path == UPLOAD_PATH {
+            self.upload
+        } else {
+            self.call
         };
         usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+}
+
+/// Where a request body is in its gRPC messages: each is a 5-byte prefix (a compressed flag,
+/// then the length, big-endian) and that many bytes.
+#[derive(Debug, Default)]
+struct Framing {
+    /// The next message's prefix, as far as it has arrived.
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    /// Whether the current message is compressed.
+    compressed: bool,
+}
+
+impl Framing {
+    /// Reads the body's next `data`; answers how many compressed messages it completed.
+    fn read(&mut self, mut data: &[u8]) -> usize {
+        let mut completed = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                completed += usize::from(self.remaining == 0 && self.compressed);
+                continue;
+            }
+            let n = (self.prefix.len() - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+            self.prefix_len += n;
+            data = &data[n..];
+            if self.prefix_len == self.prefix.len() {
+                self.prefix_len = 0;
+                self.compressed = self.prefix[0] == 1;
+                let [_, length @ ..] = self.prefix;
+                self.remaining = usize::try_from(u32::from_be_bytes(length)).unwrap_or(usize::MAX);
+            }
+        }
+        completed
     }
 }
 
@@ -82,8 +125,8 @@ pub struct ReceiveBudgetLayer {
 }
 
 impl ReceiveBudgetLayer {
-    /// A budget of `bytes` received at once, compressed calls held at `inflated`; refusals ask
-    /// clients to wait `pushback_ms`.
+    /// A budget of `bytes` received at once, compressed messages held at `inflated`; refusals
+    /// ask clients to wait `pushback_ms`.
     pub fn new(bytes: u64, inflated: Inflated, pushback_ms: u64) -> Self {
         let permits = usize::try_from(bytes)
             .unwrap_or(usize::MAX)
@@ -120,42 +163,56 @@ struct Budget {
 }
 
 impl Budget {
-    /// Takes `len` more bytes from the budget for a call that holds `held`; `reserved` is what
-    /// a compressed call holds from its first byte (0 for others).
+    /// Takes `len` more bytes from the budget for a call that holds `held`; `inflating` when
+    /// the call counts compressed messages at what they may inflate to.
     fn take(
         &self,
         held: usize,
         len: usize,
-        reserved: usize,
+        inflating: bool,
     ) -> Result<OwnedSemaphorePermit, Status> {
+        let compressed = if inflating {
+            "; a compressed message counts at the --max-message-bytes it may inflate to"
+        } else {
+            ""
+        };
         if held.saturating_add(len) > self.total {
             return Err(refusal(
                 -1,
                 format!(
                     "the request is too large: the server holds at most {} bytes of requests \
-                     at once (--max-receiving-bytes)",
+                     at once (--max-receiving-bytes){compressed}",
                     self.total
                 ),
             ));
         }
-        u32::try_from(len)
-            .ok()
-            .and_then(|n| Arc::clone(&self.bytes).try_acquire_many_owned(n).ok())
-            .ok_or_else(|| {
-                let in_use = self.total - self.bytes.available_permits();
-                let mut message = format!(
-                    "the server holds {in_use} of the {} bytes of requests it may hold at once, \
-                     received and not yet answered (--max-receiving-bytes)",
-                    self.total
-                );
-                if reserved > 0 {
-                    message += &format!(
-                        "; a compressed request holds the {reserved} bytes it may inflate to"
-                    );
-                }
-                refusal(i64::try_from(self.pushback_ms).unwrap_or(i64::MAX), message)
-            })
+        acquire(&self.bytes, len).ok_or_else(|| {
+            let in_use = self.total - self.bytes.available_permits();
+            let message = format!(
+                "the server holds {in_use} of the {} bytes of requests it may hold at once, \
+                 received and not yet answered (--max-receiving-bytes){compressed}",
+                self.total
+            );
+            refusal(i64::try_from(self.pushback_ms).unwrap_or(i64::MAX), message)
+        })
     }
+}
+
+/// `len` permits of `semaphore` (at least one), taken at once or not at all; more than a
+/// `u32` of them in several takes.
+fn acquire(semaphore: &Arc<Semaphore>, len: usize) -> Option<OwnedSemaphorePermit> {
+    let mut taken: Option<OwnedSemaphorePermit> = None;
+    let mut left = len;
+    while left > 0 {
+        let n = u32::try_from(left).unwrap_or(u32::MAX);
+        let more = Arc::clone(semaphore).try_acquire_many_owned(n).ok()?;
+        match &mut taken {
+            Some(taken) => taken.merge(more),
+            none => *none = Some(more),
+        }
+        left -= n as usize;
+    }
+    taken
 }
 
 /// RESOURCE_EXHAUSTED with `message` and a `grpc-retry-pushback-ms` of `pushback_ms` (negative:
@@ -204,9 +261,10 @@ where
             };
         }
         let budget = Arc::clone(&self.budget);
-        let reserved = self
-            .inflated
-            .reserve(request.uri().path(), request.headers());
+        let (inflated, ceiling) = (
+            usize::try_from(self.inflated.message).unwrap_or(usize::MAX),
+            self.inflated.ceiling(request.uri().path()),
+        );
         let held = Held::default();
         let body_held = Arc::clone(&held);
         let request = request.map(|inner| {
@@ -214,8 +272,11 @@ where
                 inner,
                 budget,
                 held: body_held,
-                reserved,
+                framing: Framing::default(),
                 received: 0,
+                inflating: 0,
+                inflated,
+                ceiling,
             })
         });
         Answering {
@@ -245,18 +306,22 @@ impl<F: Future> Future for Answering<F> {
     }
 }
 
-/// A request body that holds the bytes it has delivered against the budget (at least
-/// `reserved` once it has delivered any), with its call's response future: they go back when
-/// both are gone.
+/// A request body that holds the bytes it has delivered against the budget, and what its
+/// compressed messages may inflate to, with its call's response future: they go back when both
+/// are gone.
 struct Budgeted {
     inner: Body,
     budget: Arc<Budget>,
     held: Held,
-    /// What the call holds from its first byte: the most a compressed call's messages may
-    /// inflate to; 0 for others.
-    reserved: usize,
+    framing: Framing,
     /// Bytes delivered so far.
     received: usize,
+    /// What the compressed messages delivered so far may inflate to.
+    inflating: usize,
+    /// What one compressed message may inflate to.
+    inflated: usize,
+    /// The most the call holds once its compressed messages count inflated.
+    ceiling: usize,
 }
 
 impl http_body::Body for Budgeted {
@@ -268,18 +333,27 @@ impl http_body::Body for Budgeted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        let len = match &frame {
-            Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
-            _ => 0,
+        let data = match &frame {
+            Some(Ok(frame)) => frame.data_ref().filter(|data| !data.is_empty()),
+            _ => None,
         };
-        if len > 0 {
+        if let Some(data) = data {
             let this = &mut *self;
-            this.received = this.received.saturating_add(len);
-            let wanted = this.received.max(this.reserved);
+            let completed = this.framing.read(data);
+            this.received = this.received.saturating_add(data.len());
+            this.inflating = this
+                .inflating
+                .saturating_add(completed.saturating_mul(this.inflated));
+            let inflating = this.inflating > 0;
+            let wanted = this.received.max(
+                this.received
+                    .saturating_add(this.inflating)
+                    .min(this.ceiling),
+            );
             let mut held = this.held.lock().unwrap_or_else(PoisonError::into_inner);
             let holds = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
             if wanted > holds {
-                let permit = match this.budget.take(holds, wanted - holds, this.reserved) {
+                let permit = match this.budget.take(holds, wanted - holds, inflating) {
                     Ok(permit) => permit,
                     Err(refusal) => return Poll::Ready(Some(Err(refusal))),
                 };
@@ -317,9 +391,11 @@ mod tests {
         )))
     }
 
-    /// Compressed calls hold 50 bytes, compressed uploads 80 (45 and 75 and 5 for framing).
+    /// A compressed message may inflate to 40 bytes; a call holds at most 50 once its
+    /// compressed messages count inflated, an upload 80.
     const INFLATED: Inflated = Inflated {
-        message: 50,
+        message: 40,
+        call: 50,
         upload: 80,
     };
 
@@ -328,9 +404,35 @@ mod tests {
             inner: body(chunks),
             budget: Arc::clone(budget),
             held: Held::default(),
-            reserved: 0,
+            framing: Framing::default(),
             received: 0,
+            inflating: 0,
+            inflated: 40,
+            ceiling: 50,
         }
+    }
+
+    /// A body of `frames` on a call to `path`, as the layer makes it.
+    fn framed(budget: &Arc<Budget>, path: &str, frames: Vec<Vec<u8>>) -> Budgeted {
+        let frames = frames
+            .into_iter()
+            .map(|f| Ok::<_, Status>(Frame::data(Bytes::from(f))))
+            .collect::<Vec<_>>();
+        Budgeted {
+            inner: Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+                frames,
+            ))),
+            ceiling: INFLATED.ceiling(path),
+            ..budgeted(budget, &[])
+        }
+    }
+
+    /// A gRPC message of `len` bytes, compressed or not.
+    fn message(compressed: bool, len: u32) -> Vec<u8> {
+        let mut message = vec![u8::from(compressed)];
+        message.extend(len.to_be_bytes());
+        message.extend(std::iter::repeat_n(7, len as usize));
+        message
     }
 
     #[tokio::test]
@@ -371,68 +473,116 @@ mod tests {
     }
 
     #[test]
-    fn compressed_calls_reserve_what_their_messages_may_inflate_to() {
-        let inflated = Inflated::new(45, 75, 5);
+    fn the_upload_path_is_the_generated_services() {
+        let service = polyhead_proto::v1::polyhead_server::SERVICE_NAME;
+        assert_eq!(UPLOAD_PATH, format!("/{service}/RecognizeActionWindows"));
+        let inflated = Inflated::new(40, 75, 5);
         assert_eq!(
-            (inflated.message, inflated.upload),
-            (INFLATED.message, INFLATED.upload)
+            (inflated.message, inflated.call, inflated.upload),
+            (40, 45, 80)
         );
-        let headers = |encoding: Option<&str>| {
-            let mut headers = http::HeaderMap::new();
-            if let Some(encoding) = encoding {
-                headers.insert("grpc-encoding", encoding.parse().expect("header"));
-            }
-            headers
-        };
-        let detect = "/polyhead.v1.Polyhead/Detect";
-        assert_eq!(INFLATED.reserve(detect, &headers(None)), 0);
-        assert_eq!(INFLATED.reserve(detect, &headers(Some("identity"))), 0);
-        assert_eq!(INFLATED.reserve(detect, &headers(Some("gzip"))), 50);
-        assert_eq!(INFLATED.reserve(UPLOAD_PATH, &headers(Some("zstd"))), 80);
-        assert_eq!(INFLATED.reserve(UPLOAD_PATH, &headers(None)), 0);
+        assert_eq!(Inflated::new(40, 10, 5).upload, 45, "one message at least");
+        assert_eq!(INFLATED.ceiling("/polyhead.v1.Polyhead/Detect"), 50);
+        assert_eq!(INFLATED.ceiling(UPLOAD_PATH), 80);
+    }
+
+    #[test]
+    fn framing_counts_the_compressed_messages_it_completes_however_they_are_split() {
+        let body = [
+            message(true, 3),
+            message(false, 4),
+            message(true, 0),
+            message(true, 2),
+        ]
+        .concat();
+        for split in 1..=body.len() {
+            let mut framing = Framing::default();
+            let completed: Vec<usize> = body.chunks(split).map(|c| framing.read(c)).collect();
+            assert_eq!(completed.iter().sum::<usize>(), 2, "split every {split}");
+            // The first message is complete only with its last byte.
+            let first_done = completed.iter().position(|&n| n > 0).expect("one done");
+            assert_eq!(first_done, (5 + 3 - 1) / split, "split every {split}");
+        }
     }
 
     #[tokio::test]
-    async fn a_compressed_body_holds_what_it_may_inflate_to_from_its_first_byte() {
+    async fn a_compressed_message_counts_at_what_it_may_inflate_to_once_it_is_in() {
         let budget = ReceiveBudgetLayer::new(100, INFLATED, 250).budget;
-        let mut small = Budgeted {
-            reserved: 50,
-            ..budgeted(&budget, &[10, 10])
-        };
-        for _ in 0..2 {
-            small.frame().await.expect("a frame").expect("50 of 100");
-            assert_eq!(budget.bytes.available_permits(), 50);
-        }
-        // A body that outgrows its reserve holds what it has received.
-        let mut outgrows = Budgeted {
-            reserved: 30,
-            ..budgeted(&budget, &[20, 20])
-        };
-        outgrows.frame().await.expect("a frame").expect("30 more");
-        assert_eq!(budget.bytes.available_permits(), 20);
-        outgrows.frame().await.expect("a frame").expect("40 in all");
-        assert_eq!(budget.bytes.available_permits(), 10);
-        let mut refused = Budgeted {
-            reserved: 50,
-            ..budgeted(&budget, &[1])
-        };
+        let detect = "/polyhead.v1.Polyhead/Detect";
+        let whole = message(true, 10);
+        let mut first = framed(
+            &budget,
+            detect,
+            vec![whole[..8].to_vec(), whole[8..].to_vec()],
+        );
+        first.frame().await.expect("a frame").expect("8 of 100");
+        assert_eq!(budget.bytes.available_permits(), 92, "part of a message");
+        first.frame().await.expect("a frame").expect("50 of 100");
+        assert_eq!(
+            budget.bytes.available_permits(),
+            50,
+            "15 received and 40 inflated, at most 50"
+        );
+        let mut second = framed(&budget, detect, vec![message(true, 10)]);
+        second.frame().await.expect("a frame").expect("100 of 100");
+        assert_eq!(budget.bytes.available_permits(), 0);
+        drop(second);
+        // Uncompressed, the same message holds what it sent.
+        let mut plain = framed(&budget, detect, vec![message(false, 10)]);
+        plain.frame().await.expect("a frame").expect("65 of 100");
+        assert_eq!(budget.bytes.available_permits(), 35);
+        let mut refused = framed(&budget, detect, vec![message(true, 10)]);
         let refused = refused
             .frame()
             .await
             .expect("a frame")
-            .expect_err("one byte that may become 50, with 10 free");
+            .expect_err("15 that may become 50, with 35 free");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(
             refused
                 .message()
-                .contains("a compressed request holds the 50 bytes it may inflate to"),
+                .contains("a compressed message counts at the --max-message-bytes"),
             "{refused:?}"
         );
-        // The same byte uncompressed fits.
-        let mut plain = budgeted(&budget, &[1]);
-        plain.frame().await.expect("a frame").expect("1 of 10 free");
-        drop((small, outgrows, plain));
+        assert_eq!(pushback(&refused), "250");
+        drop((first, plain));
         assert_eq!(budget.bytes.available_permits(), 100);
+    }
+
+    #[tokio::test]
+    async fn an_upload_of_compressed_chunks_holds_at_most_its_ceiling() {
+        let budget = ReceiveBudgetLayer::new(100, INFLATED, 250).budget;
+        let chunk = || message(true, 5);
+        let mut upload = framed(&budget, UPLOAD_PATH, vec![chunk(), chunk(), chunk()]);
+        let mut free = Vec::new();
+        while let Some(frame) = upload.frame().await {
+            frame.expect("within the budget");
+            free.push(budget.bytes.available_permits());
+        }
+        // 10 received and 40 inflated; then 20 and 80; then 30 and 120, held at 80.
+        assert_eq!(free, [50, 20, 20]);
+        drop(upload);
+        // The same chunks on a call of one message are held at that call's ceiling.
+        let mut call = framed(
+            &budget,
+            "/polyhead.v1.Polyhead/Detect",
+            vec![chunk(), chunk()],
+        );
+        call.frame().await.expect("a frame").expect("50");
+        call.frame().await.expect("a frame").expect("still 50");
+        assert_eq!(budget.bytes.available_permits(), 50);
+    }
+
+    #[test]
+    fn more_than_a_u32_of_permits_is_taken_in_parts() {
+        let semaphore = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+        let len = u32::MAX as usize + 10;
+        let taken = acquire(&semaphore, len).expect("available");
+        assert_eq!(taken.num_permits(), len);
+        assert_eq!(semaphore.available_permits(), Semaphore::MAX_PERMITS - len);
+        let small = Arc::new(Semaphore::new(5));
+        assert!(acquire(&small, 6).is_none());
+        assert_eq!(small.available_permits(), 5, "nothing kept of a refusal");
     }
 
     fn pushback(status: &Status) -> &str {
