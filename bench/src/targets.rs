@@ -68,10 +68,11 @@ pub fn evaluate(report: &Report, windows: Option<&WindowRows>, cache_bytes: u64)
                 detect_best.map_or("-", |r| &r.variant),
                 raw_best.map_or("-", |r| &r.variant),
                 sessions_best.map_or("-", |r| &r.variant),
-                fmt(ratio(
+                ratio(
                     detect_best.map(|r| r.requests_per_s),
                     sessions_best.map(|r| r.requests_per_s)
-                )),
+                )
+                .map_or_else(|| "-".into(), |r| format!("{r:.3}")),
             ),
         ),
         Target::new(
@@ -429,7 +430,7 @@ mod tests {
             saturation.note,
             format!(
                 "best: {GRPC_DETECT} c=4 vs {RAW_PHOTO} c=2; against the sessions fed the \
-                 preprocessed tensor ({RAW_DETECT} c=2): 0.75"
+                 preprocessed tensor ({RAW_DETECT} c=2): 0.750"
             )
         );
     }
