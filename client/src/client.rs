@@ -46,8 +46,9 @@ pub struct ClientOptions {
     pub token: Option<String>,
     /// How many times a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED, or a connection
     /// attempt that failed, is tried again (0: never), waiting as long as the server's
-    /// `grpc-retry-pushback-ms` hint asks, else with jittered exponential backoff; retries never
-    /// extend past `timeout` (or `deadline`).
+    /// `grpc-retry-pushback-ms` hint asks, else with jittered exponential backoff (cut short
+    /// for a last attempt just before the deadline); retries never extend past `timeout` (or
+    /// `deadline`).
     pub max_retries: u32,
 }
 

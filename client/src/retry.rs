@@ -24,9 +24,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// not made, and the server's last answer is returned rather than a bare timeout.
 const MIN_ATTEMPT: Duration = Duration::from_millis(10);
 
+/// How long to wait before the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// As long as the server's `grpc-retry-pushback-ms` hint asks: never less.
+    Asked(Duration),
+    /// The client's own jittered backoff, which may be cut short so that a last attempt starts
+    /// before the deadline.
+    Backoff(Duration),
+}
+
 /// Runs `attempt` until it succeeds, fails for good, has been retried `max_retries` times, or
-/// waiting for the next attempt would leave it less than [`MIN_ATTEMPT`] before `deadline`. `attempt` gets what remains of the
-/// deadline when it starts, its own deadline. The last failure is returned.
+/// the next attempt could not start with [`MIN_ATTEMPT`] left before `deadline`: a backoff
+/// longer than what is left is cut short for one last attempt (a server that comes up just
+/// before the deadline is still reached), a wait the server asked for is not. `attempt` gets
+/// what remains of the deadline when it starts, its own deadline. The last failure is
+/// returned.
 pub(crate) async fn retrying<T, F, Fut>(
     deadline: Deadline,
     max_retries: u32,
@@ -42,8 +55,10 @@ where
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
+        let left = deadline.remaining().saturating_sub(MIN_ATTEMPT);
         let wait = match retry_delay(&error, retries, max_retries) {
-            Some(wait) if wait + MIN_ATTEMPT < deadline.remaining() => wait,
+            Some(Wait::Asked(wait)) if wait < left => wait,
+            Some(Wait::Backoff(wait)) if left >= MIN_ATTEMPT => wait.min(left),
             _ => return Err(error),
         };
         tokio::time::sleep(wait).await;
@@ -56,7 +71,7 @@ where
 /// [`ClientError::is_transient`]; a timeout, in particular, is never retried), the retries are
 /// spent, or the server's pushback hint is negative or malformed, which asks the client not to
 /// retry (gRPC retry design, A6).
-pub(crate) fn retry_delay(error: &ClientError, retries: u32, max_retries: u32) -> Option<Duration> {
+pub(crate) fn retry_delay(error: &ClientError, retries: u32, max_retries: u32) -> Option<Wait> {
     if !error.is_transient() || retries >= max_retries {
         return None;
     }
@@ -64,8 +79,8 @@ pub(crate) fn retry_delay(error: &ClientError, retries: u32, max_retries: u32) -
         .status()
         .and_then(|s| s.metadata().get(RETRY_PUSHBACK))
     {
-        Some(hint) => pushback(hint),
-        None => Some(backoff(retries)),
+        Some(hint) => pushback(hint).map(Wait::Asked),
+        None => Some(Wait::Backoff(backoff(retries))),
     }
 }
 
@@ -124,8 +139,11 @@ mod tests {
     #[test]
     fn the_server_hint_is_honoured_exactly() {
         let exhausted = |hint| retry_delay(&refused(Code::ResourceExhausted, Some(hint)), 0, 3);
-        assert_eq!(exhausted("30"), Some(Duration::from_millis(30)));
-        assert_eq!(exhausted("0"), Some(Duration::ZERO));
+        assert_eq!(
+            exhausted("30"),
+            Some(Wait::Asked(Duration::from_millis(30)))
+        );
+        assert_eq!(exhausted("0"), Some(Wait::Asked(Duration::ZERO)));
         for bad in ["-1", "", "soon", "1.5", "+3", " 30"] {
             assert_eq!(exhausted(bad), None, "{bad:?}");
         }
@@ -167,6 +185,24 @@ mod tests {
                 .windows(2)
                 .all(|pair| pair[1] + Duration::from_millis(20) <= pair[0]),
             "each attempt gets what is left after the waits: {given:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backoff_past_the_deadline_is_cut_short_for_a_last_attempt() {
+        // Backoffs of up to 2 s against 400 ms: attempts go on until just before the deadline.
+        let deadline = Deadline::after(Duration::from_millis(400));
+        let mut given = Vec::new();
+        let result: Result<()> = retrying(deadline, 1000, |remaining| {
+            given.push(remaining);
+            std::future::ready(Err(refused(Code::Unavailable, None)))
+        })
+        .await;
+        assert!(matches!(result, Err(ClientError::Status(_))));
+        let last = *given.last().expect("attempts");
+        assert!(
+            last < 2 * MIN_ATTEMPT + Duration::from_millis(5),
+            "the last attempt started with {last:?} left: {given:?}"
         );
     }
 
