@@ -42,11 +42,16 @@ async fn no_retries(server: &TestServer) -> Client {
 }
 
 fn noise_image(seed: u64) -> v1::Image {
+    sized_noise_image(seed, 96, 64)
+}
+
+/// Raw RGB noise of `width` x `height`, `seed` telling images apart.
+fn sized_noise_image(seed: u64, width: u32, height: u32) -> v1::Image {
     v1::Image {
         source: Some(v1::image::Source::Raw(v1::RawImage {
-            width: 96,
-            height: 64,
-            rgb: noise_rgb(seed, 96, 64).into(),
+            width,
+            height,
+            rgb: noise_rgb(seed, width, height).into(),
         })),
     }
 }
@@ -516,14 +521,7 @@ async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
     let admission = Arc::clone(server.pipeline.admission());
     let slot = admission.admit().await.expect("the only slot");
     // An 800 KB image fits one message; two do not fit the budget.
-    let (width, height) = (520, 512);
-    let image = move || v1::Image {
-        source: Some(v1::image::Source::Raw(v1::RawImage {
-            width,
-            height,
-            rgb: noise_rgb(7, width, height).into(),
-        })),
-    };
+    let image = || sized_noise_image(7, 520, 512);
     let client = no_retries(&server).await;
     let waiting = {
         let client = client.clone();
@@ -610,15 +608,9 @@ async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
     });
     let admission = Arc::clone(server.pipeline.admission());
     let slot = admission.admit().await.expect("the only slot");
-    // A few KB on the wire, which a gzip message of the same size could inflate to 1 MiB: once
-    // in, it holds 1 MiB and 3 KB of the 1.5 MiB.
-    let image = || v1::Image {
-        source: Some(v1::image::Source::Raw(v1::RawImage {
-            width: 32,
-            height: 32,
-            rgb: noise_rgb(11, 32, 32).into(),
-        })),
-    };
+    // 18 KB on the wire, which a gzip message of the same size could inflate to 1 MiB: once
+    // in, it holds 1 MiB and 18 KB of the 1.5 MiB.
+    let image = || noise_image(11);
     let request = move || v1::DetectRequest {
         image: Some(image()),
         ..Default::default()
@@ -717,13 +709,7 @@ async fn a_compressed_upload_holds_at_most_its_video_while_it_waits() {
     // Uploaded and waiting for the slot, it holds its 2 MiB video and framing, not 3 MiB: the
     // 448 KiB left take a plain Detect but not a compressed one.
     let client = no_retries(&server).await;
-    let image = || v1::Image {
-        source: Some(v1::image::Source::Raw(v1::RawImage {
-            width: 32,
-            height: 32,
-            rgb: noise_rgb(13, 32, 32).into(),
-        })),
-    };
+    let image = || noise_image(13);
     let refused = client
         .raw()
         .send_compressed(CompressionEncoding::Gzip)
