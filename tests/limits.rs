@@ -13,10 +13,12 @@ use polyhead_proto::inference::grpc_inference_service_client::GrpcInferenceServi
 use polyhead_proto::inference::model_infer_request::InferInputTensor;
 use polyhead_proto::v1;
 use polyhead_server::Config;
-use polyhead_server::admission::Admission;
+use polyhead_server::admission::{Admission, Slot};
 use prost::Message;
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
+use tonic::transport::Channel;
+use v1::polyhead_client::PolyheadClient;
 
 use crate::common::{TestServer, encoded, models_dir, noise_rgb, start_server};
 
@@ -86,6 +88,32 @@ fn pushback(status: &tonic::Status) -> Option<&str> {
         .metadata()
         .get("grpc-retry-pushback-ms")
         .and_then(|v| v.to_str().ok())
+}
+
+const MIB: usize = 1 << 20;
+
+/// A server for the receive budget's tests: messages of up to 1 MiB, uploads of up to `video`
+/// bytes, a budget of `receiving` bytes, and one request slot, held by the test (the returned
+/// `Slot`) so that calls wait in the queue with their bytes.
+async fn held_server(video: u64, receiving: usize) -> (TestServer, Arc<Admission>, Slot) {
+    let server = server(1, 4, |config| {
+        config.limits.max_message_bytes = MIB;
+        config.limits.max_video_bytes = video;
+        config.admission.max_receiving_bytes = receiving as u64;
+    });
+    let admission = Arc::clone(server.pipeline.admission());
+    let slot = admission.admit().await.expect("the only slot");
+    (server, admission, slot)
+}
+
+/// The generated client on a connection of its own, taking responses of any size.
+async fn generated_client(server: &TestServer) -> PolyheadClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    PolyheadClient::new(channel).max_decoding_message_size(usize::MAX)
 }
 
 #[tokio::test]
@@ -511,15 +539,7 @@ async fn masks_over_the_pixel_limit_are_invalid_argument() {
 #[tokio::test]
 async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
     use tokio_stream::StreamExt;
-    use v1::polyhead_client::PolyheadClient;
-    const MIB: usize = 1 << 20;
-    let server = server(1, 4, |config| {
-        config.limits.max_message_bytes = MIB;
-        config.limits.max_video_bytes = MIB as u64;
-        config.admission.max_receiving_bytes = (MIB + MIB / 2) as u64;
-    });
-    let admission = Arc::clone(server.pipeline.admission());
-    let slot = admission.admit().await.expect("the only slot");
+    let (server, admission, slot) = held_server(MIB as u64, MIB + MIB / 2).await;
     // An 800 KB image fits one message; two do not fit the budget.
     let image = || sized_noise_image(7, 520, 512);
     let client = no_retries(&server).await;
@@ -551,12 +571,7 @@ async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
     let noise = "nullsrc=size=176x128:rate=10,geq=random(1)*255:random(1)*255:random(1)*255";
     let clip = crate::common::make_clip(noise, 2.0, "mp4", &["-c:v", "mpeg4", "-q:v", "1"]);
     assert!((780_000..1_000_000).contains(&clip.len()), "{}", clip.len());
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut raw = PolyheadClient::new(channel).max_decoding_message_size(usize::MAX);
+    let mut raw = generated_client(&server).await;
     let upload = |clip: Vec<u8>| {
         let options = v1::WindowOptions {
             window_frames: 8,
@@ -600,14 +615,7 @@ async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
 
 #[tokio::test]
 async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
-    const MIB: usize = 1 << 20;
-    let server = server(1, 4, |config| {
-        config.limits.max_message_bytes = MIB;
-        config.limits.max_video_bytes = MIB as u64;
-        config.admission.max_receiving_bytes = (MIB + MIB / 2) as u64;
-    });
-    let admission = Arc::clone(server.pipeline.admission());
-    let slot = admission.admit().await.expect("the only slot");
+    let (server, admission, slot) = held_server(MIB as u64, MIB + MIB / 2).await;
     // 18 KB on the wire, which a gzip message of the same size could inflate to 1 MiB: once
     // in, it holds 1 MiB and 18 KB of the 1.5 MiB.
     let image = || noise_image(11);
@@ -667,22 +675,10 @@ async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
 #[tokio::test]
 async fn a_compressed_upload_holds_at_most_its_video_while_it_waits() {
     use tokio_stream::StreamExt;
-    use v1::polyhead_client::PolyheadClient;
-    const MIB: usize = 1 << 20;
-    let server = server(1, 4, |config| {
-        config.limits.max_message_bytes = MIB;
-        config.limits.max_video_bytes = 2 * MIB as u64;
-        config.admission.max_receiving_bytes = (2 * MIB + MIB / 2) as u64;
-    });
-    let admission = Arc::clone(server.pipeline.admission());
-    let slot = admission.admit().await.expect("the only slot");
+    let (server, admission, slot) = held_server(2 * MIB as u64, 2 * MIB + MIB / 2).await;
     let clip = crate::common::make_clip("testsrc=size=64x64:rate=10", 2.0, "mp4", &[]);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .expect("uri")
-        .connect()
+    let mut gzip = generated_client(&server)
         .await
-        .expect("connect");
-    let mut gzip = PolyheadClient::new(channel)
         .send_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Gzip);
     // Three compressed chunks, which may inflate to 1 MiB each.
