@@ -69,6 +69,15 @@ async fn detect(client: &Client, seed: u64) -> Result<v1::DetectResponse, tonic:
         })
 }
 
+/// A Detect of `image` on a task of its own, with the default options.
+fn spawn_detect(
+    client: &Client,
+    image: v1::Image,
+) -> tokio::task::JoinHandle<polyhead_client::Result<v1::DetectResponse>> {
+    let client = client.clone();
+    tokio::spawn(async move { client.detect(image, v1::DetectOptions::default(), "").await })
+}
+
 /// Waits (bounded) until `admission` shows `queued` waiting calls.
 async fn until_queued(admission: &Admission, queued: usize) {
     let reached = admission.wait_until(|_, now| now == queued);
@@ -543,14 +552,7 @@ async fn request_bytes_held_at_once_are_held_to_one_budget_over_all_calls() {
     // An 800 KB image fits one message; two do not fit the budget.
     let image = || sized_noise_image(7, 520, 512);
     let client = no_retries(&server).await;
-    let waiting = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .detect(image(), v1::DetectOptions::default(), "")
-                .await
-        })
-    };
+    let waiting = spawn_detect(&client, image());
     // Received in full and waiting for the slot, it still holds its bytes.
     until_queued(&admission, 1).await;
     let refused = client
@@ -647,14 +649,7 @@ async fn a_compressed_request_holds_what_it_may_inflate_to_while_it_waits() {
     );
     assert_eq!(pushback(&refused), Some("100"));
     // The same request uncompressed holds what it sends, and fits.
-    let plain = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .detect(image(), v1::DetectOptions::default(), "")
-                .await
-        })
-    };
+    let plain = spawn_detect(&client, image());
     until_queued(&admission, 2).await;
     drop(slot);
     waiting
@@ -720,14 +715,7 @@ async fn a_compressed_upload_holds_at_most_its_video_while_it_waits() {
         refused.message().contains("compressed message counts"),
         "{refused:?}"
     );
-    let plain = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .detect(image(), v1::DetectOptions::default(), "")
-                .await
-        })
-    };
+    let plain = spawn_detect(&client, image());
     until_queued(&admission, 2).await;
     drop(slot);
     let responses = upload.await.expect("join").expect("the upload is served");

@@ -41,7 +41,7 @@ type Body = tonic::body::Body;
 /// The path of the one call whose request is a stream of messages: an upload in chunks.
 const UPLOAD_PATH: &str = "/polyhead.v1.Polyhead/RecognizeActionWindows";
 
-/// What compressed messages are held at once they have arrived: what they may inflate to.
+/// What a call's compressed messages count at once they have arrived: what they may inflate to.
 #[derive(Debug, Clone, Copy)]
 pub struct Inflated {
     /// One compressed message: `--max-message-bytes`.
