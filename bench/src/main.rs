@@ -54,6 +54,13 @@ struct Args {
     /// of each would measure that draw.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     c1_processes: Option<u32>,
+    /// Measured seconds per side of the saturation target's pair: the server's Detect at its best
+    /// concurrency level and the Detect from the photo's bytes at its best thread count (both
+    /// chosen from the side-by-side rows), alternating in slices of about 4 s with each other
+    /// only (default 40, or 1 with --smoke). The 10 s of a side-by-side row, in 2 s slices among
+    /// a dozen other variants, move its requests/s by several hundredths from run to run.
+    #[arg(long)]
+    saturation_seconds: Option<f64>,
     /// Model set directory (default: models/generated/swin-t, or tiny with --smoke).
     #[arg(long)]
     models: Option<PathBuf>,
@@ -219,6 +226,11 @@ fn c1_seconds(args: &Args) -> f64 {
         .unwrap_or(if args.smoke { 1.0 } else { 60.0 })
 }
 
+fn saturation_seconds(args: &Args) -> f64 {
+    args.saturation_seconds
+        .unwrap_or(if args.smoke { 1.0 } else { 40.0 })
+}
+
 fn c1_processes(args: &Args) -> usize {
     args.c1_processes.unwrap_or(if args.smoke { 2 } else { 3 }) as usize
 }
@@ -266,6 +278,7 @@ fn settings(args: &Args, models: &Path, timing: Timing) -> serde_json::Value {
         "c1_detect_only": args.c1_detect_only,
         "c1_seconds_per_variant": c1_seconds(args),
         "c1_processes": c1_processes(args),
+        "saturation_seconds_per_side": saturation_seconds(args),
         "photo": args.photo.display().to_string(),
         "clip_photo": args.clip_photo.display().to_string(),
         "intra_threads": args.intra_threads,
@@ -394,6 +407,7 @@ async fn side_by_side(
         }
         report.rows.push(row);
     }
+    saturation_pair(args, &set, inputs, &server, timing, report).await?;
     drop(set);
     host.stop().await?;
     spinning.stop().await?;
@@ -406,6 +420,50 @@ async fn side_by_side(
     });
     server.stop().await?;
     Ok(windows)
+}
+
+/// Slices of about this long make up the saturation target's pair.
+const SATURATION_SLICE_SECONDS: f64 = 4.0;
+
+/// The saturation target's pair: the server's Detect at the concurrency level that served the
+/// most requests/s in the side-by-side rounds, and the Detect from the photo's bytes at the
+/// thread count that did, alternating slice by slice with each other only for
+/// `--saturation-seconds` each.
+async fn saturation_pair(
+    args: &Args,
+    set: &raw::Models,
+    inputs: &Inputs,
+    server: &Server,
+    timing: Timing,
+    report: &mut Report,
+) -> Result<()> {
+    let (Some(level), Some(threads)) = (
+        report.best(GRPC_DETECT).map(|r| r.concurrency),
+        report.best(RAW_PHOTO).map(|r| r.concurrency),
+    ) else {
+        return Ok(());
+    };
+    let seconds = saturation_seconds(args);
+    let slices = ((seconds / SATURATION_SLICE_SECONDS).ceil() as u32).max(2);
+    eprintln!(
+        "bench: the saturation pair: Detect at c={level} and in process at {threads} threads, \
+         {slices} slices each"
+    );
+    let client = grpc::connect(server).await?;
+    let image = image_from_bytes(inputs.photo.encoded.clone());
+    let grpc = grpc::variant(server, GRPC_SATURATION_PAIR.into(), level, 1, move |_| {
+        grpc::detect(client.clone(), image.clone())
+    });
+    let workers = photo_workers(set, inputs, threads)?;
+    let photo = raw::variant(RAW_PHOTO_SATURATION_PAIR.into(), "raw", 1, workers);
+    let timing = Timing {
+        seconds: secs(seconds),
+        ..timing
+    };
+    report
+        .rows
+        .extend(rounds::measure(vec![grpc, photo], timing, slices).await?);
+    Ok(())
 }
 
 /// The raw and naive variants: ONNX Runtime sessions in this process, on the preprocessed photo
@@ -428,12 +486,7 @@ fn in_process<'a>(
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
     for &threads in &levels {
-        let workers = (0..threads)
-            .map(|_| {
-                set.photo_detect("detection", &inputs.photo)
-                    .map(|mut detect| move || detect.run())
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let workers = photo_workers(set, inputs, threads)?;
         let name = format!("{RAW_PHOTO} c={threads}");
         variants.push(raw::variant(name, "raw", 1, workers).interleaved());
     }
@@ -467,6 +520,20 @@ fn in_process<'a>(
         vec![move || backbone.run(frames)],
     ));
     Ok(variants)
+}
+
+/// `threads` workers of the Detect from the photo's bytes, each with its own sessions.
+fn photo_workers<'a>(
+    set: &raw::Models,
+    inputs: &'a Inputs,
+    threads: usize,
+) -> Result<Vec<impl FnMut() -> Result<Duration> + Send + 'a>> {
+    (0..threads)
+        .map(|_| {
+            set.photo_detect("detection", &inputs.photo)
+                .map(|mut detect| move || detect.run())
+        })
+        .collect()
 }
 
 /// The c=1 Detect target's pair: the server's Detect and the in-process Detect from the photo's

@@ -201,19 +201,22 @@ fn row(variant: &Variant<'_>, parts: Vec<Part>, blocks: u32) -> Row {
     let wall = parts.iter().map(|p| p.samples.wall).sum();
     let server_passes: Option<f64> = parts.iter().map(|p| p.server_passes).sum();
     let per_block = parts.len().div_ceil(blocks.max(1) as usize).max(1);
-    let round_p50_ms = parts
+    let (round_p50_ms, round_requests_per_s) = parts
         .chunks(per_block)
         .map(|block| {
             let latencies: Vec<Duration> = block
                 .iter()
                 .flat_map(|p| p.samples.latencies.iter().copied())
                 .collect();
-            p50(&latencies)
+            let wall: Duration = block.iter().map(|p| p.samples.wall).sum();
+            let rate = latencies.len() as f64 / wall.as_secs_f64().max(1e-9);
+            (p50(&latencies), rate)
         })
-        .collect();
+        .unzip();
     let merged = Samples::merge(parts.into_iter().map(|p| p.samples).collect(), wall);
     let mut row = Row::new(&variant.name, variant.kind, variant.concurrency, &merged);
     row.round_p50_ms = round_p50_ms;
+    row.round_requests_per_s = round_requests_per_s;
     if let Some(passes) = server_passes
         && row.requests > 0
     {
@@ -320,6 +323,12 @@ mod tests {
         assert!((a.seconds - 0.24).abs() < 1e-9);
         assert_eq!(a.p50_ms, 20.0);
         assert_eq!(a.round_p50_ms, [10.0, 20.0, 30.0]);
+        // Four requests of 10, 20 and 30 ms filled each slice.
+        let rates = &a.round_requests_per_s;
+        assert_eq!(rates.len(), 3);
+        for (rate, want) in rates.iter().zip([100.0, 50.0, 100.0 / 3.0]) {
+            assert!((rate - want).abs() < 1e-9, "{rates:?}");
+        }
         // In-process rows count their own passes; server rows take the server's count.
         assert_eq!(a.backbone_passes_per_request, Some(1.0));
         assert_eq!((b.requests, b.p50_ms), (12, 40.0));

@@ -106,6 +106,9 @@ pub struct Row {
     /// row was measured interleaved): shows whether the machine drifted during the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_p50_ms: Vec<f64>,
+    /// The requests/s of each round's slice in order (of each block, as for `round_p50_ms`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_requests_per_s: Vec<f64>,
     /// For rows measured interleaved, the latency of each request in turn: the i-th of every
     /// interleaved row ran in the same turn, within a second of one another.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -147,6 +150,7 @@ impl Row {
             backbone_passes_per_request: (n > 0).then(|| s.reported_passes as f64 / n as f64),
             peak_rss_mb: None,
             round_p50_ms: Vec::new(),
+            round_requests_per_s: Vec::new(),
             turn_ms: Vec::new(),
             turn_model_ms: Vec::new(),
             server_stages_p50: Stages::median(&s.stages),
