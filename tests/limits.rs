@@ -297,6 +297,7 @@ async fn queued_calls_that_expire_or_are_cancelled_never_run() {
         images_before,
         "neither the expired nor the cancelled call reached the backbone"
     );
+    assert_eq!(admission.dropped(), 2, "both were counted as dropped");
     detect(&client, 9).await.expect("the server serves on");
     assert_eq!(server.pipeline.backbone_images() - images_before, 1);
 }

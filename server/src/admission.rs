@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use clap::Args;
 use serde::Serialize;
@@ -39,7 +39,9 @@ pub struct AdmissionConfig {
     /// has received until it has been answered (a RecognizeActionWindows upload until the call
     /// is admitted), so this bounds the request messages held at once, arriving, waiting for a
     /// slot or being served. Health checks and reflection are not counted. At least 64 KiB
-    /// (for gRPC framing) more than --max-message-bytes and --max-video-bytes.
+    /// (for gRPC framing) more than --max-message-bytes and --max-video-bytes, which covers a
+    /// video of --max-video-bytes streamed in chunks of 80 KiB or more: each chunk adds about
+    /// 10 bytes of framing.
     #[arg(long, env = "POLYHEAD_MAX_RECEIVING_BYTES", default_value_t = 2 << 30)]
     pub max_receiving_bytes: u64,
 }
@@ -72,6 +74,8 @@ pub struct Admission {
     capacity: usize,
     max_queued: usize,
     queued: AtomicUsize,
+    /// Requests that left the queue without a slot: their call was cancelled or timed out.
+    dropped: AtomicU64,
     /// Woken whenever the running or queued count changes.
     changed: Notify,
 }
@@ -89,15 +93,27 @@ impl Drop for Slot {
     }
 }
 
-/// Counts one request as waiting until dropped (admitted, expired or abandoned alike).
-struct Waiting<'a>(&'a Admission);
+/// Counts one request as waiting until dropped (admitted, expired or abandoned alike); one
+/// dropped before it was admitted counts as dropped.
+struct Waiting<'a> {
+    admission: &'a Admission,
+    admitted: bool,
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::AcqRel);
-        self.0.publish();
+        let admission = self.admission;
+        if !self.admitted {
+            admission.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::record_dropped(DROPPED_QUEUE);
+        }
+        admission.queued.fetch_sub(1, Ordering::AcqRel);
+        admission.publish();
     }
 }
+
+/// The `queue` label of requests that left the admission queue without a slot.
+const DROPPED_QUEUE: &str = "admission";
 
 impl Admission {
     /// Slots and a queue as `config` sets them (at least one slot).
@@ -108,6 +124,7 @@ impl Admission {
             capacity,
             max_queued: config.max_queued_requests,
             queued: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
             changed: Notify::new(),
         });
         admission.publish();
@@ -120,11 +137,12 @@ impl Admission {
         let permit = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let waiting = self.enqueue()?;
+                let mut waiting = self.enqueue()?;
                 let permit = Arc::clone(&self.slots)
                     .acquire_owned()
                     .await
                     .expect("the admission semaphore is never closed: this is a bug");
+                waiting.admitted = true;
                 drop(waiting);
                 permit
             }
@@ -159,6 +177,12 @@ impl Admission {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// Requests that have left the queue without a slot so far, because their call was
+    /// cancelled or its deadline passed while they waited.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Waits until `condition(running, queued)` holds; it is checked now and after every change
     /// of either count. Operators see the same counts as gauges; tests wait on them.
     pub async fn wait_until(&self, condition: impl Fn(usize, usize) -> bool) {
@@ -184,7 +208,10 @@ impl Admission {
         match joined {
             Ok(_) => {
                 self.publish();
-                Ok(Waiting(self))
+                Ok(Waiting {
+                    admission: self,
+                    admitted: false,
+                })
             }
             Err(queued) => Err(Full {
                 running: self.running(),
@@ -231,6 +258,7 @@ mod tests {
             .expect("join")
             .expect("admitted after a slot freed");
         assert_eq!(admission.queued(), 0);
+        assert_eq!(admission.dropped(), 0, "admitted, not dropped");
     }
 
     #[tokio::test]
@@ -240,6 +268,7 @@ mod tests {
         let expired = tokio::time::timeout(Duration::from_millis(20), admission.admit()).await;
         assert!(expired.is_err(), "a full server makes the waiter wait");
         assert_eq!(admission.queued(), 0, "the expired waiter left the queue");
+        assert_eq!(admission.dropped(), 1);
         drop(held);
         assert_eq!(admission.running(), 0);
         let _again = admission
@@ -247,6 +276,7 @@ mod tests {
             .await
             .expect("the freed slot is taken at once");
         assert_eq!(admission.running(), 1);
+        assert_eq!(admission.dropped(), 1, "taken at once: never queued");
     }
 
     #[tokio::test]

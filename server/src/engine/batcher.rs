@@ -37,10 +37,11 @@ pub struct BatchConfig {
     )]
     pub max_batch: u32,
 
-    /// How long a batch waits for more images after its first request, in milliseconds. 0: no
-    /// waiting; a batch takes what queued up while the model ran the previous one, so a lone
-    /// request pays no delay and a busy model still batches. The model's thread waits with the
-    /// batch: a ModelInfer call to the same model waits too.
+    /// How long a batch waits for more images after its first request was queued (time it
+    /// spent waiting for the previous run counts), in milliseconds. 0: no waiting; a batch
+    /// takes what queued up while the model ran the previous one, so a lone request pays no
+    /// delay and a busy model still batches. The model's thread waits with the batch: a
+    /// ModelInfer call to the same model waits too.
     #[arg(long, env = "POLYHEAD_MAX_BATCH_DELAY_MS", default_value_t = 0)]
     pub max_batch_delay_ms: u64,
 }
@@ -112,11 +113,12 @@ impl Pending {
     }
 }
 
-/// Runs and images the batcher has sent to its worker.
+/// Runs and images the batcher has sent to its worker, and requests it dropped unrun.
 #[derive(Default)]
 struct Counts {
     runs: AtomicU64,
     images: AtomicU64,
+    dropped: AtomicU64,
 }
 
 /// The handle to a batcher. Cheap to share; its queue closes when the last handle is dropped.
@@ -207,6 +209,12 @@ impl Batcher {
     pub fn images(&self) -> u64 {
         self.counts.images.load(Ordering::Relaxed)
     }
+
+    /// Requests dropped before they ran, because their caller had gone or their deadline had
+    /// passed while they waited.
+    pub fn dropped(&self) -> u64 {
+        self.counts.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl BatchQueue {
@@ -236,14 +244,19 @@ struct Task {
 
 impl Task {
     /// `first` and the requests that follow it until they hold `max_images` images or
-    /// `max_delay` has passed; requests that may not run are dropped as they come. Requests
-    /// already queued join at once; with no delay, nothing is waited for. (A timer would not do
-    /// for a zero delay: tokio rounds deadlines up to its next millisecond tick, so even an
-    /// elapsed one would hold the batch back by up to a millisecond.)
+    /// `max_delay` has passed since `first` was queued (it may have waited for an earlier run
+    /// already); requests that may not run are dropped as they come, and nothing is waited for
+    /// when `first` is. Requests already queued join at once; with no delay, nothing is waited
+    /// for. (A timer would not do for a zero delay: tokio rounds deadlines up to its next
+    /// millisecond tick, so even an elapsed one would hold the batch back by up to a
+    /// millisecond.)
     async fn collect(&self, first: Pending, queue: &mut mpsc::Receiver<Pending>) -> Vec<Pending> {
-        let deadline = tokio::time::Instant::now() + self.max_delay;
-        let mut batch: Vec<Pending> = self.take(first).into_iter().collect();
-        let mut images: usize = batch.iter().map(Pending::images).sum();
+        let deadline = tokio::time::Instant::from_std(first.enqueued) + self.max_delay;
+        let Some(first) = self.take(first) else {
+            return Vec::new();
+        };
+        let mut images = first.images();
+        let mut batch = vec![first];
         while images < self.max_images {
             let next = match queue.try_recv() {
                 Ok(next) => next,
@@ -274,6 +287,7 @@ impl Task {
     fn live(&self, pending: Pending) -> Option<Pending> {
         if pending.reply.is_closed() {
             tracing::debug!(model = %self.model, "caller gone; request dropped before running");
+            self.dropped();
             return None;
         }
         if pending
@@ -281,12 +295,19 @@ impl Task {
             .is_some_and(|deadline| Instant::now() >= deadline)
         {
             tracing::debug!(model = %self.model, "deadline passed; request dropped before running");
+            self.dropped();
             let _ = pending
                 .reply
                 .send(Err(EngineError::Expired(self.model.clone())));
             return None;
         }
         Some(pending)
+    }
+
+    /// Counts one request dropped before it ran.
+    fn dropped(&self) {
+        self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::record_dropped(&self.model);
     }
 
     /// Runs the live requests of `group` (equal shapes) as one batch and answers each.

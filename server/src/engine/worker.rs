@@ -245,6 +245,7 @@ impl SessionRunner {
         drop(queue_span);
         if reply.is_closed() {
             tracing::debug!(model = %self.model, "caller gone; job dropped before running");
+            metrics::record_dropped(&self.model);
             return;
         }
         let queued = enqueued.elapsed();

@@ -29,6 +29,8 @@ pub const STAGE: &str = "polyhead_stage_seconds";
 pub const BATCH_SIZE: &str = "polyhead_batch_size";
 /// Runs waiting in a model's queue, by model.
 pub const QUEUE_DEPTH: &str = "polyhead_queue_depth";
+/// Requests that left a queue without running, by queue (`admission` or a model's name).
+pub const DROPPED: &str = "polyhead_requests_dropped_total";
 /// Backbone runs.
 pub const BACKBONE_PASSES: &str = "polyhead_backbone_passes_total";
 /// Image lookups whose backbone features came from the feature cache.
@@ -89,6 +91,12 @@ pub(super) fn describe() {
          T for a T-frame clip."
     );
     describe_gauge!(QUEUE_DEPTH, "Runs waiting in a model's queue.");
+    describe_counter!(
+        DROPPED,
+        "Requests that left a queue without running because their call was cancelled or its \
+         deadline passed while they waited: for an admission slot (queue=\"admission\") or for a \
+         model (queue=<model>)."
+    );
     describe_counter!(
         BACKBONE_PASSES,
         "Backbone runs; a batch shared by concurrent requests is one run."
@@ -219,6 +227,11 @@ pub fn record_batch_size(model: &str, size: usize) {
 /// Moves the queue depth of `model` by `delta` runs.
 pub fn add_queue_depth(model: &str, delta: f64) {
     gauge!(QUEUE_DEPTH, "model" => model.to_string()).increment(delta);
+}
+
+/// Counts one request that left `queue` (`admission` or a model's name) without running.
+pub fn record_dropped(queue: &str) {
+    counter!(DROPPED, "queue" => queue.to_string()).increment(1);
 }
 
 /// Publishes how many requests hold an admission slot and how many wait for one.

@@ -203,6 +203,11 @@ async fn cancelled_requests_never_reach_the_runner() {
         .expect("run");
     assert_own(&last, &input(1, 2, 4.0));
     assert_eq!((setup.batcher.runs(), setup.batcher.images()), (2, 2));
+    assert_eq!(
+        setup.batcher.dropped(),
+        2,
+        "both cancelled requests were counted"
+    );
 }
 
 #[tokio::test]
@@ -217,6 +222,7 @@ async fn requests_past_their_call_deadline_never_reach_the_runner() {
         "{expired:?}"
     );
     assert!(setup.shapes().is_empty(), "the runner never saw it");
+    assert_eq!(setup.batcher.dropped(), 1);
     let later = Instant::now() + Duration::from_secs(60);
     let kept = input(1, 2, 2.0);
     let run = within_deadline(later, setup.batcher.run(named(kept.clone())))
@@ -375,10 +381,15 @@ fn task(max_images: usize, delay: Duration) -> Task {
 
 /// A queued request of one image; its caller holds the receiver.
 fn pending() -> (Pending, oneshot::Receiver<Result<Run, EngineError>>) {
+    pending_since(Instant::now())
+}
+
+/// [`pending`], queued at `enqueued`.
+fn pending_since(enqueued: Instant) -> (Pending, oneshot::Receiver<Result<Run, EngineError>>) {
     let (reply, answer) = oneshot::channel();
     let pending = Pending {
         inputs: named(input(1, 2, 1.0)),
-        enqueued: Instant::now(),
+        enqueued,
         parent: Span::none(),
         queue_span: Span::none(),
         deadline: None,
@@ -426,4 +437,40 @@ fn with_no_delay_what_is_queued_joins_the_batch() {
     assert_eq!(batch.len(), 3);
     assert_eq!(pending_rx.len(), 2);
     drop(answers);
+}
+
+#[tokio::test]
+async fn the_batch_delay_counts_from_when_the_first_request_was_queued() {
+    // The first request waited out the whole delay behind an earlier run: its batch takes what
+    // is queued and goes, rather than holding it for another minute.
+    let delay = Duration::from_secs(60);
+    let task = task(8, delay);
+    let (_queue, mut pending_rx) = mpsc::channel(4);
+    let long_ago = Instant::now()
+        .checked_sub(delay + Duration::from_secs(1))
+        .expect("a clock running for over a minute");
+    let (first, _answer) = pending_since(long_ago);
+    let batch = tokio::time::timeout(
+        Duration::from_secs(10),
+        task.collect(first, &mut pending_rx),
+    )
+    .await
+    .expect("no further wait");
+    assert_eq!(batch.len(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_whose_first_request_was_dropped_waits_for_nothing() {
+    let task = task(8, Duration::from_secs(60));
+    let (_queue, mut pending_rx) = mpsc::channel(4);
+    let (first, answer) = pending();
+    drop(answer);
+    let batch = tokio::time::timeout(
+        Duration::from_secs(10),
+        task.collect(first, &mut pending_rx),
+    )
+    .await
+    .expect("no wait for an empty batch");
+    assert!(batch.is_empty());
+    assert_eq!(task.counts.dropped.load(Ordering::Relaxed), 1);
 }
