@@ -45,6 +45,7 @@ pub async fn load(config: &Config) -> Result<Arc<Pipeline>, StartError> {
         .with_handles(&config.handles)
         .with_admission(&config.admission);
     let pipeline = Arc::new(pipeline);
+    Pipeline::keep_tidy(&pipeline);
     let took = pipeline
         .warm_up()
         .await

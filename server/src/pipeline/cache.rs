@@ -166,6 +166,21 @@ impl FeatureCache {
     }
 }
 
+impl FeatureCache {
+    /// Removes the entries whose time to live has passed and publishes what the cache holds
+    /// then: the cache tidies itself only as it is used, so an idle server would otherwise keep
+    /// expired features, and report them, until its next request. Answers (bytes, entries).
+    pub async fn housekeep(&self) -> (u64, u64) {
+        let Some(entries) = &self.entries else {
+            return (0, 0);
+        };
+        entries.run_pending_tasks().await;
+        let held = (entries.weighted_size(), entries.entry_count());
+        metrics::set_feature_cache_size(held.0, held.1);
+        held
+    }
+}
+
 /// The bytes an entry holds: its tensors' values and names, capped to what the cache can weigh.
 pub(super) fn weight(tensors: &NamedTensors) -> u32 {
     let bytes: usize = tensors
@@ -345,6 +360,19 @@ mod tests {
         tokio::time::sleep(ttl * 2).await;
         assert_eq!(lookup(&cache, key(6), 10, &runs).await, Source::Computed);
         assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn housekeeping_gives_back_expired_entries_without_a_lookup() {
+        let ttl = Duration::from_millis(50);
+        let cache = FeatureCache::with_budget(1 << 20, ttl);
+        let runs = AtomicUsize::new(0);
+        lookup(&cache, key(8), 1_000, &runs).await;
+        let bytes = u64::from(weight(&features(1_000, 1.0)));
+        assert_eq!(cache.housekeep().await, (bytes, 1));
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(cache.housekeep().await, (0, 0));
+        assert_eq!(FeatureCache::disabled().housekeep().await, (0, 0));
     }
 
     #[tokio::test]

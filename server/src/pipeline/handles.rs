@@ -123,6 +123,13 @@ impl HandleStore {
         Ok((handle, expires_at))
     }
 
+    /// Forgets the handles whose time to live has passed (the store tidies itself only as it
+    /// is used); answers the bytes and handles it holds then.
+    pub async fn housekeep(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks().await;
+        (self.entries.weighted_size(), self.entries.entry_count())
+    }
+
     /// The features `handle` names; NOT_FOUND when it is unknown, expired or evicted.
     pub async fn get(&self, handle: &str) -> Result<HandleEntry, Error> {
         self.entries.get(handle).await.ok_or_else(|| {
@@ -270,6 +277,16 @@ mod tests {
         assert!(store.get(&handle).await.is_ok());
         tokio::time::sleep(ttl * 2).await;
         assert!(is_not_found(store.get(&handle).await));
+    }
+
+    #[tokio::test]
+    async fn housekeeping_forgets_expired_handles_without_a_lookup() {
+        let ttl = Duration::from_millis(50);
+        let store = HandleStore::with_budget(1 << 20, ttl);
+        store.insert(entry(10)).await.expect("insert");
+        assert_eq!(store.housekeep().await.1, 1);
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(store.housekeep().await, (0, 0));
     }
 
     #[tokio::test]

@@ -34,6 +34,9 @@ pub use windows::{
     ActionWindow, MAX_DECODED_FPS, WindowEvent, WindowPlan, WindowProgress, WindowRequest,
 };
 
+/// How often an idle server removes expired cached features and feature handles.
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The loaded model set, the limits requests are held to, the feature cache, the feature
 /// handles and the admission control in front of them all.
 pub struct Pipeline {
@@ -106,6 +109,25 @@ impl Pipeline {
     /// The request slots and the queue in front of them.
     pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// Every [`HOUSEKEEPING_INTERVAL`] until `pipeline` is dropped, removes the feature cache's
+    /// and the feature handles' expired entries, so that an idle server gives their memory back
+    /// within their time to live and the cache's gauges follow.
+    pub fn keep_tidy(pipeline: &Arc<Self>) {
+        let pipeline = Arc::downgrade(pipeline);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(pipeline) = pipeline.upgrade() else {
+                    return;
+                };
+                pipeline.cache.housekeep().await;
+                pipeline.handles.housekeep().await;
+            }
+        });
     }
 
     /// The loaded models.
