@@ -270,6 +270,51 @@ async fn a_drain_closes_idle_connections_and_the_listener_while_calls_finish() {
 }
 
 #[tokio::test]
+async fn health_and_reflection_take_messages_of_a_few_kib_only() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    // Their calls are outside the receive budget, so their messages are held small instead.
+    let own = loading_server(&Config::for_models(crate::common::models_dir())).await;
+    let long = "x".repeat(grpc::EXEMPT_MESSAGE_BYTES);
+    let too_large = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert!(status.message().contains("too large"), "{status:?}");
+    };
+    let mut health_client = HealthClient::new(channel(own.addr).await);
+    let request = HealthCheckRequest {
+        service: long.clone(),
+    };
+    too_large(health_client.check(request).await.expect_err("too large"));
+    let mut reflection = ServerReflectionClient::new(channel(own.addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(long)),
+    };
+    // Refused, or the stream ends unanswered: tonic's reflection service ends its stream when
+    // a request fails to decode. A symbol it merely does not know would get a response.
+    match reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .map(tonic::Response::into_inner)
+    {
+        Err(status) => too_large(status),
+        Ok(mut responses) => match responses.message().await {
+            Err(status) => too_large(status),
+            Ok(None) => {}
+            Ok(Some(response)) => panic!("answered: {response:?}"),
+        },
+    }
+    assert_eq!(
+        health(own.addr, "").await,
+        ServingStatus::NotServing,
+        "a check of a few bytes is answered"
+    );
+    own.stop.send(()).expect("stop");
+}
+
+#[tokio::test]
 async fn reflection_lists_the_services_and_can_be_switched_off() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

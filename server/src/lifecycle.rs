@@ -51,6 +51,7 @@ impl Lifecycle {
     /// The `grpc.health.v1.Health` service reporting this lifecycle.
     pub fn health_service(&self) -> HealthServer<HealthService> {
         HealthServer::new(HealthService::from_health_reporter(self.health.clone()))
+            .max_decoding_message_size(crate::grpc::EXEMPT_MESSAGE_BYTES)
     }
 
     /// Models loaded and warmed up: calls are served and health says SERVING.
@@ -60,6 +61,10 @@ impl Lifecycle {
         }
         if !self.is_draining() {
             self.set_health(ServingStatus::Serving).await;
+            // A drain that started since the check has already said NOT_SERVING: say it again.
+            if self.is_draining() {
+                self.set_health(ServingStatus::NotServing).await;
+            }
         }
     }
 

@@ -65,8 +65,16 @@ pub(super) fn call_deadline(
                 limits.max_timeout(),
             ),
         });
-    (at + timeout.timeout.saturating_sub(TIMER_TICK), timeout)
+    let after = timeout.timeout.saturating_sub(TIMER_TICK);
+    // A deadline too far away to be represented (a maximum of centuries) is as good as none.
+    let deadline = at
+        .checked_add(after)
+        .unwrap_or_else(|| at + Duration::from_secs(CENTURY_SECONDS));
+    (deadline, timeout)
 }
+
+/// A hundred years, in seconds: a deadline that never comes.
+const CENTURY_SECONDS: u64 = 100 * 365 * 24 * 3600;
 
 /// A call's timeout: the caller's `grpc-timeout`, else the default, never longer than the
 /// maximum (`--max-timeout-seconds`).
@@ -396,6 +404,12 @@ mod tests {
             "Detect did not finish within its deadline of 30.000 s, the most this server allows \
              (--max-timeout-seconds); the caller's timeout was longer"
         );
+        // A maximum no instant can be that far from now (the command line refuses it, a
+        // library caller may not) gives a deadline a century away.
+        limits.default_timeout_seconds = 1.5e19;
+        limits.max_timeout_seconds = 1.5e19;
+        let (deadline, _) = call_deadline(&MetadataMap::new(), &Extensions::new(), &limits);
+        assert!(deadline > Instant::now() + secs(CENTURY_SECONDS / 2));
     }
 
     #[tokio::test]

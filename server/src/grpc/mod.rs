@@ -26,6 +26,7 @@ use tonic::transport::server::TcpIncoming;
 
 pub use auth::{Auth, AuthLayer};
 pub use gate::{Admitted, Deferred};
+pub use receive::EXEMPT_MESSAGE_BYTES;
 pub use service::PolyheadService;
 
 use crate::lifecycle::Lifecycle;
@@ -120,14 +121,17 @@ pub async fn serve_secured(
         &["ServerLive", "ServerReady", "ModelReady", "ServerMetadata"],
     );
     // Both protocol versions: some clients only speak v1alpha.
+    // Held to a few KiB per message, as they are outside the receive budget.
     let reflection_v1 = options
         .reflection
         .then(|| ok_or_log(reflection().build_v1()))
-        .flatten();
+        .flatten()
+        .map(|server| server.max_decoding_message_size(EXEMPT_MESSAGE_BYTES));
     let reflection_v1alpha = options
         .reflection
         .then(|| ok_or_log(reflection().build_v1alpha()))
-        .flatten();
+        .flatten()
+        .map(|server| server.max_decoding_message_size(EXEMPT_MESSAGE_BYTES));
     let drain = drain(Arc::clone(&lifecycle), shutdown);
     let mut builder = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)

@@ -19,8 +19,9 @@
 //! A call whose next bytes would go over the budget is refused with RESOURCE_EXHAUSTED and the
 //! configured `grpc-retry-pushback-ms`, as the bytes are freed as soon as other calls' messages
 //! are in; one that alone holds more than the whole budget is told it can never fit (pushback
-//! -1). Health checks and reflection, whose messages are a few bytes, are not held to it: a
-//! probe must get through while the server is busy.
+//! -1). Health checks and reflection, whose messages are a few bytes (their services decode at
+//! most [`EXEMPT_MESSAGE_BYTES`]), are not held to it: a probe must get through while the server
+//! is busy.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -222,6 +223,11 @@ fn refusal(pushback_ms: i64, message: String) -> Status {
     metadata.insert(RETRY_PUSHBACK, MetadataValue::from(pushback_ms));
     Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)
 }
+
+/// The largest request message the paths outside the budget take (their services' decoding
+/// limit): a health check or reflection request is a name or two, and a call that sends part
+/// of a larger one and stalls holds no more than this.
+pub const EXEMPT_MESSAGE_BYTES: usize = 16 << 10;
 
 /// Paths whose bodies are not held to the budget: the health and reflection services.
 fn exempt(path: &str) -> bool {

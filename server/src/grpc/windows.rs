@@ -4,14 +4,15 @@
 //! stream with the status [`super::status::to_status`] gives them.
 
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, Stream, StreamExt};
 use polyhead_proto::v1;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -28,8 +29,11 @@ use crate::pipeline::{
     WindowRequest,
 };
 
-/// The response stream.
-pub(super) type WindowStream = ReceiverStream<Result<v1::RecognizeActionWindowsResponse, Status>>;
+/// One message of the response stream, or the status that ends it.
+type Item = Result<v1::RecognizeActionWindowsResponse, Status>;
+
+/// The response stream: the results as they come, then the status that ends it, if any.
+pub(super) type WindowStream = Pin<Box<dyn Stream<Item = Item> + Send>>;
 
 const RPC: &str = "RecognizeActionWindows";
 
@@ -81,9 +85,22 @@ pub(super) async fn serve(
     };
     let started = tokio::time::timeout_at(deadline.into(), start).instrument(span.clone());
     let (request, slot) = started.await.map_err(|_| call.expired())??;
-    let (out, rx) = mpsc::channel(RESPONSE_QUEUE);
-    tokio::spawn(respond(call, request, slot, out).instrument(span));
-    Ok(Response::new(ReceiverStream::new(rx)))
+    let (out, results) = mpsc::channel(RESPONSE_QUEUE);
+    let (ending, ended) = oneshot::channel();
+    tokio::spawn(respond(call, request, slot, out, ending).instrument(span));
+    Ok(Response::new(response_stream(results, ended)))
+}
+
+/// The messages `results` receives, then the status `ended` receives, if one is sent before
+/// its sender goes. The status waits for no room in the stream's queue: a reader that stops
+/// taking messages cannot hold the task that ended the stream.
+fn response_stream(
+    results: mpsc::Receiver<Item>,
+    ended: oneshot::Receiver<Status>,
+) -> WindowStream {
+    let last =
+        futures_util::stream::once(ended).filter_map(|status| async move { status.ok().map(Err) });
+    Box::pin(ReceiverStream::new(results).chain(last))
 }
 
 /// Reads the settings and every chunk until the client half-closes.
@@ -243,7 +260,8 @@ async fn respond(
     call: Call,
     request: WindowRequest,
     slot: Slot,
-    out: mpsc::Sender<Result<v1::RecognizeActionWindowsResponse, Status>>,
+    out: mpsc::Sender<Item>,
+    ending: oneshot::Sender<Status>,
 ) {
     let video_bytes = request.video.len() as u64;
     let head = Arc::clone(&request.head);
@@ -252,15 +270,13 @@ async fn respond(
         crate::engine::within_deadline(call.deadline, call.pipeline.run_windows(request, events));
     let to_message = |event| response(event, &head.labels, video_bytes);
     let end = forward(call.deadline, work, results, &out, to_message).await;
-    // The work is over: the slot goes back before a reader that is slow to take the status
-    // can hold it.
     drop(slot);
     let status = match end {
         End::Answered => return,
         End::Failed(error) => call.status(error),
         End::Expired => call.expired(),
     };
-    let _ = out.send(Err(status)).await;
+    let _ = ending.send(status);
 }
 
 /// How a window stream's work ended.
@@ -390,6 +406,34 @@ mod tests {
 
     fn done() -> WindowEvent {
         WindowEvent::Done(Timings::default(), WindowProgress::default())
+    }
+
+    #[tokio::test]
+    async fn the_ending_status_follows_the_queued_results_without_waiting_for_room() {
+        let (out, results) = mpsc::channel(1);
+        out.try_send(Ok(v1::RecognizeActionWindowsResponse::default()))
+            .expect("room for one");
+        let (ending, ended) = oneshot::channel();
+        // The queue is full and nobody reads: the status is handed over at once.
+        ending
+            .send(Status::deadline_exceeded("late"))
+            .expect("the stream holds its receiver");
+        drop(out);
+        let items: Vec<Item> = response_stream(results, ended).collect().await;
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        let status = items[1].as_ref().expect_err("the ending status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+
+        // Answered: the stream ends after its messages, with no status of its own.
+        let (out, results) = mpsc::channel(1);
+        out.try_send(Ok(v1::RecognizeActionWindowsResponse::default()))
+            .expect("room for one");
+        let (ending, ended) = oneshot::channel::<Status>();
+        drop((out, ending));
+        let items: Vec<Item> = response_stream(results, ended).collect().await;
+        assert_eq!(items.len(), 1);
+        assert!(items[0].is_ok());
     }
 
     /// Runs [`forward`] on `work`, which gets the event sender; returns how it ended and
