@@ -175,12 +175,14 @@ fn finish<D: ImageDecoder>(
     let wrap = |e| map_error(format, e);
     decoder.set_limits(decoder_limits(limits)).map_err(wrap)?;
     let orientation = decoder.orientation().map_err(wrap)?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(wrap)?;
+    // Converted before it is turned, so that turning copies 8-bit RGB rather than the decoded
+    // pixels (up to 8 bytes each, for 16-bit RGBA), which are freed first.
+    let rgb = DynamicImage::from_decoder(decoder)
+        .map_err(wrap)?
+        .into_rgb8();
+    let mut image = DynamicImage::ImageRgb8(rgb);
     image.apply_orientation(orientation);
-    Ok(match image {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    })
+    Ok(image.into_rgb8())
 }
 
 /// The `image` crate's limits matching ours.

@@ -27,6 +27,7 @@ use ffmpeg_next as ffmpeg;
 
 use super::{Cancel, MediaError};
 
+mod probe;
 mod stream;
 
 pub use stream::{FrameSink, FrameStep, SampledFrame, VideoOutline, stream_frames};
@@ -303,7 +304,7 @@ fn open(data: &Bytes, limits: &VideoLimits) -> Result<Input, MediaError> {
     let mut options = Dictionary::new();
     options.set("format_whitelist", &allowed.join(","));
     options.set("protocol_whitelist", "");
-    let input = ffmpeg::format::input_from_stream(io, None, Some(options))
+    let input = probe::open_input(io, options, max_pixels(limits))
         .map_err(|e| open_error(e, data, limits))?;
     let name = input.format().name().to_owned();
     if !is_allowed(&name, &allowed) {
@@ -521,6 +522,12 @@ fn declared_duration(stream: &ffmpeg::Stream<'_>, input: &Input, time_base: f64)
     (container > 0).then(|| container as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE))
 }
 
+/// The most pixels a decoded picture may have: larger ones are refused by the decoders,
+/// those that probe the streams included, before their buffers are allocated.
+fn max_pixels(limits: &VideoLimits) -> u64 {
+    u64::from(limits.max_width) * u64::from(limits.max_height)
+}
+
 /// Refuses frames larger than the limits.
 fn check_resolution(width: u32, height: u32, limits: &VideoLimits) -> Result<(), MediaError> {
     if width > limits.max_width || height > limits.max_height {
@@ -700,9 +707,11 @@ fn open_decoder(
         .codec()
         .or_else(|| decoder::find(decoder.id()))
         .ok_or_else(|| MediaError::UnsupportedCodec(decoder.id().name().to_owned()))?;
-    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height);
     let mut options = Dictionary::new();
-    options.set("max_pixels", &max_pixels.min(i32::MAX as u64).to_string());
+    options.set(
+        "max_pixels",
+        &max_pixels(limits).min(i32::MAX as u64).to_string(),
+    );
     decoder
         .open_as_with(codec, options)
         .and_then(|opened| opened.video())

@@ -1,0 +1,68 @@
+//! Opening a container from a custom I/O context, with the stream probing held to the pixel
+//! limit.
+//!
+//! `avformat_find_stream_info` decodes a few frames of every stream to fill in what the
+//! container leaves out, with decoders of its own. ffmpeg-next opens them with no options, so a
+//! stream whose headers claim a huge picture would be decoded at that size (with its reference
+//! frames) before the server had looked at its dimensions. Here each of those decoders gets
+//! `max_pixels`, as the server's own decoders do, and one thread. That takes FFmpeg's C API,
+//! hence the unsafe code of this module.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::ptr;
+
+use ffmpeg::Dictionary;
+use ffmpeg::ffi;
+use ffmpeg::format::context::{Input, StreamIo};
+use ffmpeg_next as ffmpeg;
+
+/// Opens `io` as an input with the demuxer `options`, then probes its streams with decoders
+/// that refuse pictures of more than `max_pixels`.
+pub(super) fn open_input(
+    mut io: StreamIo,
+    options: Dictionary<'_>,
+    max_pixels: u64,
+) -> Result<Input, ffmpeg::Error> {
+    let max_pixels = CString::new(max_pixels.min(i32::MAX as u64).to_string())
+        .map_err(|_| ffmpeg::Error::Bug)?;
+    // SAFETY: the context is allocated here and handed to `avformat_open_input`, which frees it
+    // on failure; on success it is wrapped at once into an `Input` that owns it and `io` (the
+    // custom I/O context it reads through) and closes both when dropped, as
+    // `ffmpeg::format::input_from_stream` does. The per-stream dictionaries are created and
+    // freed here; FFmpeg only reads them and leaves what it did not use in them.
+    unsafe {
+        let mut context = ffi::avformat_alloc_context();
+        if context.is_null() {
+            return Err(ffmpeg::Error::Other { errno: ffi::ENOMEM });
+        }
+        (*context).pb = io.as_mut_ptr();
+        (*context).flags |= ffi::AVFMT_FLAG_CUSTOM_IO;
+        let mut demuxer_options = options.disown();
+        let opened = ffi::avformat_open_input(
+            &mut context,
+            ptr::null(),
+            ptr::null_mut(),
+            &mut demuxer_options,
+        );
+        drop(Dictionary::own(demuxer_options));
+        if opened != 0 {
+            return Err(ffmpeg::Error::from(opened));
+        }
+        let input = Input::wrap_with_custom_io(context, io);
+        let streams = (*context).nb_streams as usize;
+        let mut per_stream: Vec<*mut ffi::AVDictionary> = vec![ptr::null_mut(); streams];
+        for dictionary in &mut per_stream {
+            ffi::av_dict_set(dictionary, c"max_pixels".as_ptr(), max_pixels.as_ptr(), 0);
+            ffi::av_dict_set(dictionary, c"threads".as_ptr(), c"1".as_ptr(), 0);
+        }
+        let probed = ffi::avformat_find_stream_info(context, per_stream.as_mut_ptr());
+        for dictionary in &mut per_stream {
+            ffi::av_dict_free(dictionary);
+        }
+        if probed < 0 {
+            return Err(ffmpeg::Error::from(probed));
+        }
+        Ok(input)
+    }
+}
