@@ -195,11 +195,18 @@ fn status_message(status: &tonic::Status) -> String {
         Code::AlreadyExists => with("already exists"),
         Code::PermissionDenied => with("permission denied"),
         Code::ResourceExhausted if request_too_large(status) => too_large_message(&message),
+        Code::ResourceExhausted if refused_for_good(status) => {
+            format!(
+                "{}; send a smaller input",
+                with("request too large for the server")
+            )
+        }
         Code::ResourceExhausted => format!("{}; retry later", with("server is at capacity")),
         Code::FailedPrecondition => with("server cannot serve the request"),
         Code::Aborted => with("request aborted"),
         Code::OutOfRange if message.contains("message length too large") => format!(
-            "message too large ({}); send a smaller input or raise the message size limit",
+            "message too large ({}): over what the client sends or takes in one message \
+             (ClientOptions::max_message_bytes, 64 MiB by default); send a smaller input",
             message.trim_start_matches("Error, ")
         ),
         Code::OutOfRange => with("out of range"),
@@ -215,10 +222,22 @@ fn status_message(status: &tonic::Status) -> String {
 }
 
 /// Whether `status` refuses a request message over the server's size limit: RESOURCE_EXHAUSTED
-/// with polyhead's "too large" (or gRPC's "larger than max") message.
+/// naming polyhead's `--max-message-bytes` (or with gRPC's "larger than max" message).
 fn request_too_large(status: &tonic::Status) -> bool {
     status.code() == Code::ResourceExhausted
-        && (status.message().contains("too large") || status.message().contains("larger than max"))
+        && (status.message().contains("(--max-message-bytes)")
+            || status.message().contains("larger than max"))
+}
+
+/// Whether the server asked never to send the request again (a negative
+/// `grpc-retry-pushback-ms`, gRPC retry design A6): as sent, it can never be served, as when
+/// it alone is more than the server holds of all requests at once.
+fn refused_for_good(status: &tonic::Status) -> bool {
+    status
+        .metadata()
+        .get(crate::retry::RETRY_PUSHBACK)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with('-'))
 }
 
 /// The message for a request over the server's size limit, with the sizes when the server's
@@ -412,7 +431,7 @@ mod tests {
         let text = "Error, decoded message length too large: found 70000000 bytes, the limit is: 67108864 bytes";
         assert_eq!(
             message(Code::OutOfRange, text),
-            "message too large (decoded message length too large: found 70000000 bytes, the limit is: 67108864 bytes); send a smaller input or raise the message size limit"
+            "message too large (decoded message length too large: found 70000000 bytes, the limit is: 67108864 bytes): over what the client sends or takes in one message (ClientOptions::max_message_bytes, 64 MiB by default); send a smaller input"
         );
     }
 
@@ -497,6 +516,19 @@ mod tests {
         assert_eq!(
             message(Code::ResourceExhausted, bomb),
             format!("request too large for the server: {bomb}; send a smaller input")
+        );
+        // More than the server holds of all requests at once: not the message limit (another
+        // upload would not help), but never served as sent either.
+        let held = "the request is too large: the server holds at most 1000 bytes of requests \
+                    at once (--max-receiving-bytes)";
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-retry-pushback-ms", "-1".parse().expect("ascii"));
+        let status = tonic::Status::with_metadata(Code::ResourceExhausted, held, metadata);
+        let err = ClientError::Status(status);
+        assert!(!err.is_request_too_large());
+        assert_eq!(
+            err.to_string(),
+            format!("request too large for the server: {held}; send a smaller input")
         );
         let busy = ClientError::Status(tonic::Status::resource_exhausted("8 requests in flight"));
         assert!(!busy.is_request_too_large());

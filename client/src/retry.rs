@@ -12,7 +12,7 @@ use crate::deadline::Deadline;
 use crate::error::{ClientError, Result};
 
 /// The server's retry hint: how long to wait before the next attempt, in milliseconds.
-const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+pub(crate) const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 /// First backoff between attempts; it doubles after each retry up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use polyhead_client::{image_from_path, json, v1};
 
-use super::{Output, Session, parse_unit, render};
+use super::{Output, Session, parse_positive_unit, parse_unit, render};
 
 /// Arguments of `polyhead detect`.
 #[derive(Debug, Args)]
@@ -30,8 +30,9 @@ pub struct DetectFlags {
     /// Minimum score in [0, 1] (default: the model set's).
     #[arg(long, value_name = "F", value_parser = parse_unit)]
     pub score_threshold: Option<f32>,
-    /// IoU above which overlapping boxes of a class are suppressed (default: the model set's).
-    #[arg(long, value_name = "F", value_parser = parse_unit)]
+    /// IoU in (0, 1] above which overlapping boxes of a class are suppressed (default: the
+    /// model set's).
+    #[arg(long, value_name = "F", value_parser = parse_positive_unit)]
     pub iou_threshold: Option<f32>,
     /// Maximum number of detections (default: the model set's).
     #[arg(long, value_name = "N")]

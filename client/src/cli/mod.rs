@@ -205,15 +205,28 @@ fn parse_secs(text: &str) -> Result<Duration, String> {
 
 /// Parses a fraction in [0, 1].
 fn parse_unit(text: &str) -> Result<f32, String> {
-    let value: f32 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number"))?;
+    let value = parse_number(text)?;
     if (0.0..=1.0).contains(&value) {
         Ok(value)
     } else {
         Err("must be between 0 and 1".to_owned())
     }
+}
+
+/// A number in (0, 1], as the server takes an IoU threshold.
+fn parse_positive_unit(text: &str) -> Result<f32, String> {
+    let value = parse_number(text)?;
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err("must be above 0 and at most 1".to_owned())
+    }
+}
+
+fn parse_number(text: &str) -> Result<f32, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))
 }
 
 #[cfg(test)]
@@ -268,6 +281,13 @@ mod tests {
             kind(&["detect", "a.jpg", "--score-threshold", "1.5"]),
             Some(ErrorKind::ValueValidation)
         );
+        // The server takes an IoU threshold in (0, 1].
+        assert_eq!(
+            kind(&["detect", "a.jpg", "--iou-threshold", "0"]),
+            Some(ErrorKind::ValueValidation)
+        );
+        assert_eq!(kind(&["detect", "a.jpg", "--score-threshold", "0"]), None);
+        assert_eq!(kind(&["detect", "a.jpg", "--iou-threshold", "1"]), None);
         assert_eq!(kind(&["detect"]), Some(ErrorKind::MissingRequiredArgument));
         assert_eq!(kind(&["frobnicate"]), Some(ErrorKind::InvalidSubcommand));
         assert_eq!(
