@@ -4,7 +4,11 @@
 CARGO ?= cargo
 JOBS ?= 2
 PRESET ?= tiny
+# The demo set, unless a config file (POLYHEAD_CONFIG) names the models: the environment
+# would take precedence over the file's `models`.
+ifndef POLYHEAD_CONFIG
 export POLYHEAD_MODELS ?= models/generated/$(PRESET)
+endif
 # ONNX Runtime's official builds report usage to Microsoft unless this is set before the library
 # loads; the server and the benchmark set it themselves, this covers the tests and the scripts.
 export ORT_DISABLE_TELEMETRY ?= 1

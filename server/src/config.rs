@@ -214,7 +214,8 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_VIDEO_BYTES", default_value_t = 512 << 20)]
     pub max_video_bytes: u64,
 
-    /// Longest video RecognizeActionWindows accepts, in seconds.
+    /// Longest video RecognizeActionWindows accepts, in seconds; it decodes at most this
+    /// duration at 240 frames/s (or --max-decoded-frames, if that is more).
     #[arg(long, env = "POLYHEAD_MAX_VIDEO_SECONDS", default_value_t = 3600.0)]
     pub max_video_seconds: f64,
 

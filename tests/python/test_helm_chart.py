@@ -253,3 +253,21 @@ def test_helm_test_sends_the_token_the_server_accepts():
     assert env == [{"name": "POLYHEAD_TOKEN", "valueFrom": secret}]
     result = run_helm(*template_args("auth.existingSecret=t", "config.auth-token-file=/x"))
     assert result.returncode != 0 and "auth.existingSecret" in result.stderr
+
+
+def test_helm_test_pod_is_pulled_and_scheduled_as_the_servers_pods_are():
+    sets = (
+        "imagePullSecrets[0].name=registry",
+        "nodeSelector.pool=gpu",
+        "tolerations[0].key=nvidia.com/gpu",
+        "tolerations[0].operator=Exists",
+        "tolerations[0].effect=NoSchedule",
+        "image.pullPolicy=Always",
+    )
+    docs = rendered(*sets)
+    server = kind(docs, "Deployment")["spec"]["template"]["spec"]
+    test_pod = next(d for d in docs if d["kind"] == "Pod")["spec"]
+    for key in ("imagePullSecrets", "nodeSelector", "tolerations"):
+        assert test_pod[key] == server[key], key
+    assert test_pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert test_pod["containers"][0]["imagePullPolicy"] == "Always"
