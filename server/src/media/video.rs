@@ -27,7 +27,7 @@ use ffmpeg_next as ffmpeg;
 
 use super::{Cancel, MediaError};
 
-mod probe;
+mod native;
 mod stream;
 
 pub use stream::{FrameSink, FrameStep, SampledFrame, VideoOutline, stream_frames};
@@ -304,7 +304,7 @@ fn open(data: &Bytes, limits: &VideoLimits) -> Result<Input, MediaError> {
     let mut options = Dictionary::new();
     options.set("format_whitelist", &allowed.join(","));
     options.set("protocol_whitelist", "");
-    let input = probe::open_input(io, options, max_pixels(limits))
+    let input = native::open_input(io, options, max_pixels(limits))
         .map_err(|e| open_error(e, data, limits))?;
     let name = input.format().name().to_owned();
     if !is_allowed(&name, &allowed) {
@@ -420,6 +420,8 @@ struct StreamInfo {
     height: u32,
     fps: f64,
     duration_s: Option<f64>,
+    /// Clockwise quarter turns that show the decoded frames upright.
+    turns: u8,
 }
 
 impl StreamInfo {
@@ -445,6 +447,7 @@ impl StreamInfo {
             height,
             fps: frame_rate(stream.avg_frame_rate(), stream.rate()),
             duration_s: declared_duration(&stream, input, time_base),
+            turns: upright_turns(&stream),
         };
         check_duration(info.duration_s.unwrap_or(0.0), limits)?;
         Ok(info)
@@ -539,6 +542,32 @@ fn check_resolution(width: u32, height: u32, limits: &VideoLimits) -> Result<(),
         });
     }
     Ok(())
+}
+
+/// Clockwise quarter turns that show `stream`'s frames upright, from its display matrix: a
+/// phone records a portrait video as landscape frames and a rotation. 0 without one; a
+/// rotation between quarter turns is taken to the nearest, and a mirroring is not undone.
+fn upright_turns(stream: &ffmpeg::Stream<'_>) -> u8 {
+    stream
+        .side_data()
+        .find(|data| data.kind() == ffmpeg::codec::packet::side_data::Type::DisplayMatrix)
+        .and_then(|data| native::display_rotation(data.data()))
+        .map_or(0, clockwise_turns)
+}
+
+/// Clockwise quarter turns (0 to 3) that undo a rotation of `counterclockwise` degrees.
+fn clockwise_turns(counterclockwise: f64) -> u8 {
+    ((-counterclockwise / 90.0).round() as i64).rem_euclid(4) as u8
+}
+
+/// `image` turned clockwise by `turns` quarter turns.
+fn upright(image: RgbImage, turns: u8) -> RgbImage {
+    match turns % 4 {
+        1 => ::image::imageops::rotate90(&image),
+        2 => ::image::imageops::rotate180(&image),
+        3 => ::image::imageops::rotate270(&image),
+        _ => image,
+    }
 }
 
 /// Refuses clips longer than the limit.
@@ -819,7 +848,7 @@ impl<'a> Picker<'a> {
 
     /// Converts the current frame to packed RGB8, dropping any row padding.
     fn convert_frame(&mut self) -> Result<RgbImage, MediaError> {
-        to_rgb(&self.frame, &mut self.scaler, self.limits)
+        to_rgb(&self.frame, &mut self.scaler, self.limits, self.info.turns)
     }
 }
 
@@ -832,12 +861,14 @@ fn frame_time(frame: &frame::Video, info: &StreamInfo, index: usize) -> f64 {
     }
 }
 
-/// Converts a decoded frame to packed RGB8, dropping any row padding; `scaler` is reused while
-/// the frame's format and size stay the same.
+/// Converts a decoded frame to packed RGB8, dropping any row padding, and turns it clockwise by
+/// `turns` quarter turns (see [`upright_turns`]); `scaler` is reused while the frame's format and
+/// size stay the same.
 fn to_rgb(
     frame: &frame::Video,
     scaler: &mut Option<scaling::Context>,
     limits: &VideoLimits,
+    turns: u8,
 ) -> Result<RgbImage, MediaError> {
     let (width, height) = (frame.width(), frame.height());
     if width == 0 || height == 0 {
@@ -851,7 +882,7 @@ fn to_rgb(
     scaler
         .run(frame, &mut rgb)
         .map_err(|e| MediaError::CorruptVideo(format!("colour conversion failed: {e}")))?;
-    packed_rgb(&rgb, width, height)
+    Ok(upright(packed_rgb(&rgb, width, height)?, turns))
 }
 
 /// A scaler from `format` at `width` x `height` to RGB24, reusing `cached` while it fits.
@@ -1002,17 +1033,14 @@ mod tests {
         assert_eq!(open.map(|c| c.frames.len()), Ok(4));
     }
 
-    #[test]
-    fn sampled_frame_matches_the_ffmpeg_cli() {
-        let dir = tempdir();
-        let bytes = h264_mp4(dir.path());
-        let raw = dir.path().join("frame7.rgb");
-        let mp4 = dir.path().join("clip.mp4");
+    /// Frame `n` of the video at `path` as the ffmpeg CLI shows it (rotated upright), RGB24.
+    fn cli_frame(path: &Path, n: usize) -> Vec<u8> {
+        let raw = path.with_extension(format!("frame{n}.rgb"));
         ffmpeg_cli(&[
             "-i",
-            mp4.to_str().expect("path"),
+            path.to_str().expect("path"),
             "-vf",
-            "select=eq(n\\,7)",
+            &format!("select=eq(n\\,{n})"),
             "-fps_mode",
             "passthrough",
             "-frames:v",
@@ -1023,17 +1051,89 @@ mod tests {
             "rgb24",
             raw.to_str().expect("path"),
         ]);
-        let reference = std::fs::read(raw).expect("reference frame");
-        let clip = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
-        let ours = clip.frames[1].as_raw();
+        std::fs::read(raw).expect("reference frame")
+    }
+
+    /// Asserts that `ours` is `reference` but for colour conversion's rounding.
+    fn assert_same_picture(ours: &RgbImage, reference: &[u8]) {
+        let ours = ours.as_raw();
         assert_eq!(ours.len(), reference.len());
         let diff: u64 = ours
             .iter()
-            .zip(&reference)
+            .zip(reference)
             .map(|(a, b)| u64::from(a.abs_diff(*b)))
             .sum();
         let mean = diff as f64 / ours.len() as f64;
         assert!(mean < 3.0, "mean absolute difference {mean}");
+    }
+
+    #[test]
+    fn sampled_frame_matches_the_ffmpeg_cli() {
+        let dir = tempdir();
+        let bytes = h264_mp4(dir.path());
+        let reference = cli_frame(&dir.path().join("clip.mp4"), 7);
+        let clip = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
+        assert_same_picture(&clip.frames[1], &reference);
+    }
+
+    /// `mp4` with its track's display matrix set to a quarter turn, as a phone writes for a
+    /// portrait video that its sensor recorded as landscape frames.
+    fn with_quarter_turn(mp4: &[u8]) -> Vec<u8> {
+        let at = mp4
+            .windows(4)
+            .position(|w| w == b"tkhd")
+            .expect("a track header");
+        assert_eq!(mp4[at + 4], 0, "a version 0 track header");
+        // After the version, flags, times, track id, duration, layer, group and volume.
+        let matrix = at + 44;
+        let write = |out: &mut Vec<u8>, values: [i32; 9]| {
+            for (i, value) in values.iter().enumerate() {
+                out[matrix + 4 * i..matrix + 4 * i + 4].copy_from_slice(&value.to_be_bytes());
+            }
+        };
+        let identity = [1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30];
+        let mut check = mp4.to_vec();
+        write(&mut check, identity);
+        assert_eq!(check, mp4, "the matrix is where the identity was");
+        let mut out = mp4.to_vec();
+        write(&mut out, [0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30]);
+        out
+    }
+
+    #[test]
+    fn frames_of_a_rotated_video_come_upright_as_the_ffmpeg_cli_shows_them() {
+        let dir = tempdir();
+        let rotated = with_quarter_turn(&h264_mp4(dir.path()));
+        let path = dir.path().join("rotated.mp4");
+        std::fs::write(&path, &rotated).expect("write the rotated clip");
+        let reference = cli_frame(&path, 7);
+        let clip =
+            decode(&rotated, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
+        assert!(clip.frames.iter().all(|f| f.dimensions() == (100, 150)));
+        assert_same_picture(&clip.frames[1], &reference);
+    }
+
+    #[test]
+    fn rotations_turn_to_the_nearest_quarter() {
+        // FFmpeg gives the display rotation counterclockwise; frames are turned back clockwise.
+        assert_eq!(clockwise_turns(0.0), 0);
+        assert_eq!(clockwise_turns(-90.0), 1);
+        assert_eq!(clockwise_turns(90.0), 3);
+        assert_eq!(clockwise_turns(180.0), 2);
+        assert_eq!(clockwise_turns(-180.0), 2);
+        assert_eq!(clockwise_turns(-89.4), 1);
+        assert_eq!(clockwise_turns(-270.0), 3);
+        let mut wide = RgbImage::new(3, 2);
+        wide.put_pixel(0, 0, ::image::Rgb([255, 0, 0]));
+        let turned = upright(wide.clone(), 1);
+        assert_eq!(turned.dimensions(), (2, 3));
+        assert_eq!(
+            turned.get_pixel(1, 0),
+            &::image::Rgb([255, 0, 0]),
+            "top left to top right"
+        );
+        assert_eq!(upright(wide.clone(), 0), wide);
+        assert_eq!(upright(upright(wide.clone(), 2), 2), wide);
     }
 
     #[test]

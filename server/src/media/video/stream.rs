@@ -254,7 +254,7 @@ impl<'a> Sampler<'a> {
 
     /// Converts the current frame to packed RGB8.
     fn convert_frame(&mut self) -> Result<RgbImage, MediaError> {
-        super::to_rgb(&self.frame, &mut self.scaler, self.limits)
+        super::to_rgb(&self.frame, &mut self.scaler, self.limits, self.info.turns)
     }
 }
 

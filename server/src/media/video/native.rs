@@ -1,12 +1,13 @@
-//! Opening a container from a custom I/O context, with the stream probing held to the pixel
-//! limit.
+//! FFmpeg's C API where ffmpeg-next has no safe call for what the decoder needs.
 //!
-//! `avformat_find_stream_info` decodes a few frames of every stream to fill in what the
+//! Opening a container from a custom I/O context with the stream probing held to the pixel
+//! limit: `avformat_find_stream_info` decodes a few frames of every stream to fill in what the
 //! container leaves out, with decoders of its own. ffmpeg-next opens them with no options, so a
 //! stream whose headers claim a huge picture would be decoded at that size (with its reference
 //! frames) before the server had looked at its dimensions. Here each of those decoders gets
-//! `max_pixels`, as the server's own decoders do, and one thread. That takes FFmpeg's C API,
-//! hence the unsafe code of this module.
+//! `max_pixels`, as the server's own decoders do, and one thread.
+//!
+//! Reading the rotation of a stream's display matrix, as FFmpeg's own tools do.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -65,4 +66,20 @@ pub(super) fn open_input(
         }
         Ok(input)
     }
+}
+
+/// The angle, in degrees counterclockwise, by which the display matrix `data` (nine native
+/// 32-bit integers, as FFmpeg gives a stream's `AV_PKT_DATA_DISPLAYMATRIX` side data) rotates
+/// the decoded picture for display; `None` when it is too short or degenerate.
+pub(super) fn display_rotation(data: &[u8]) -> Option<f64> {
+    if data.len() < 36 {
+        return None;
+    }
+    let mut matrix = [0i32; 9];
+    for (value, bytes) in matrix.iter_mut().zip(data.chunks_exact(4)) {
+        *value = i32::from_ne_bytes(bytes.try_into().ok()?);
+    }
+    // SAFETY: `matrix` holds the nine values the function reads.
+    let degrees = unsafe { ffi::av_display_rotation_get(matrix.as_ptr()) };
+    degrees.is_finite().then_some(degrees)
 }
