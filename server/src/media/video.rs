@@ -757,7 +757,7 @@ struct Picker<'a> {
     picked: Vec<Picked>,
     output_bytes: u64,
     frame: frame::Video,
-    scaler: Option<scaling::Context>,
+    scaler: Option<Scaler>,
 }
 
 impl<'a> Picker<'a> {
@@ -861,12 +861,20 @@ fn frame_time(frame: &frame::Video, info: &StreamInfo, index: usize) -> f64 {
     }
 }
 
+/// A colour converter to RGB24 and the frames it was made for.
+struct Scaler {
+    context: scaling::Context,
+    /// The colour matrix and range of those frames, which FFmpeg's converter does not read
+    /// from the frames themselves.
+    colours: (ffmpeg::color::Space, ffmpeg::color::Range),
+}
+
 /// Converts a decoded frame to packed RGB8, dropping any row padding, and turns it clockwise by
-/// `turns` quarter turns (see [`upright_turns`]); `scaler` is reused while the frame's format and
-/// size stay the same.
+/// `turns` quarter turns (see [`upright_turns`]); `scaler` is reused while the frame's format,
+/// size, colour matrix and range stay the same.
 fn to_rgb(
     frame: &frame::Video,
-    scaler: &mut Option<scaling::Context>,
+    scaler: &mut Option<Scaler>,
     limits: &VideoLimits,
     turns: u8,
 ) -> Result<RgbImage, MediaError> {
@@ -877,7 +885,7 @@ fn to_rgb(
         )));
     }
     check_resolution(width, height, limits)?;
-    let scaler = scaler_for(scaler, frame.format(), width, height)?;
+    let scaler = scaler_for(scaler, frame)?;
     let mut rgb = frame::Video::empty();
     scaler
         .run(frame, &mut rgb)
@@ -885,19 +893,22 @@ fn to_rgb(
     Ok(upright(packed_rgb(&rgb, width, height)?, turns))
 }
 
-/// A scaler from `format` at `width` x `height` to RGB24, reusing `cached` while it fits.
-fn scaler_for(
-    cached: &mut Option<scaling::Context>,
-    format: ffmpeg::format::Pixel,
-    width: u32,
-    height: u32,
-) -> Result<&mut scaling::Context, MediaError> {
+/// A converter of `frame` to RGB24, reusing `cached` while it fits: the frame's format and size,
+/// and the colour matrix and range it is tagged with (BT.709 for HD video, full range for some
+/// phone and screen recordings), which the converter is set to as FFmpeg's own scale filter
+/// does; untagged frames keep the converter's defaults for their format.
+fn scaler_for<'a>(
+    cached: &'a mut Option<Scaler>,
+    frame: &frame::Video,
+) -> Result<&'a mut scaling::Context, MediaError> {
+    let (format, width, height) = (frame.format(), frame.width(), frame.height());
+    let colours = (frame.color_space(), frame.color_range());
     let reusable = cached.as_ref().is_some_and(|s| {
-        let input = s.input();
-        (input.format, input.width, input.height) == (format, width, height)
+        let input = s.context.input();
+        (input.format, input.width, input.height) == (format, width, height) && s.colours == colours
     });
     if !reusable {
-        let scaler = scaling::Context::get(
+        let mut context = scaling::Context::get(
             format,
             width,
             height,
@@ -907,10 +918,12 @@ fn scaler_for(
             scaling::Flags::BILINEAR,
         )
         .map_err(|_| MediaError::CorruptVideo(format!("unsupported pixel format {format:?}")))?;
-        *cached = Some(scaler);
+        native::set_source_colours(&mut context, colours.0, colours.1);
+        *cached = Some(Scaler { context, colours });
     }
     cached
         .as_mut()
+        .map(|s| &mut s.context)
         .ok_or_else(|| MediaError::Internal("no colour converter".to_owned()))
 }
 
@@ -1110,6 +1123,27 @@ mod tests {
         let clip =
             decode(&rotated, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
         assert!(clip.frames.iter().all(|f| f.dimensions() == (100, 150)));
+        assert_same_picture(&clip.frames[1], &reference);
+    }
+
+    #[test]
+    fn frames_tagged_full_range_and_bt709_convert_as_the_ffmpeg_cli_converts_them() {
+        // As some phones and screen recorders write them: full-range luma, HD colours.
+        let dir = tempdir();
+        let tagged = [
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-color_range",
+            "pc",
+            "-colorspace",
+            "bt709",
+        ];
+        let path = make(dir.path(), "tagged.mp4", PATTERN, &tagged);
+        let reference = cli_frame(&path, 7);
+        let bytes = std::fs::read(&path).expect("read clip");
+        let clip = decode(&bytes, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
         assert_same_picture(&clip.frames[1], &reference);
     }
 

@@ -7,7 +7,8 @@
 //! frames) before the server had looked at its dimensions. Here each of those decoders gets
 //! `max_pixels`, as the server's own decoders do, and one thread.
 //!
-//! Reading the rotation of a stream's display matrix, as FFmpeg's own tools do.
+//! Reading the rotation of a stream's display matrix, and setting a colour converter's source
+//! matrix and range, as FFmpeg's own tools do.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -82,4 +83,61 @@ pub(super) fn display_rotation(data: &[u8]) -> Option<f64> {
     // SAFETY: `matrix` holds the nine values the function reads.
     let degrees = unsafe { ffi::av_display_rotation_get(matrix.as_ptr()) };
     degrees.is_finite().then_some(degrees)
+}
+
+/// Sets `scaler`'s source colour matrix to `space` and its range to `range`, each only when the
+/// frames say (an unspecified one keeps what the converter chose for the pixel format: full
+/// range for the `yuvj` formats of JPEG-based codecs, BT.601 otherwise), as FFmpeg's scale
+/// filter does.
+pub(super) fn set_source_colours(
+    scaler: &mut ffmpeg::software::scaling::Context,
+    space: ffmpeg::color::Space,
+    range: ffmpeg::color::Range,
+) {
+    use ffmpeg::color::{Range, Space};
+    let full = match range {
+        Range::JPEG => Some(1),
+        Range::MPEG => Some(0),
+        Range::Unspecified => None,
+    };
+    let space = (space != Space::Unspecified).then(|| ffi::AVColorSpace::from(space) as i32);
+    if full.is_none() && space.is_none() {
+        return;
+    }
+    // SAFETY: the converter is a live context; the details are read from it and written back
+    // with the source matrix and range replaced, the matrix a static table of FFmpeg's (which
+    // falls back to its default for a colour space it has no table for).
+    unsafe {
+        let context = scaler.as_mut_ptr();
+        let (mut inverse, mut source_range, mut table, mut target_range) =
+            (ptr::null_mut(), 0, ptr::null_mut(), 0);
+        let (mut brightness, mut contrast, mut saturation) = (0, 0, 0);
+        let read = ffi::sws_getColorspaceDetails(
+            context,
+            &mut inverse,
+            &mut source_range,
+            &mut table,
+            &mut target_range,
+            &mut brightness,
+            &mut contrast,
+            &mut saturation,
+        );
+        if read < 0 {
+            return;
+        }
+        let inverse = match space {
+            Some(space) => ffi::sws_getCoefficients(space),
+            None => inverse.cast_const(),
+        };
+        ffi::sws_setColorspaceDetails(
+            context,
+            inverse,
+            full.unwrap_or(source_range),
+            table.cast_const(),
+            target_range,
+            brightness,
+            contrast,
+            saturation,
+        );
+    }
 }

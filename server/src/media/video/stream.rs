@@ -162,7 +162,7 @@ struct Sampler<'a> {
     next_slot: u64,
     since: Instant,
     frame: frame::Video,
-    scaler: Option<ffmpeg::software::scaling::Context>,
+    scaler: Option<super::Scaler>,
 }
 
 impl<'a> Sampler<'a> {
