@@ -49,7 +49,11 @@ def test_chart_lints_strictly():
     helm("lint", "--strict", str(CHART))
 
 
-@pytest.mark.parametrize("sets", [(), ("auth.existingSecret=polyhead-token", "preStopSleepSeconds=0")])
+@pytest.mark.parametrize("sets", [
+    (),
+    ("auth.existingSecret=polyhead-token", "preStopSleepSeconds=0"),
+    ("podDisruptionBudget.enabled=true", "replicaCount=3"),
+])
 def test_manifests_validate_against_kubernetes_schemas(sets):
     manifests = helm(*template_args(*sets))
     result = subprocess.run(
@@ -271,3 +275,15 @@ def test_helm_test_pod_is_pulled_and_scheduled_as_the_servers_pods_are():
         assert test_pod[key] == server[key], key
     assert test_pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert test_pod["containers"][0]["imagePullPolicy"] == "Always"
+
+
+def test_disruption_budget_is_optional_and_selects_the_servers_pods():
+    assert not [d for d in rendered() if d["kind"] == "PodDisruptionBudget"]
+    docs = rendered("podDisruptionBudget.enabled=true", "replicaCount=3")
+    budget = kind(docs, "PodDisruptionBudget")["spec"]
+    pods = kind(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert budget["selector"]["matchLabels"] == pods
+    assert budget["minAvailable"] == 1 and "maxUnavailable" not in budget
+    budget = kind(rendered("podDisruptionBudget.enabled=true", "podDisruptionBudget.maxUnavailable=25%"),
+                  "PodDisruptionBudget")["spec"]
+    assert budget["maxUnavailable"] == "25%" and "minAvailable" not in budget
