@@ -270,6 +270,7 @@ async fn respond(
         crate::engine::within_deadline(call.deadline, call.pipeline.run_windows(request, events));
     let to_message = |event| response(event, &head.labels, video_bytes);
     let end = forward(call.deadline, work, results, &out, to_message).await;
+    // The work is over: the slot goes back now, whenever the reader takes what is left.
     drop(slot);
     let status = match end {
         End::Answered => return,

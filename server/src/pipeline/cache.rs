@@ -161,12 +161,10 @@ impl FeatureCache {
             Source::Cached
         };
         metrics::record_feature_cache_lookup(source == Source::Cached);
-        metrics::set_feature_cache_size(entries.weighted_size(), entries.entry_count());
+        publish_size(entries);
         Ok((entry.into_value(), source))
     }
-}
 
-impl FeatureCache {
     /// Removes the entries whose time to live has passed and publishes what the cache holds
     /// then: the cache tidies itself only as it is used, so an idle server would otherwise keep
     /// expired features, and report them, until its next request. Answers (bytes, entries).
@@ -175,10 +173,15 @@ impl FeatureCache {
             return (0, 0);
         };
         entries.run_pending_tasks().await;
-        let held = (entries.weighted_size(), entries.entry_count());
-        metrics::set_feature_cache_size(held.0, held.1);
-        held
+        publish_size(entries)
     }
+}
+
+/// Publishes the bytes and entries `entries` holds, and answers them.
+fn publish_size(entries: &Cache<FeatureKey, NamedTensors>) -> (u64, u64) {
+    let held = (entries.weighted_size(), entries.entry_count());
+    metrics::set_feature_cache_size(held.0, held.1);
+    held
 }
 
 /// The bytes an entry holds: its tensors' values and names, capped to what the cache can weigh.

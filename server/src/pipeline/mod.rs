@@ -113,7 +113,7 @@ impl Pipeline {
 
     /// Every [`HOUSEKEEPING_INTERVAL`] until `pipeline` is dropped, removes the feature cache's
     /// and the feature handles' expired entries, so that an idle server gives their memory back
-    /// within their time to live and the cache's gauges follow.
+    /// at most one interval after they expire, and the cache's gauges follow.
     pub fn keep_tidy(pipeline: &Arc<Self>) {
         let pipeline = Arc::downgrade(pipeline);
         tokio::spawn(async move {
