@@ -640,15 +640,31 @@ def manifest(preset_name: str, p: Preset, heads: list[HeadSpec]) -> str:
     return "\n".join(parts)
 
 
-def build_set(preset_name: str, out: Path, seed: int) -> None:
-    """Write the manifest, the ONNX files and the label files of one preset into `out`."""
+def fix_axes(model: onnx.ModelProto, sizes: dict[str, int]) -> onnx.ModelProto:
+    """Declare the named dynamic axes of the model's inputs and outputs with fixed sizes."""
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+    return model
+
+
+def build_set(preset_name: str, out: Path, seed: int, fixed: dict[str, int] | None = None) -> None:
+    """Write the manifest, the ONNX files and the label files of one preset into `out`.
+
+    `fixed` declares dynamic axes ("N": the batch, "T": the action head's frames) with a fixed
+    size, as an export without dynamic axes gives them."""
     p = PRESETS[preset_name]
     heads = head_specs(p)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(backbone_model(p, seed), out / "backbone.onnx")
+
+    def save(model: onnx.ModelProto, name: str) -> None:
+        onnx.save_model(fix_axes(model, fixed or {}), out / name)
+
+    save(backbone_model(p, seed), "backbone.onnx")
     for spec in heads:
-        onnx.save_model(head_model(p, seed, spec), out / f"{spec.name}_head.onnx")
-        onnx.save_model(reference_model(p, seed, spec), out / f"reference_{spec.name}.onnx")
+        save(head_model(p, seed, spec), f"{spec.name}_head.onnx")
+        save(reference_model(p, seed, spec), f"reference_{spec.name}.onnx")
         shutil.copyfile(LABELS_DIR / spec.labels, out / spec.labels)
     (out / "polyhead.toml").write_text(manifest(preset_name, p, heads))
 
@@ -659,8 +675,22 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the model set into")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument(
+        "--fixed-batch",
+        type=int,
+        metavar="N",
+        help="declare the batch axis with size N instead of dynamic, as an export without dynamic axes",
+    )
+    parser.add_argument(
+        "--fixed-frames",
+        action="store_true",
+        help="declare the action head's frame axis with the preset's frames instead of dynamic",
+    )
     args = parser.parse_args()
-    build_set(args.preset, args.out, args.seed)
+    fixed = {"N": args.fixed_batch} if args.fixed_batch else {}
+    if args.fixed_frames:
+        fixed["T"] = PRESETS[args.preset].frames
+    build_set(args.preset, args.out, args.seed, fixed)
 
 
 if __name__ == "__main__":

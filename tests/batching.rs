@@ -21,7 +21,7 @@ fn config(max_batch: u32, delay_ms: u64) -> Config {
 }
 
 /// A raw image of noise that `seed` determines, its size varying with the seed.
-fn noise(seed: u64) -> v1::Image {
+pub(crate) fn noise(seed: u64) -> v1::Image {
     let (width, height) = (96 + 8 * seed as u32, 80 + 4 * seed as u32);
     let rgb = crate::common::noise_rgb(seed, width, height);
     v1::Image {
@@ -33,7 +33,7 @@ fn noise(seed: u64) -> v1::Image {
     }
 }
 
-fn options() -> v1::DetectOptions {
+pub(crate) fn options() -> v1::DetectOptions {
     v1::DetectOptions {
         score_threshold: Some(0.05),
         ..Default::default()
@@ -42,7 +42,7 @@ fn options() -> v1::DetectOptions {
 
 /// Asserts `got` equals `want` within float tolerances: same classes, scores within 1e-4,
 /// boxes within 1e-2 pixels.
-fn assert_same_detections(got: &v1::Detections, want: &v1::Detections, what: &str) {
+pub(crate) fn assert_same_detections(got: &v1::Detections, want: &v1::Detections, what: &str) {
     assert_eq!(got.detections.len(), want.detections.len(), "{what}");
     for (g, w) in got.detections.iter().zip(&want.detections) {
         assert_eq!(g.class_id, w.class_id, "{what}");

@@ -7,6 +7,7 @@ mod common;
 mod equivalence;
 mod errors;
 mod faults;
+mod fixed_axes;
 mod handles;
 mod hostile;
 mod images;

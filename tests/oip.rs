@@ -28,7 +28,7 @@ async fn client() -> Client {
 }
 
 /// A request for `model` carrying `input` as raw little-endian bytes.
-fn request(model: &str, input: &Tensor) -> ModelInferRequest {
+pub(crate) fn request(model: &str, input: &Tensor) -> ModelInferRequest {
     let input = input.array().expect("a host array");
     let raw = input.iter().flat_map(|v| v.to_le_bytes()).collect();
     ModelInferRequest {
@@ -50,7 +50,7 @@ fn input_tensor(datatype: &str, shape: &[usize]) -> InferInputTensor {
 }
 
 /// The response's outputs as tensors, checking each header on the way.
-fn tensors(response: &ModelInferResponse) -> NamedTensors {
+pub(crate) fn tensors(response: &ModelInferResponse) -> NamedTensors {
     assert_eq!(response.outputs.len(), response.raw_output_contents.len());
     response
         .outputs
@@ -253,7 +253,7 @@ async fn refused(request: ModelInferRequest) -> (Code, String) {
     (status.code(), status.message().to_string())
 }
 
-fn assert_status((code, message): (Code, String), want: Code, words: &[&str]) {
+pub(crate) fn assert_status((code, message): (Code, String), want: Code, words: &[&str]) {
     assert_eq!(code, want, "{message}");
     for word in words {
         assert!(

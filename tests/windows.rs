@@ -24,12 +24,12 @@ fn own_server(slot: &'static OnceLock<TestServer>, max_video_bytes: u64) -> &'st
 
 /// A 4 s, 10 fps testsrc clip in lossless PNG-in-Matroska, so that frames the ffmpeg CLI
 /// extracts from it are exactly the frames the server decodes.
-fn lossless_clip() -> Vec<u8> {
+pub(crate) fn lossless_clip() -> Vec<u8> {
     common::make_clip("testsrc=size=160x120:rate=10", 4.0, "mkv", &["-c:v", "png"])
 }
 
 /// The clip's frames as PNG files, extracted with the ffmpeg CLI.
-fn png_frames(clip: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn png_frames(clip: &[u8]) -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("clip.mkv");
     std::fs::write(&input, clip).expect("write clip");
@@ -54,7 +54,7 @@ fn png_frames(clip: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn options(window_frames: u32, window_stride: u32) -> v1::WindowOptions {
+pub(crate) fn window_options(window_frames: u32, window_stride: u32) -> v1::WindowOptions {
     v1::WindowOptions {
         window_frames,
         window_stride,
@@ -64,11 +64,11 @@ fn options(window_frames: u32, window_stride: u32) -> v1::WindowOptions {
 }
 
 /// Everything a stream sent: its windows, its summary and the status it ended with, if not OK.
-struct Collected {
-    windows: Vec<v1::ActionWindow>,
+pub(crate) struct Collected {
+    pub(crate) windows: Vec<v1::ActionWindow>,
     summary: Option<v1::WindowsSummary>,
     last_progress: Option<v1::WindowProgress>,
-    error: Option<tonic::Status>,
+    pub(crate) error: Option<tonic::Status>,
 }
 
 /// Streams `clip` in windows of 8 and waits for the first window; the rest is still to come.
@@ -77,7 +77,7 @@ async fn first_window_of(
     clip: Vec<u8>,
 ) -> tonic::Streaming<v1::RecognizeActionWindowsResponse> {
     let mut stream = client
-        .recognize_windows(clip, options(8, 8), 1 << 20)
+        .recognize_windows(clip, window_options(8, 8), 1 << 20)
         .await
         .expect("stream");
     let first = stream
@@ -89,7 +89,9 @@ async fn first_window_of(
     stream
 }
 
-async fn collect(mut stream: tonic::Streaming<v1::RecognizeActionWindowsResponse>) -> Collected {
+pub(crate) async fn collect(
+    mut stream: tonic::Streaming<v1::RecognizeActionWindowsResponse>,
+) -> Collected {
     let mut collected = Collected {
         windows: Vec::new(),
         summary: None,
@@ -124,7 +126,7 @@ async fn each_frame_passes_the_backbone_once_and_windows_match_recognize_action(
     let (length, stride) = (8usize, 4usize);
     let before = server.pipeline.backbone_images();
     let stream = client
-        .recognize_windows(clip.clone(), options(8, 4), 1 << 20)
+        .recognize_windows(clip.clone(), window_options(8, 4), 1 << 20)
         .await
         .expect("stream starts");
     let got = collect(stream).await;
@@ -218,7 +220,7 @@ fn small_batches() -> &'static TestServer {
 }
 
 /// Checks that two top-k lists name the same classes in the same order, with scores within 1e-4.
-fn assert_same_top(got: &[v1::ActionScore], want: &[v1::ActionScore], what: &str) {
+pub(crate) fn assert_same_top(got: &[v1::ActionScore], want: &[v1::ActionScore], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (x, y) in got.iter().zip(want) {
         assert_eq!(x.class_id, y.class_id, "{what}");
@@ -279,7 +281,7 @@ async fn new_frames_are_split_into_backbone_runs_of_at_most_max_batch() {
     let before = server.pipeline.backbone_images();
     let got = collect(
         client
-            .recognize_windows(clip.clone(), options(8, 4), 1 << 20)
+            .recognize_windows(clip.clone(), window_options(8, 4), 1 << 20)
             .await
             .expect("stream starts"),
     )
@@ -307,7 +309,7 @@ async fn new_frames_are_split_into_backbone_runs_of_at_most_max_batch() {
     let reference = collect(
         common::connect(default.addr)
             .await
-            .recognize_windows(clip, options(8, 4), 1 << 20)
+            .recognize_windows(clip, window_options(8, 4), 1 << 20)
             .await
             .expect("reference stream starts"),
     )
@@ -327,7 +329,7 @@ async fn a_chunked_upload_gives_the_same_windows_as_one_message() {
     let clip = common::make_clip("testsrc=size=160x120:rate=10", 3.0, "mp4", &[]);
     let step = v1::WindowOptions {
         frame_step: 2,
-        ..options(4, 2)
+        ..window_options(4, 2)
     };
     let whole = collect(
         client
@@ -361,7 +363,7 @@ async fn short_videos_give_one_window_over_their_frames() {
     let clip = common::make_clip("testsrc=size=160x120:rate=10", 0.5, "mp4", &[]);
     let got = collect(
         client
-            .recognize_windows(clip, options(8, 0), 1 << 20)
+            .recognize_windows(clip, window_options(8, 0), 1 << 20)
             .await
             .expect("stream"),
     )
@@ -377,7 +379,7 @@ async fn corrupt_videos_and_bad_options_are_invalid_argument() {
     let junk = common::noise_rgb(77, 64, 64);
     let got = collect(
         client
-            .recognize_windows(junk, options(0, 0), 1000)
+            .recognize_windows(junk, window_options(0, 0), 1000)
             .await
             .expect("stream"),
     )
@@ -390,7 +392,7 @@ async fn corrupt_videos_and_bad_options_are_invalid_argument() {
     let both = v1::WindowOptions {
         frame_step: 2,
         sample_fps: 5.0,
-        ..options(0, 0)
+        ..window_options(0, 0)
     };
     let err = client
         .recognize_windows(clip.clone(), both, 1 << 20)
@@ -400,7 +402,7 @@ async fn corrupt_videos_and_bad_options_are_invalid_argument() {
 
     let too_fast = v1::WindowOptions {
         sample_fps: 3.0e38,
-        ..options(0, 0)
+        ..window_options(0, 0)
     };
     let err = client
         .recognize_windows(clip, too_fast, 1 << 20)
@@ -418,7 +420,7 @@ async fn uploads_over_the_video_byte_limit_are_refused() {
     let client = common::connect(server.addr).await;
     let big = vec![0u8; (1 << 20) + 1];
     let err = client
-        .recognize_windows(big, options(0, 0), 64 << 10)
+        .recognize_windows(big, window_options(0, 0), 64 << 10)
         .await
         .expect_err("over the limit");
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
@@ -508,7 +510,7 @@ async fn a_passed_deadline_ends_the_stream() {
     // 600 frames: seconds of backbone work, past the deadline.
     let clip = common::make_clip("testsrc=size=160x120:rate=10", 60.0, "mp4", &[]);
     let stream = client
-        .recognize_windows(clip, options(8, 8), 1 << 20)
+        .recognize_windows(clip, window_options(8, 8), 1 << 20)
         .await
         .expect("stream");
     let got = collect(stream).await;

@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ndarray::ArrayD;
+use ort::session::Session;
 
 use crate::config::Config;
 use crate::engine::{
-    BatchQueue, Batcher, Device, EngineError, FeatureMemory, NamedTensors, OutputMemory, Placement,
-    Run, Runtime, SessionWorker, Stage, Tensor, TensorInfo, device_memory,
+    BatchConfig, BatchQueue, Batcher, Device, EngineError, FeatureMemory, NamedTensors,
+    OutputMemory, Placement, Run, Runtime, SessionWorker, Stage, Tensor, TensorInfo, declared,
+    device_memory,
 };
 use crate::manifest::{
     BackboneSpec, HeadKind, HeadParams, HeadSpec, Manifest, ManifestError, ResizeKind, read_labels,
@@ -31,7 +33,7 @@ pub struct Backbone {
     pub preprocess: PreprocessSpec,
     pub worker: SessionWorker,
     batcher: Batcher,
-    /// Most images one run takes (`--max-batch`).
+    /// Most images one run takes: `--max-batch`, or 1 for a model whose batch axis is fixed.
     max_batch: usize,
 }
 
@@ -55,8 +57,8 @@ impl Backbone {
         self.batcher.images()
     }
 
-    /// Most images one run should take (`--max-batch`, at least 1): callers with more split
-    /// them into several runs.
+    /// Most images one run should take (`--max-batch`, at least 1; 1 for a model whose batch
+    /// axis is fixed): callers with more split them into several runs.
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }
@@ -71,6 +73,9 @@ pub struct Head {
     /// Batches the runs of concurrent requests; `None` for heads whose axis 0 is not a batch
     /// (an action head's is time: one clip's frames).
     batcher: Option<Batcher>,
+    /// Most images one run takes: `--max-batch`, or 1 for a model whose batch axis is fixed.
+    /// An action head's runs take one clip.
+    max_batch: usize,
 }
 
 impl Head {
@@ -97,6 +102,11 @@ impl Head {
     /// The head's kind.
     pub fn kind(&self) -> HeadKind {
         self.spec.kind
+    }
+
+    /// Most images one run takes (1 for an action head, whose runs take one clip).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 }
 
@@ -180,28 +190,59 @@ fn load_backbone(
         }
     };
     let memory = Arc::new(memory);
-    let (batcher, batches) = batcher(&spec.name, Stage::Backbone, config, &memory);
+    let manifest_err = |m| ManifestError::new(&path, m);
+    let max_batch = batch_limit(&session, config).map_err(manifest_err)?;
+    let (batcher, batches) = batcher(&spec.name, Stage::Backbone, config, max_batch, &memory);
     let worker = SessionWorker::spawn_batching(&spec.name, session, capacity, outputs, batches)?;
-    check_backbone(spec, &worker).map_err(|m| ManifestError::new(&path, m))?;
+    check_backbone(spec, &worker).map_err(manifest_err)?;
     let backbone = Backbone {
         preprocess: preprocess_spec(spec),
         spec: spec.clone(),
         worker,
         batcher,
-        max_batch: config.batch.max_batch.max(1) as usize,
+        max_batch,
     };
     Ok((backbone, memory))
 }
 
-/// A batcher for `model`'s runs as `stage`, and the queue its worker thread serves.
+/// A batcher for `model`'s runs as `stage`, of at most `max_batch` images, and the queue its
+/// worker thread serves.
 fn batcher(
     model: &str,
     stage: Stage,
     config: &Config,
+    max_batch: usize,
     memory: &Arc<FeatureMemory>,
 ) -> (Batcher, BatchQueue) {
     let capacity = config.runtime.queue_capacity;
-    Batcher::new(model, stage, &config.batch, capacity, Arc::clone(memory))
+    let batch = BatchConfig {
+        max_batch: u32::try_from(max_batch).unwrap_or(u32::MAX),
+        ..config.batch.clone()
+    };
+    Batcher::new(model, stage, &batch, capacity, Arc::clone(memory))
+}
+
+/// Most images one run of the model in `session` takes: `--max-batch` when axis 0 of its
+/// inputs and outputs is dynamic, 1 when the ONNX file fixes it to 1. Any other fixed size is
+/// refused: a run holds from one image to `--max-batch`.
+fn batch_limit(session: &Session, config: &Config) -> Result<usize, String> {
+    let configured = config.batch.max_batch.max(1) as usize;
+    let mut limit = configured;
+    let (inputs, outputs) = declared(session);
+    for tensor in inputs.iter().chain(outputs.iter()) {
+        match tensor.shape.first() {
+            Some(&1) => limit = 1,
+            Some(&size) if size > 1 => {
+                return Err(format!(
+                    "'{}' has {size} on axis 0 (shape {:?}); the batch axis must be dynamic, or \
+                     1 for a model that takes one image per run",
+                    tensor.name, tensor.shape
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(limit)
 }
 
 fn load_head(
@@ -216,26 +257,41 @@ fn load_head(
     let labels = read_labels(&dir.join(&spec.labels))?;
     let capacity = config.runtime.queue_capacity;
     let session = runtime.load(&path)?;
-    let (batcher, worker) = match spec.kind {
-        HeadKind::Action => (None, SessionWorker::spawn(&spec.name, session, capacity)?),
-        HeadKind::Detection | HeadKind::Segmentation => {
-            let (batcher, batches) = batcher(&spec.name, Stage::Head, config, memory);
+    let manifest_err = |m| ManifestError::new(&path, m);
+    let mut params = spec.params().map_err(manifest_err)?;
+    let (batcher, worker, max_batch) = match &mut params {
+        HeadParams::Action(action) => {
+            let time_axis = declared(&session).0.iter().map(axis_0).max();
+            action
+                .fit_time_axis(time_axis.unwrap_or(-1))
+                .map_err(|e| manifest_err(format!("head '{}' params: {e}", spec.name)))?;
+            let worker = SessionWorker::spawn(&spec.name, session, capacity)?;
+            (None, worker, 1)
+        }
+        _ => {
+            let max_batch = batch_limit(&session, config).map_err(manifest_err)?;
+            let (batcher, batches) = batcher(&spec.name, Stage::Head, config, max_batch, memory);
             let outputs = OutputMemory::Host;
             let worker =
                 SessionWorker::spawn_batching(&spec.name, session, capacity, outputs, batches)?;
-            (Some(batcher), worker)
+            (Some(batcher), worker, max_batch)
         }
     };
-    check_head_inputs(spec, backbone, &worker).map_err(|m| ManifestError::new(&path, m))?;
-    check_head_outputs(spec, labels.len(), &worker).map_err(|m| ManifestError::new(&path, m))?;
-    let params = spec.params().map_err(|m| ManifestError::new(&path, m))?;
+    check_head_inputs(spec, backbone, &worker).map_err(manifest_err)?;
+    check_head_outputs(spec, labels.len(), &worker).map_err(manifest_err)?;
     Ok(Head {
         spec: spec.clone(),
         params,
         labels,
         worker,
         batcher,
+        max_batch,
     })
+}
+
+/// Axis 0 of `tensor`: negative when dynamic (or for a scalar).
+fn axis_0(tensor: &TensorInfo) -> i64 {
+    tensor.shape.first().copied().unwrap_or(-1)
 }
 
 /// The preprocessing the backbone's manifest entry describes.

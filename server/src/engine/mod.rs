@@ -15,7 +15,7 @@ pub use batcher::{
 };
 pub use runtime::{Device, RUNTIME_TELEMETRY_VAR, Runtime, disable_runtime_telemetry};
 pub use tensor::{DeviceTensor, FeatureMemory, Memory, Placement, Tensor, device_memory};
-pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo};
+pub use worker::{OutputMemory, Run, SessionWorker, Stage, TensorInfo, declared};
 
 /// Named tensors, in the order a model declares them.
 pub type NamedTensors = Vec<(String, Tensor)>;

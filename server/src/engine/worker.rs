@@ -121,8 +121,7 @@ impl SessionWorker {
         placement: OutputMemory,
         batches: Option<BatchQueue>,
     ) -> Result<Self, EngineError> {
-        let inputs: Arc<[TensorInfo]> = session.inputs().iter().map(outlet_info).collect();
-        let outputs: Arc<[TensorInfo]> = session.outputs().iter().map(outlet_info).collect();
+        let (inputs, outputs) = declared(&session);
         let capacity = capacity.max(1);
         let (queue, jobs) = mpsc::channel(capacity);
         let start_error = |what: &str, e: std::io::Error| EngineError::Run {
@@ -514,6 +513,14 @@ fn exact_output_shapes(session: &Session, batch: usize) -> Option<Vec<Vec<usize>
             _ => None,
         })
         .collect()
+}
+
+/// The inputs and the outputs `session`'s model declares, in declaration order.
+pub fn declared(session: &Session) -> (Arc<[TensorInfo]>, Arc<[TensorInfo]>) {
+    (
+        session.inputs().iter().map(outlet_info).collect(),
+        session.outputs().iter().map(outlet_info).collect(),
+    )
 }
 
 fn outlet_info(outlet: &ort::value::Outlet) -> TensorInfo {

@@ -411,17 +411,9 @@ pub(super) fn action_options(
         frame_stride,
         top_k,
     } = options.unwrap_or_default();
-    let max_frames = limits.max_frames.min(params.max_frames);
-    let num_frames = if num_frames == 0 {
-        params.frames.min(max_frames)
-    } else {
-        num_frames
-    };
-    if num_frames > max_frames {
-        return Err(invalid(format!(
-            "num_frames is {num_frames}; the limit is {max_frames}"
-        )));
-    }
+    let num_frames = params
+        .clip_frames(num_frames, limits.max_frames, "num_frames")
+        .map_err(invalid)?;
     let top_k = if top_k == 0 {
         DEFAULT_TOP_K.min(limits.max_top_k)
     } else {

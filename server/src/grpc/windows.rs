@@ -212,13 +212,9 @@ fn settings(
             head.name()
         )));
     };
-    let max_frames = limits.max_frames.min(params.max_frames);
-    if window_frames > max_frames {
-        return Err(Error::InvalidArgument(format!(
-            "window_frames is {window_frames}; the limit is {max_frames} (--max-frames and the \
-             head's max_frames)"
-        )));
-    }
+    let window_frames = params
+        .clip_frames(window_frames, limits.max_frames, "window_frames")
+        .map_err(Error::InvalidArgument)?;
     let action = v1::ActionOptions {
         num_frames: window_frames,
         frame_stride: 0,

@@ -13,6 +13,10 @@ pub struct ActionParams {
     pub frames: u32,
     /// Largest number of frames a request may ask for.
     pub max_frames: u32,
+    /// The one clip length the model takes when its ONNX file fixes the time axis (read from
+    /// the model at load, not from the manifest): every request samples exactly this many.
+    #[serde(skip)]
+    pub fixed_frames: Option<u32>,
 }
 
 impl Default for ActionParams {
@@ -20,6 +24,7 @@ impl Default for ActionParams {
         Self {
             frames: 8,
             max_frames: 64,
+            fixed_frames: None,
         }
     }
 }
@@ -34,6 +39,56 @@ impl ActionParams {
             )));
         }
         Ok(())
+    }
+
+    /// Fits the parameters to a model whose time axis is `axis` (negative: dynamic). A fixed
+    /// axis must equal `frames`; requests then take exactly that many frames.
+    pub fn fit_time_axis(&mut self, axis: i64) -> Result<(), HeadError> {
+        if axis < 0 {
+            return Ok(());
+        }
+        if axis != i64::from(self.frames) {
+            return Err(HeadError::InvalidParams(format!(
+                "action: the model takes exactly {axis} frames (its time axis is fixed), but \
+                 frames = {}; set frames = {axis} or export the model with a dynamic axis 0",
+                self.frames
+            )));
+        }
+        self.max_frames = self.frames;
+        self.fixed_frames = Some(self.frames);
+        Ok(())
+    }
+
+    /// How many frames a request samples: `wanted`, or the default `frames` for 0, within the
+    /// head's `max_frames` and the server's `server_max` (`--max-frames`), and the model's own
+    /// clip length when it is fixed. The error names `field`, the request's option.
+    pub fn clip_frames(&self, wanted: u32, server_max: u32, field: &str) -> Result<u32, String> {
+        if let Some(fixed) = self.fixed_frames {
+            return if fixed > server_max {
+                Err(format!(
+                    "this head's model takes exactly {fixed} frames, over the server's limit of \
+                     {server_max} (--max-frames)"
+                ))
+            } else if wanted != 0 && wanted != fixed {
+                Err(format!(
+                    "{field} is {wanted}; this head's model takes exactly {fixed} frames"
+                ))
+            } else {
+                Ok(fixed)
+            };
+        }
+        let most = server_max.min(self.max_frames);
+        let frames = if wanted == 0 {
+            self.frames.min(most)
+        } else {
+            wanted
+        };
+        if frames > most {
+            return Err(format!(
+                "{field} is {frames}; the limit is {most} (--max-frames and the head's max_frames)"
+            ));
+        }
+        Ok(frames)
     }
 }
 
@@ -152,7 +207,8 @@ mod tests {
             parsed,
             ActionParams {
                 frames: 8,
-                max_frames: 64
+                max_frames: 64,
+                fixed_frames: None,
             }
         );
         assert!(parsed.validate().is_ok());
@@ -162,7 +218,7 @@ mod tests {
         assert!(
             ActionParams {
                 frames: 65,
-                max_frames: 64
+                ..ActionParams::default()
             }
             .validate()
             .is_err()
@@ -170,10 +226,47 @@ mod tests {
         assert!(
             ActionParams {
                 frames: 0,
-                max_frames: 64
+                ..ActionParams::default()
             }
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn clip_frames_default_within_the_limits() {
+        let params = ActionParams::default();
+        assert_eq!(params.clip_frames(0, 64, "num_frames"), Ok(8));
+        assert_eq!(params.clip_frames(0, 4, "num_frames"), Ok(4));
+        assert_eq!(params.clip_frames(12, 64, "num_frames"), Ok(12));
+        let over = params
+            .clip_frames(20, 16, "window_frames")
+            .expect_err("over");
+        assert!(
+            over.contains("window_frames is 20; the limit is 16"),
+            "{over}"
+        );
+    }
+
+    #[test]
+    fn a_fixed_time_axis_must_match_frames_and_takes_exactly_that_many() {
+        let mut params = ActionParams::default();
+        params.fit_time_axis(-1).expect("dynamic");
+        assert_eq!(params, ActionParams::default());
+        let refused = ActionParams::default()
+            .fit_time_axis(16)
+            .expect_err("16 != 8");
+        assert!(
+            refused.to_string().contains("exactly 16 frames"),
+            "{refused}"
+        );
+        params.fit_time_axis(8).expect("fixed at frames");
+        assert_eq!((params.max_frames, params.fixed_frames), (8, Some(8)));
+        assert_eq!(params.clip_frames(0, 64, "num_frames"), Ok(8));
+        assert_eq!(params.clip_frames(8, 64, "num_frames"), Ok(8));
+        let fewer = params.clip_frames(4, 64, "num_frames").expect_err("4 != 8");
+        assert!(fewer.contains("takes exactly 8 frames"), "{fewer}");
+        let capped = params.clip_frames(0, 6, "num_frames").expect_err("8 > 6");
+        assert!(capped.contains("limit of 6 (--max-frames)"), "{capped}");
     }
 }

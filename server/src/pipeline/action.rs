@@ -14,6 +14,7 @@ use super::{Pipeline, output, stack};
 use crate::engine::{Memory, NamedTensors, Stage};
 use crate::error::Error;
 use crate::heads::{ClassScore, action};
+use crate::manifest::HeadParams;
 use crate::media;
 use crate::media::Cancel;
 use crate::media::image::ImageLimits;
@@ -117,18 +118,22 @@ impl Pipeline {
         Ok(clip)
     }
 
-    /// Runs a short synthetic clip through `head`.
+    /// Runs a short synthetic clip through `head`: 2 frames, or the model's fixed clip length.
     pub(super) async fn warm_up_action(&self, head: Arc<Head>) -> Result<(), Error> {
         let frame = image::RgbImage::from_pixel(32, 24, image::Rgb([100, 120, 140]));
         let mut png = std::io::Cursor::new(Vec::new());
         frame
             .write_to(&mut png, image::ImageFormat::Png)
             .map_err(|e| Error::Internal(format!("warm-up frame: {e}")))?;
-        let frames = vec![Bytes::from(png.into_inner()); 2];
+        let num_frames = match &head.params {
+            HeadParams::Action(params) => params.fixed_frames.map_or(2, |n| n as usize),
+            _ => 2,
+        };
+        let frames = vec![Bytes::from(png.into_inner()); num_frames];
         let request = ActionRequest {
             clip: ClipInput::Frames { frames, fps: 1.0 },
             head,
-            num_frames: 2,
+            num_frames,
             frame_stride: None,
             top_k: 1,
         };

@@ -195,7 +195,7 @@ fn check(pipeline: &Pipeline, request: ModelInferRequest) -> Result<Checked<'_>,
     } = request;
     let model = Model::find(pipeline.models(), &model_name, &model_version)?;
     let wanted = tensor::requested_outputs(&outputs, model.outputs())?;
-    let input = tensor::check_input(inputs, raw_input_contents, model.input()?)?;
+    let input = tensor::check_input(inputs, raw_input_contents, &model.input()?)?;
     model.check_batch(input.shape(), pipeline.limits())?;
     Ok(Checked {
         model,

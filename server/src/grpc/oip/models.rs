@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, Axis};
 use polyhead_proto::inference::ModelMetadataResponse;
 use polyhead_proto::inference::model_metadata_response::TensorMetadata;
 
@@ -94,20 +94,35 @@ impl<'a> Model<'a> {
             .map_or(&self.set.backbone.spec.version, |h| &h.spec.version)
     }
 
-    /// The model's one input: the backbone's.
-    pub(super) fn input(&self) -> Result<&'a TensorInfo, Error> {
+    /// The model's one input: the backbone's, with axis 0 as the whole model takes it. For an
+    /// action head that is the clip's frames: any count, or the head's fixed clip length. For
+    /// the others it is the images: 1 when the backbone or the head fixes its batch to 1.
+    pub(super) fn input(&self) -> Result<TensorInfo, Error> {
         let backbone = &self.set.backbone;
-        backbone
+        let mut input = backbone
             .worker
             .inputs()
             .iter()
             .find(|t| t.name == backbone.spec.input)
+            .cloned()
             .ok_or_else(|| {
                 Error::Internal(format!(
                     "the backbone has no input '{}'",
                     backbone.spec.input
                 ))
-            })
+            })?;
+        if let (Some(head), Some(axis)) = (self.head, input.shape.first_mut()) {
+            *axis = match &head.params {
+                HeadParams::Action(params) => params.fixed_frames.map_or(-1, i64::from),
+                _ => head
+                    .worker
+                    .inputs()
+                    .iter()
+                    .filter_map(|t| t.shape.first().copied())
+                    .fold(*axis, i64::max),
+            };
+        }
+        Ok(input)
     }
 
     /// The model's outputs, in the order the ONNX file declares them.
@@ -123,20 +138,25 @@ impl<'a> Model<'a> {
     pub(super) fn check_batch(&self, shape: &[usize], limits: &Limits) -> Result<(), Error> {
         let input = &self.set.backbone.spec.input;
         let items = shape.first().copied().unwrap_or(0);
-        let (most, what, flag) = match self.head.map(|h| &h.params) {
-            Some(HeadParams::Action(params)) => (
-                params.max_frames.min(limits.max_frames) as usize,
-                "frames",
-                "max_frames",
-            ),
-            _ => (self.set.backbone.max_batch(), "images", "--max-batch"),
-        };
-        if items > most {
-            return Err(Error::InvalidArgument(format!(
-                "input '{input}' holds {items} {what} on axis 0; model '{}' takes at most {most} \
-                 in one call ({flag})",
-                self.name()
-            )));
+        let count = u32::try_from(items).unwrap_or(u32::MAX);
+        match self.head.map(|h| (h, &h.params)) {
+            Some((head, HeadParams::Action(params))) if items > 0 => {
+                let field = format!("input '{input}' (axis 0: frames)");
+                params
+                    .clip_frames(count, limits.max_frames, &field)
+                    .map_err(|e| Error::InvalidArgument(format!("model '{}': {e}", head.name())))?;
+            }
+            Some((_, HeadParams::Action(_))) => {}
+            _ => {
+                let most = self.set.backbone.max_batch();
+                if items > most {
+                    return Err(Error::InvalidArgument(format!(
+                        "input '{input}' holds {items} images on axis 0; model '{}' takes at \
+                         most {most} in one call (--max-batch)",
+                        self.name()
+                    )));
+                }
+            }
         }
         match *shape {
             [_, _, height, width] => {
@@ -149,8 +169,27 @@ impl<'a> Model<'a> {
 
     /// Runs the backbone ONCE on `input`, then the head (if any) on the features it consumes.
     /// The runs are the `backbone` and `head` stages of the call, as on the request path.
+    /// A clip's frames for an action head go through the backbone in runs of at most its
+    /// max batch, as on the request path, and their features are stacked in frame order.
     pub(super) async fn run(&self, input: ArrayD<f32>) -> Result<NamedTensors, Error> {
-        let features = self.set.backbone.run(input).await?.outputs;
+        let backbone = &self.set.backbone;
+        let most = backbone.max_batch();
+        let features = if input.len_of(Axis(0)) <= most {
+            backbone.run(input).await?.outputs
+        } else {
+            let mut parts = Vec::new();
+            for chunk in input.axis_chunks_iter(Axis(0), most) {
+                let features = backbone.run(chunk.to_owned()).await?.outputs;
+                parts.push(match self.head {
+                    Some(head) => select(&features, head)?,
+                    None => features,
+                });
+            }
+            self.set
+                .memory
+                .concat_named(parts)
+                .map_err(|e| Error::Internal(format!("stacking a clip's features: {e}")))?
+        };
         let Some(head) = self.head else {
             return Ok(features);
         };
@@ -167,7 +206,7 @@ impl<'a> Model<'a> {
             name: self.name().to_string(),
             versions: vec![self.version().to_string()],
             platform: PLATFORM.to_string(),
-            inputs: vec![tensor_metadata(self.input()?)],
+            inputs: vec![tensor_metadata(&self.input()?)],
             outputs: self.outputs().iter().map(tensor_metadata).collect(),
             properties: self.properties(),
         })
