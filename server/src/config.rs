@@ -199,8 +199,8 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_CLIP_FRAME_BYTES", default_value_t = 1 << 30)]
     pub max_clip_frame_bytes: u64,
 
-    /// Longest time one clip may take to demux and decode, in seconds (the call's deadline
-    /// also ends it).
+    /// Longest time one clip may take to open, probe, demux and decode, in seconds (the call's
+    /// deadline also ends it).
     #[arg(long, env = "POLYHEAD_MAX_CLIP_DECODE_SECONDS", default_value_t = 60.0)]
     pub max_clip_decode_seconds: f64,
 

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use std::time::Instant;
 
 use ::image::RgbImage;
+use ::image::metadata::Orientation;
 use ffmpeg::codec::decoder;
 use ffmpeg::format::context::{Input, StreamIo};
 use ffmpeg::software::scaling;
@@ -51,7 +52,7 @@ pub struct VideoLimits {
     pub max_errors: usize,
     /// Most memory, in bytes, the sampled frames may take as RGB.
     pub max_output_bytes: u64,
-    /// Longest time, in seconds, one clip may take to demux and decode.
+    /// Longest time, in seconds, one clip may take to open, probe, demux and decode.
     pub max_decode_seconds: f64,
     /// FFmpeg demuxer names that may be used, as FFmpeg spells them (for example
     /// `"mov,mp4,m4a,3gp,3g2,mj2"`); a demuxer is allowed when any comma-separated part of its
@@ -209,10 +210,11 @@ pub fn decode_clip(
     check_size(bytes, limits)?;
     sampling.validate(limits)?;
     let started = Instant::now();
-    let mut input = open(bytes, limits)?;
+    let mut budget = Budget::new(limits, started, cancel);
+    let mut input = open(bytes, limits, &budget)?;
     let info = StreamInfo::read(&input, limits)?;
     check_output_size(sampling, &info, limits)?;
-    let scan = scan(&mut input, &info, &mut Budget::new(limits, started, cancel))?;
+    let scan = scan(&mut input, &info, &mut budget)?;
     drop(input);
     if scan.frames == 0 {
         return Err(MediaError::NoFrames);
@@ -294,7 +296,7 @@ struct Job<'a> {
 }
 
 /// Opens the buffer as a container, refusing demuxers that are not allowed.
-fn open(data: &Bytes, limits: &VideoLimits) -> Result<Input, MediaError> {
+fn open(data: &Bytes, limits: &VideoLimits, budget: &Budget<'_>) -> Result<Input, MediaError> {
     let allowed = allowed_parts(limits);
     if allowed.is_empty() {
         return Err(MediaError::UnnamedContainerNotAllowed("none".to_owned()));
@@ -304,8 +306,11 @@ fn open(data: &Bytes, limits: &VideoLimits) -> Result<Input, MediaError> {
     let mut options = Dictionary::new();
     options.set("format_whitelist", &allowed.join(","));
     options.set("protocol_whitelist", "");
-    let input = native::open_input(io, options, max_pixels(limits))
-        .map_err(|e| open_error(e, data, limits))?;
+    let stop = || budget.check_time().is_err();
+    let opened = native::open_input(io, options, max_pixels(limits), &stop);
+    // Probing told to stop ends early, with or without the streams it found: say why.
+    budget.check_time()?;
+    let input = opened.map_err(|e| open_error(e, data, limits))?;
     let name = input.format().name().to_owned();
     if !is_allowed(&name, &allowed) {
         return Err(MediaError::ContainerNotAllowed(name));
@@ -420,8 +425,8 @@ struct StreamInfo {
     height: u32,
     fps: f64,
     duration_s: Option<f64>,
-    /// Clockwise quarter turns that show the decoded frames upright.
-    turns: u8,
+    /// What shows the decoded frames upright and unmirrored.
+    orientation: Orientation,
 }
 
 impl StreamInfo {
@@ -447,7 +452,7 @@ impl StreamInfo {
             height,
             fps: frame_rate(stream.avg_frame_rate(), stream.rate()),
             duration_s: declared_duration(&stream, input, time_base),
-            turns: upright_turns(&stream),
+            orientation: display_orientation(&stream),
         };
         check_duration(info.duration_s.unwrap_or(0.0), limits)?;
         Ok(info)
@@ -544,30 +549,25 @@ fn check_resolution(width: u32, height: u32, limits: &VideoLimits) -> Result<(),
     Ok(())
 }
 
-/// Clockwise quarter turns that show `stream`'s frames upright, from its display matrix: a
-/// phone records a portrait video as landscape frames and a rotation. 0 without one; a
-/// rotation between quarter turns is taken to the nearest, and a mirroring is not undone.
-fn upright_turns(stream: &ffmpeg::Stream<'_>) -> u8 {
+/// What shows `stream`'s frames as its display matrix says: a phone records a portrait video
+/// as landscape frames and a rotation, a front camera's video may be mirrored. Nothing without a
+/// matrix; a rotation between quarter turns is taken to the nearest.
+fn display_orientation(stream: &ffmpeg::Stream<'_>) -> Orientation {
     stream
         .side_data()
         .find(|data| data.kind() == ffmpeg::codec::packet::side_data::Type::DisplayMatrix)
-        .and_then(|data| native::display_rotation(data.data()))
-        .map_or(0, clockwise_turns)
+        .and_then(|data| native::display_orientation(data.data()))
+        .unwrap_or(Orientation::NoTransforms)
 }
 
-/// Clockwise quarter turns (0 to 3) that undo a rotation of `counterclockwise` degrees.
-fn clockwise_turns(counterclockwise: f64) -> u8 {
-    ((-counterclockwise / 90.0).round() as i64).rem_euclid(4) as u8
-}
-
-/// `image` turned clockwise by `turns` quarter turns.
-fn upright(image: RgbImage, turns: u8) -> RgbImage {
-    match turns % 4 {
-        1 => ::image::imageops::rotate90(&image),
-        2 => ::image::imageops::rotate180(&image),
-        3 => ::image::imageops::rotate270(&image),
-        _ => image,
+/// `image` turned and flipped as `orientation` says.
+fn upright(image: RgbImage, orientation: Orientation) -> RgbImage {
+    if orientation == Orientation::NoTransforms {
+        return image;
     }
+    let mut image = ::image::DynamicImage::ImageRgb8(image);
+    image.apply_orientation(orientation);
+    image.into_rgb8()
 }
 
 /// Refuses clips longer than the limit.
@@ -695,9 +695,9 @@ struct Pass {
 
 /// Decodes the video stream up to the last planned frame, keeping the planned ones as RGB.
 fn decode_pass(job: &Job<'_>, plan: &[usize]) -> Result<Pass, MediaError> {
-    let mut input = open(job.data, job.limits)?;
-    let mut decoder = open_decoder(&input, job.info, job.limits)?;
     let mut budget = Budget::new(job.limits, job.started, job.cancel);
+    let mut input = open(job.data, job.limits, &budget)?;
+    let mut decoder = open_decoder(&input, job.info, job.limits)?;
     let mut picker = Picker::new(job.info, plan, job.limits);
     while let Some(packet) = budget.next_packet(&mut input)? {
         if packet.stream() != job.info.index {
@@ -848,7 +848,12 @@ impl<'a> Picker<'a> {
 
     /// Converts the current frame to packed RGB8, dropping any row padding.
     fn convert_frame(&mut self) -> Result<RgbImage, MediaError> {
-        to_rgb(&self.frame, &mut self.scaler, self.limits, self.info.turns)
+        to_rgb(
+            &self.frame,
+            &mut self.scaler,
+            self.limits,
+            self.info.orientation,
+        )
     }
 }
 
@@ -869,14 +874,14 @@ struct Scaler {
     colours: (ffmpeg::color::Space, ffmpeg::color::Range),
 }
 
-/// Converts a decoded frame to packed RGB8, dropping any row padding, and turns it clockwise by
-/// `turns` quarter turns (see [`upright_turns`]); `scaler` is reused while the frame's format,
+/// Converts a decoded frame to packed RGB8, dropping any row padding, and turns and flips it as
+/// `orientation` says (see [`display_orientation`]); `scaler` is reused while the frame's format,
 /// size, colour matrix and range stay the same.
 fn to_rgb(
     frame: &frame::Video,
     scaler: &mut Option<Scaler>,
     limits: &VideoLimits,
-    turns: u8,
+    orientation: Orientation,
 ) -> Result<RgbImage, MediaError> {
     let (width, height) = (frame.width(), frame.height());
     if width == 0 || height == 0 {
@@ -890,7 +895,7 @@ fn to_rgb(
     scaler
         .run(frame, &mut rgb)
         .map_err(|e| MediaError::CorruptVideo(format!("colour conversion failed: {e}")))?;
-    Ok(upright(packed_rgb(&rgb, width, height)?, turns))
+    Ok(upright(packed_rgb(&rgb, width, height)?, orientation))
 }
 
 /// A converter of `frame` to RGB24, reusing `cached` while it fits: the frame's format and size,
@@ -1089,9 +1094,10 @@ mod tests {
         assert_same_picture(&clip.frames[1], &reference);
     }
 
-    /// `mp4` with its track's display matrix set to a quarter turn, as a phone writes for a
-    /// portrait video that its sensor recorded as landscape frames.
-    fn with_quarter_turn(mp4: &[u8]) -> Vec<u8> {
+    /// `mp4` with its track's display matrix set to `[a, b, c, d]` (16.16 fixed point: x' = ax +
+    /// cy, y' = bx + dy), as a phone writes for a portrait video that its sensor recorded as
+    /// landscape frames, or for a mirrored front camera.
+    fn with_display_matrix(mp4: &[u8], [a, b, c, d]: [i32; 4]) -> Vec<u8> {
         let at = mp4
             .windows(4)
             .position(|w| w == b"tkhd")
@@ -1104,19 +1110,40 @@ mod tests {
                 out[matrix + 4 * i..matrix + 4 * i + 4].copy_from_slice(&value.to_be_bytes());
             }
         };
-        let identity = [1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30];
+        let one = 1 << 16;
         let mut check = mp4.to_vec();
-        write(&mut check, identity);
+        write(&mut check, [one, 0, 0, 0, one, 0, 0, 0, 1 << 30]);
         assert_eq!(check, mp4, "the matrix is where the identity was");
         let mut out = mp4.to_vec();
-        write(&mut out, [0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30]);
+        write(
+            &mut out,
+            [a * one, b * one, 0, c * one, d * one, 0, 0, 0, 1 << 30],
+        );
+        out
+    }
+
+    /// `frame` as the display matrix `[a, b, c, d]` shows it: the pixel at (x, y) goes to
+    /// (ax + cy, bx + dy), shifted so that the picture starts at (0, 0).
+    fn displayed(frame: &RgbImage, [a, b, c, d]: [i32; 4]) -> RgbImage {
+        let (w, h) = (frame.width() as i32, frame.height() as i32);
+        let corners = [(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1)];
+        let mapped = corners.map(|(x, y)| (a * x + c * y, b * x + d * y));
+        let min_x = mapped.iter().map(|p| p.0).min().unwrap_or(0);
+        let min_y = mapped.iter().map(|p| p.1).min().unwrap_or(0);
+        let (out_w, out_h) = if a == 0 { (h, w) } else { (w, h) };
+        let mut out = RgbImage::new(out_w as u32, out_h as u32);
+        for (x, y, pixel) in frame.enumerate_pixels() {
+            let (x, y) = (x as i32, y as i32);
+            let to = (a * x + c * y - min_x, b * x + d * y - min_y);
+            out.put_pixel(to.0 as u32, to.1 as u32, *pixel);
+        }
         out
     }
 
     #[test]
     fn frames_of_a_rotated_video_come_upright_as_the_ffmpeg_cli_shows_them() {
         let dir = tempdir();
-        let rotated = with_quarter_turn(&h264_mp4(dir.path()));
+        let rotated = with_display_matrix(&h264_mp4(dir.path()), [0, 1, -1, 0]);
         let path = dir.path().join("rotated.mp4");
         std::fs::write(&path, &rotated).expect("write the rotated clip");
         let reference = cli_frame(&path, 7);
@@ -1124,6 +1151,32 @@ mod tests {
             decode(&rotated, &VideoLimits::default(), &Sampling::uniform(4)).expect("decode");
         assert!(clip.frames.iter().all(|f| f.dimensions() == (100, 150)));
         assert_same_picture(&clip.frames[1], &reference);
+    }
+
+    #[test]
+    fn frames_of_rotated_and_mirrored_videos_come_as_their_display_matrix_shows_them() {
+        let dir = tempdir();
+        let plain = h264_mp4(dir.path());
+        let sampling = Sampling::uniform(4);
+        let limits = VideoLimits::default();
+        let stored = decode(&plain, &limits, &sampling).expect("decode").frames;
+        // Every quarter turn, each mirrored and not.
+        let matrices = [
+            [0, 1, -1, 0],
+            [-1, 0, 0, -1],
+            [0, -1, 1, 0],
+            [-1, 0, 0, 1],
+            [1, 0, 0, -1],
+            [0, 1, 1, 0],
+            [0, -1, -1, 0],
+        ];
+        for matrix in matrices {
+            let video = with_display_matrix(&plain, matrix);
+            let shown = decode(&video, &limits, &sampling).expect("decode");
+            for (ours, frame) in shown.frames.iter().zip(&stored) {
+                assert!(ours == &displayed(frame, matrix), "matrix {matrix:?}");
+            }
+        }
     }
 
     #[test]
@@ -1148,26 +1201,38 @@ mod tests {
     }
 
     #[test]
-    fn rotations_turn_to_the_nearest_quarter() {
-        // FFmpeg gives the display rotation counterclockwise; frames are turned back clockwise.
-        assert_eq!(clockwise_turns(0.0), 0);
-        assert_eq!(clockwise_turns(-90.0), 1);
-        assert_eq!(clockwise_turns(90.0), 3);
-        assert_eq!(clockwise_turns(180.0), 2);
-        assert_eq!(clockwise_turns(-180.0), 2);
-        assert_eq!(clockwise_turns(-89.4), 1);
-        assert_eq!(clockwise_turns(-270.0), 3);
-        let mut wide = RgbImage::new(3, 2);
-        wide.put_pixel(0, 0, ::image::Rgb([255, 0, 0]));
-        let turned = upright(wide.clone(), 1);
-        assert_eq!(turned.dimensions(), (2, 3));
-        assert_eq!(
-            turned.get_pixel(1, 0),
-            &::image::Rgb([255, 0, 0]),
-            "top left to top right"
+    fn probing_stops_once_the_call_has_ended_or_its_time_is_up() {
+        init().expect("FFmpeg");
+        let dir = tempdir();
+        let bytes = Bytes::from(h264_mp4(dir.path()));
+        // FFmpeg asks whether to stop as it probes.
+        let asked = std::cell::Cell::new(0);
+        let stop = || {
+            asked.set(asked.get() + 1);
+            true
+        };
+        let io = StreamIo::from_read_seek(std::io::Cursor::new(bytes.clone())).expect("I/O");
+        let opened = native::open_input(io, Dictionary::new(), 1 << 20, &stop);
+        assert!(asked.get() > 0, "never asked; opened: {:?}", opened.is_ok());
+        // Then the open says why.
+        let limits = VideoLimits::default();
+        let cancel = Cancel::default();
+        let budget = Budget::new(&limits, Instant::now(), &cancel);
+        assert!(open(&bytes, &limits, &budget).is_ok());
+        drop(cancel.on_drop());
+        let stopped = open(&bytes, &limits, &budget).map(|_| ());
+        assert_eq!(stopped, Err(MediaError::Cancelled));
+        let no_time = VideoLimits {
+            max_decode_seconds: 0.0,
+            ..VideoLimits::default()
+        };
+        let running = Cancel::default();
+        let budget = Budget::new(&no_time, Instant::now(), &running);
+        let stopped = open(&bytes, &no_time, &budget).map(|_| ());
+        assert!(
+            matches!(stopped, Err(MediaError::DecodeTimeout { .. })),
+            "{stopped:?}"
         );
-        assert_eq!(upright(wide.clone(), 0), wide);
-        assert_eq!(upright(upright(wide.clone(), 2), 2), wide);
     }
 
     #[test]

@@ -7,24 +7,30 @@
 //! frames) before the server had looked at its dimensions. Here each of those decoders gets
 //! `max_pixels`, as the server's own decoders do, and one thread.
 //!
-//! Reading the rotation of a stream's display matrix, and setting a colour converter's source
-//! matrix and range, as FFmpeg's own tools do.
+//! Probing also asks, through FFmpeg's interrupt callback, whether the call has ended or run
+//! out of time, and stops then.
+//!
+//! Reading the rotation and mirroring of a stream's display matrix, and setting a colour
+//! converter's source matrix and range, as FFmpeg's own tools do.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::ffi::{CString, c_int, c_void};
 use std::ptr;
 
 use ffmpeg::Dictionary;
 use ffmpeg::ffi;
 use ffmpeg::format::context::{Input, StreamIo};
 use ffmpeg_next as ffmpeg;
+use image::metadata::Orientation;
 
 /// Opens `io` as an input with the demuxer `options`, then probes its streams with decoders
-/// that refuse pictures of more than `max_pixels`.
+/// that refuse pictures of more than `max_pixels`. FFmpeg asks `stop` as it probes (its
+/// interrupt callback) and gives up with `AVERROR_EXIT` once it answers true.
 pub(super) fn open_input(
     mut io: StreamIo,
     options: Dictionary<'_>,
     max_pixels: u64,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Input, ffmpeg::Error> {
     let max_pixels = CString::new(max_pixels.min(i32::MAX as u64).to_string())
         .map_err(|_| ffmpeg::Error::Bug)?;
@@ -32,7 +38,9 @@ pub(super) fn open_input(
     // on failure; on success it is wrapped at once into an `Input` that owns it and `io` (the
     // custom I/O context it reads through) and closes both when dropped, as
     // `ffmpeg::format::input_from_stream` does. The per-stream dictionaries are created and
-    // freed here; FFmpeg only reads them and leaves what it did not use in them.
+    // freed here; FFmpeg only reads them and leaves what it did not use in them. The interrupt
+    // callback points at `stop`, which outlives this call, and is unset before it returns.
+    let stop: *const &dyn Fn() -> bool = &stop;
     unsafe {
         let mut context = ffi::avformat_alloc_context();
         if context.is_null() {
@@ -40,6 +48,10 @@ pub(super) fn open_input(
         }
         (*context).pb = io.as_mut_ptr();
         (*context).flags |= ffi::AVFMT_FLAG_CUSTOM_IO;
+        (*context).interrupt_callback = ffi::AVIOInterruptCB {
+            callback: Some(interrupted),
+            opaque: stop.cast_mut().cast(),
+        };
         let mut demuxer_options = options.disown();
         let opened = ffi::avformat_open_input(
             &mut context,
@@ -59,6 +71,10 @@ pub(super) fn open_input(
             ffi::av_dict_set(dictionary, c"threads".as_ptr(), c"1".as_ptr(), 0);
         }
         let probed = ffi::avformat_find_stream_info(context, per_stream.as_mut_ptr());
+        (*context).interrupt_callback = ffi::AVIOInterruptCB {
+            callback: None,
+            opaque: ptr::null_mut(),
+        };
         for dictionary in &mut per_stream {
             ffi::av_dict_free(dictionary);
         }
@@ -69,10 +85,18 @@ pub(super) fn open_input(
     }
 }
 
-/// The angle, in degrees counterclockwise, by which the display matrix `data` (nine native
-/// 32-bit integers, as FFmpeg gives a stream's `AV_PKT_DATA_DISPLAYMATRIX` side data) rotates
-/// the decoded picture for display; `None` when it is too short or degenerate.
-pub(super) fn display_rotation(data: &[u8]) -> Option<f64> {
+/// FFmpeg's interrupt callback: 1 once the `&dyn Fn() -> bool` behind `opaque` answers true.
+unsafe extern "C" fn interrupted(opaque: *mut c_void) -> c_int {
+    // SAFETY: `open_input` sets `opaque` to its `stop`, alive while the callback is set.
+    let stop = unsafe { &*opaque.cast_const().cast::<&dyn Fn() -> bool>() };
+    c_int::from(stop())
+}
+
+/// What shows a picture as the display matrix `data` (nine native 32-bit integers, as FFmpeg
+/// gives a stream's `AV_PKT_DATA_DISPLAYMATRIX` side data) says: its rotation to the nearest
+/// quarter turn, and a mirroring, told apart as recent versions of FFmpeg's command-line tool
+/// do when they autorotate; `None` when the data is too short or the matrix degenerate.
+pub(super) fn display_orientation(data: &[u8]) -> Option<Orientation> {
     if data.len() < 36 {
         return None;
     }
@@ -81,8 +105,25 @@ pub(super) fn display_rotation(data: &[u8]) -> Option<f64> {
         *value = i32::from_ne_bytes(bytes.try_into().ok()?);
     }
     // SAFETY: `matrix` holds the nine values the function reads.
-    let degrees = unsafe { ffi::av_display_rotation_get(matrix.as_ptr()) };
-    degrees.is_finite().then_some(degrees)
+    let counterclockwise = unsafe { ffi::av_display_rotation_get(matrix.as_ptr()) };
+    if !counterclockwise.is_finite() {
+        return None;
+    }
+    let clockwise_turns = ((-counterclockwise / 90.0).round() as i64).rem_euclid(4);
+    Some(match clockwise_turns {
+        1 if matrix[3] > 0 => Orientation::Rotate90FlipH,
+        1 => Orientation::Rotate90,
+        2 => match (matrix[0] < 0, matrix[4] < 0) {
+            (true, true) => Orientation::Rotate180,
+            (true, false) => Orientation::FlipHorizontal,
+            (false, true) => Orientation::FlipVertical,
+            (false, false) => Orientation::NoTransforms,
+        },
+        3 if matrix[3] < 0 => Orientation::Rotate270FlipH,
+        3 => Orientation::Rotate270,
+        _ if matrix[4] < 0 => Orientation::FlipVertical,
+        _ => Orientation::NoTransforms,
+    })
 }
 
 /// Sets `scaler`'s source colour matrix to `space` and its range to `range`, each only when the

@@ -100,9 +100,10 @@ pub fn stream_frames(
     check_size(bytes, limits)?;
     step.validate()?;
     let started = Instant::now();
-    let mut input = open(bytes, limits)?;
+    let mut budget = Budget::new(limits, started, cancel);
+    let mut input = open(bytes, limits, &budget)?;
     let info = StreamInfo::read(&input, limits)?;
-    let scanned = scan(&mut input, &info, &mut Budget::new(limits, started, cancel))?;
+    let scanned = scan(&mut input, &info, &mut budget)?;
     drop(input);
     if scanned.frames == 0 {
         return Err(MediaError::NoFrames);
@@ -111,9 +112,9 @@ pub fn stream_frames(
     if sink.outline(&outline).is_break() {
         return Ok(0);
     }
-    let mut input = open(bytes, limits)?;
-    let mut decoder = open_decoder(&input, &info, limits)?;
     let mut budget = Budget::new(limits, started, cancel);
+    let mut input = open(bytes, limits, &budget)?;
+    let mut decoder = open_decoder(&input, &info, limits)?;
     let mut sampler = Sampler::new(&info, step, limits);
     while let Some(packet) = budget.next_packet(&mut input)? {
         if packet.stream() != info.index {
@@ -254,7 +255,12 @@ impl<'a> Sampler<'a> {
 
     /// Converts the current frame to packed RGB8.
     fn convert_frame(&mut self) -> Result<RgbImage, MediaError> {
-        super::to_rgb(&self.frame, &mut self.scaler, self.limits, self.info.turns)
+        super::to_rgb(
+            &self.frame,
+            &mut self.scaler,
+            self.limits,
+            self.info.orientation,
+        )
     }
 }
 
