@@ -3,6 +3,7 @@
 //! image per run, with the results a dynamic set gives; an action head with a fixed clip length
 //! takes exactly that many frames; any other fixed batch is refused at load.
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 use polyhead_client::v1;
@@ -36,11 +37,32 @@ pub(crate) fn generated_set(flags: &[&str]) -> TempDir {
 /// on the `tiny` set with its batch axes fixed to 1 and its action head's frames to 8,
 /// generated once; `--max-batch` is left at 8 and the feature cache is off.
 fn fixed() -> TestServer {
-    static SET: OnceLock<TempDir> = OnceLock::new();
-    let set = SET.get_or_init(|| generated_set(&["--fixed-batch", "1", "--fixed-frames"]));
-    let mut config = Config::for_models(set.path());
+    let mut config = Config::for_models(fixed_set());
     config.cache.cache_bytes = 0;
     common::start_server(config)
+}
+
+/// The `tiny` set with its batch axes fixed to 1 and its action head's frames to 8, generated
+/// once.
+fn fixed_set() -> &'static Path {
+    static SET: OnceLock<TempDir> = OnceLock::new();
+    SET.get_or_init(|| generated_set(&["--fixed-batch", "1", "--fixed-frames"]))
+        .path()
+}
+
+/// The code and message of a refused window stream, whether it was refused at its start or
+/// ended with the status.
+async fn window_refusal(client: &polyhead_client::Client, video: Vec<u8>) -> (Code, String) {
+    match client
+        .recognize_windows(video, window_options(0, 0), 1 << 20)
+        .await
+    {
+        Err(err) => (err.code().expect("a status"), err.to_string()),
+        Ok(stream) => {
+            let status = collect(stream).await.error.expect("the stream is refused");
+            (status.code(), status.message().to_string())
+        }
+    }
 }
 
 #[tokio::test]
@@ -120,7 +142,7 @@ async fn an_action_head_with_a_fixed_clip_length_takes_exactly_that_many_frames(
 
     // Any other count is refused before anything is decoded.
     let err = client
-        .recognize_frames(frames, 10.0, action(4), "")
+        .recognize_frames(frames.clone(), 10.0, action(4), "")
         .await
         .expect_err("4 frames for a model of 8");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
@@ -132,6 +154,30 @@ async fn an_action_head_with_a_fixed_clip_length_takes_exactly_that_many_frames(
         .expect_err("windows of 6 for a model of 8");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
     assert!(err.to_string().contains("window_frames is 6"), "{err}");
+
+    // So is a clip that gives fewer frames: a shorter list, a stride past the end, a video
+    // shorter than one window.
+    let few = client
+        .recognize_frames(frames[..3].to_vec(), 10.0, action(0), "")
+        .await
+        .expect_err("3 frames for a model of 8");
+    assert_eq!(few.code(), Some(Code::InvalidArgument), "{few}");
+    assert!(few.to_string().contains("3 frames were sampled"), "{few}");
+    let strided = v1::ActionOptions {
+        frame_stride: 10,
+        ..action(0)
+    };
+    let past = client
+        .recognize_frames(frames.clone(), 10.0, strided, "")
+        .await
+        .expect_err("every 10th of 40 frames");
+    assert_eq!(past.code(), Some(Code::InvalidArgument), "{past}");
+    assert!(past.to_string().contains("4 frames were sampled"), "{past}");
+    let short = common::make_clip("testsrc=size=160x120:rate=10", 0.5, "mkv", &["-c:v", "png"]);
+    let (code, message) = window_refusal(&client, short).await;
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+    assert!(message.contains("5 frames were sampled"), "{message}");
+    assert!(message.contains("shorter than one window"), "{message}");
 
     // Windows of the model's length: each sampled frame once, one per backbone run.
     let before = server.pipeline.backbone_runs();
@@ -235,4 +281,13 @@ fn a_fixed_clip_length_other_than_frames_is_refused_at_load() {
     assert!(message.contains("action_head.onnx"), "{message}");
     assert!(message.contains("takes exactly 8 frames"), "{message}");
     assert!(message.contains("frames = 4"), "{message}");
+
+    // A clip length over the server's --max-frames would refuse every request.
+    let mut config = Config::for_models(fixed_set());
+    config.limits.max_frames = 4;
+    let message = match ModelSet::load(&config) {
+        Ok(_) => panic!("a head of 8 frames loaded with --max-frames 4"),
+        Err(e) => e.to_string(),
+    };
+    assert!(message.contains("more than --max-frames (4)"), "{message}");
 }

@@ -265,6 +265,14 @@ fn load_head(
             action
                 .fit_time_axis(time_axis.unwrap_or(-1))
                 .map_err(|e| manifest_err(format!("head '{}' params: {e}", spec.name)))?;
+            let server_max = config.limits.max_frames;
+            if let Some(fixed) = action.fixed_frames.filter(|&f| f > server_max) {
+                return Err(manifest_err(format!(
+                    "head '{}' takes exactly {fixed} frames, more than --max-frames ({server_max})",
+                    spec.name
+                ))
+                .into());
+            }
             let worker = SessionWorker::spawn(&spec.name, session, capacity)?;
             (None, worker, 1)
         }

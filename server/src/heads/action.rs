@@ -90,6 +90,18 @@ impl ActionParams {
         }
         Ok(frames)
     }
+
+    /// Refuses a clip of `frames` sampled frames that the model cannot take: one whose clip
+    /// length is fixed takes exactly that many.
+    pub fn check_clip(&self, frames: usize) -> Result<(), String> {
+        match self.fixed_frames {
+            Some(fixed) if frames != fixed as usize => Err(format!(
+                "{frames} frames were sampled from the clip; this head's model takes exactly \
+                 {fixed}"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Numerically stable softmax: the maximum is subtracted before exponentiating.
@@ -266,6 +278,10 @@ mod tests {
         assert_eq!(params.clip_frames(8, 64, "num_frames"), Ok(8));
         let fewer = params.clip_frames(4, 64, "num_frames").expect_err("4 != 8");
         assert!(fewer.contains("takes exactly 8 frames"), "{fewer}");
+        assert_eq!(params.check_clip(8), Ok(()));
+        let short = params.check_clip(3).expect_err("3 != 8");
+        assert!(short.contains("3 frames were sampled"), "{short}");
+        assert_eq!(ActionParams::default().check_clip(3), Ok(()));
         let capped = params.clip_frames(0, 6, "num_frames").expect_err("8 > 6");
         assert!(capped.contains("limit of 6 (--max-frames)"), "{capped}");
     }

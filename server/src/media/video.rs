@@ -1173,6 +1173,7 @@ mod tests {
         for matrix in matrices {
             let video = with_display_matrix(&plain, matrix);
             let shown = decode(&video, &limits, &sampling).expect("decode");
+            assert_eq!(shown.frames.len(), stored.len(), "matrix {matrix:?}");
             for (ours, frame) in shown.frames.iter().zip(&stored) {
                 assert!(ours == &displayed(frame, matrix), "matrix {matrix:?}");
             }
@@ -1214,7 +1215,7 @@ mod tests {
         let io = StreamIo::from_read_seek(std::io::Cursor::new(bytes.clone())).expect("I/O");
         let opened = native::open_input(io, Dictionary::new(), 1 << 20, &stop);
         assert!(asked.get() > 0, "never asked; opened: {:?}", opened.is_ok());
-        // Then the open says why.
+        // The open says why it stopped (FFmpeg keeps the streams it already knew of).
         let limits = VideoLimits::default();
         let cancel = Cancel::default();
         let budget = Budget::new(&limits, Instant::now(), &cancel);

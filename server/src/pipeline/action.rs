@@ -59,6 +59,11 @@ impl Pipeline {
         let clip = self.prepare_clip(request.clip, sampling).await?;
         let frames = clip.timestamps.len() as u32;
         let head = &request.head;
+        check_clip(
+            head,
+            clip.timestamps.len(),
+            "send at least that many frames, or a smaller frame_stride",
+        )?;
         let features = self.clip_features(clip.frames, head).await?;
         let run = head.worker.run_as(Stage::Head, features.inputs).await?;
         let post_started = Instant::now();
@@ -164,6 +169,17 @@ impl Pipeline {
             })
         })
         .await?
+    }
+}
+
+/// Refuses `frames` sampled frames that `head`'s model cannot take (see
+/// [`action::ActionParams::check_clip`]), with `hint` on what the caller can change.
+pub(super) fn check_clip(head: &Head, frames: usize, hint: &str) -> Result<(), Error> {
+    match &head.params {
+        HeadParams::Action(params) => params
+            .check_clip(frames)
+            .map_err(|e| Error::InvalidArgument(format!("head '{}': {e}: {hint}", head.name()))),
+        _ => Ok(()),
     }
 }
 

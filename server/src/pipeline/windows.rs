@@ -5,8 +5,9 @@
 //! along the batch axis as the action head expects, runs the head and emits the window's top-k.
 //! Each sampled frame passes through the backbone at most once, however many windows hold it.
 //!
-//! A video with fewer sampled frames than a window gives one window over all of them (the action
-//! head takes any number of frames); frames after the last full window are not classified.
+//! A video with fewer sampled frames than a window gives one window over all of them (an action
+//! head takes any number of frames, unless its model fixes the clip length: then such a video is
+//! INVALID_ARGUMENT); frames after the last full window are not classified.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -121,7 +122,9 @@ impl Pipeline {
         }
         decoding.await??;
         if state.progress.windows_done == 0 && !state.held.is_empty() {
-            // Fewer frames than one window: one window over all of them.
+            // Fewer frames than one window: one window over all of them, when the head takes it.
+            let hint = "the video is shorter than one window";
+            super::action::check_clip(&request.head, state.held.len(), hint)?;
             let window = self.run_window(&request, &mut state).await?;
             if !send_window(&events, window).await {
                 return Ok(());

@@ -205,8 +205,9 @@ fn check(pipeline: &Pipeline, request: ModelInferRequest) -> Result<Checked<'_>,
     })
 }
 
-/// Runs the backbone ONCE (then the head, for a head model) on the checked request's input and
-/// returns the requested outputs as raw little-endian FP32.
+/// Runs the backbone once (in runs of at most its max batch for an action head's longer clip),
+/// then the head, for a head model, on the checked request's input and returns the requested
+/// outputs as raw little-endian FP32.
 async fn infer(pipeline: &Pipeline, checked: Checked<'_>) -> Result<ModelInferResponse, Error> {
     let Checked {
         model,

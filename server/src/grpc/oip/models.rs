@@ -147,12 +147,14 @@ impl<'a> Model<'a> {
                     .map_err(|e| Error::InvalidArgument(format!("model '{}': {e}", head.name())))?;
             }
             Some((_, HeadParams::Action(_))) => {}
-            _ => {
-                let most = self.set.backbone.max_batch();
+            head => {
+                let backbone = self.set.backbone.max_batch();
+                let most = head.map_or(backbone, |(h, _)| h.max_batch().min(backbone));
                 if items > most {
                     return Err(Error::InvalidArgument(format!(
                         "input '{input}' holds {items} images on axis 0; model '{}' takes at \
-                         most {most} in one call (--max-batch)",
+                         most {most} in one call (--max-batch, or 1 for a model whose batch \
+                         axis is fixed)",
                         self.name()
                     )));
                 }
@@ -167,7 +169,7 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// Runs the backbone ONCE on `input`, then the head (if any) on the features it consumes.
+    /// Runs the backbone once on `input`, then the head (if any) on the features it consumes.
     /// The runs are the `backbone` and `head` stages of the call, as on the request path.
     /// A clip's frames for an action head go through the backbone in runs of at most its
     /// max batch, as on the request path, and their features are stacked in frame order.
