@@ -291,3 +291,68 @@ fn a_fixed_clip_length_other_than_frames_is_refused_at_load() {
     };
     assert!(message.contains("more than --max-frames (4)"), "{message}");
 }
+
+#[tokio::test]
+async fn a_dynamic_backbone_batches_while_a_head_fixed_to_1_runs_one_image_at_a_time() {
+    const CALLS: u64 = 4;
+    // The fixed set with the dynamic set's backbone (the same weights).
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(fixed_set()).expect("fixed set") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    let backbone = common::models_dir().join("backbone.onnx");
+    std::fs::copy(backbone, dir.path().join("backbone.onnx")).expect("dynamic backbone");
+    let mut config = Config::for_models(dir.path());
+    config.cache.cache_bytes = 0;
+    config.batch.max_batch_delay_ms = 100;
+    let server = common::start_server(config);
+    let models = server.pipeline.models();
+    let head = models.head("detection").expect("detection head");
+    assert_eq!((models.backbone.max_batch(), head.max_batch()), (8, 1));
+
+    let runs_before = server.pipeline.backbone_runs();
+    let head_runs_before = head.runs().expect("the detection head batches");
+    let client = common::connect(server.addr).await;
+    let calls = (0..CALLS).map(|seed| client.detect(noise(seed), options(), ""));
+    let detections = futures_util::future::try_join_all(calls)
+        .await
+        .expect("every Detect is served");
+    let runs = server.pipeline.backbone_runs() - runs_before;
+    assert!(
+        runs < CALLS,
+        "{CALLS} concurrent calls took {runs} backbone runs"
+    );
+    let head_runs = head.runs().expect("the detection head batches") - head_runs_before;
+    assert_eq!(head_runs, CALLS);
+    let dynamic = common::connect(common::server().addr).await;
+    for (seed, response) in (0..CALLS).zip(&detections) {
+        let want = dynamic
+            .detect(noise(seed), options(), "")
+            .await
+            .expect("detect");
+        let want = want.detections.expect("detections");
+        let got = response.detections.as_ref().expect("detections");
+        assert_same_detections(got, &want, &format!("image {seed}"));
+    }
+
+    // ModelInfer: two images for the backbone, one for the detection model.
+    let mut oip = GrpcInferenceServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(256 << 20);
+    let two = batch(&["coffee.png", "chelsea.png"]);
+    let features = oip
+        .model_infer(request("backbone", &two))
+        .await
+        .expect("two images for the dynamic backbone")
+        .into_inner();
+    assert_eq!(features.outputs[0].shape[0], 2);
+    let status = oip
+        .model_infer(request("detection", &two))
+        .await
+        .expect_err("two images for a head fixed to 1");
+    let refusal = (status.code(), status.message().to_string());
+    let words = ["has 2 on axis 0", "the model takes 1 there"];
+    assert_status(refusal, Code::InvalidArgument, &words);
+}
