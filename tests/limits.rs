@@ -523,6 +523,56 @@ async fn decode_memory_limits_are_the_configured_ones() {
 }
 
 #[tokio::test]
+async fn a_video_whose_decoder_keeps_too_many_frames_is_refused_in_both_decoders() {
+    // 320 x 240 4:2:0 is about 115 KB a frame: 16 reference frames and 3 held back to reorder
+    // take over 1 MB, one reference frame and none held back well under.
+    let server = server(4, 4, |config| {
+        config.limits.max_clip_decoder_bytes = 1_000_000;
+    });
+    let client = no_retries(&server).await;
+    let source = "testsrc=size=320x240:rate=10";
+    let encode = |refs, b_frames| {
+        let args = [
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-refs", refs, "-bf", b_frames,
+        ];
+        crate::common::make_clip(source, 2.0, "mp4", &args)
+    };
+    let action = |clip| v1::RecognizeActionRequest {
+        clip: Some(polyhead_client::video_clip(clip)),
+        options: None,
+        head: String::new(),
+    };
+    client
+        .recognize_action(action(encode("1", "0")))
+        .await
+        .expect("one reference frame fits");
+    let heavy = encode("16", "3");
+    let err = client
+        .recognize_action(action(heavy.clone()))
+        .await
+        .expect_err("16 reference frames do not");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("the limit is 1000000"), "{err}");
+
+    // The window stream's decoder is held to the same limit.
+    let options = crate::windows::window_options(8, 8);
+    let status = match client.recognize_windows(heavy, options, 1 << 20).await {
+        Err(err) => (err.code(), err.to_string()),
+        Ok(stream) => {
+            let ended = crate::windows::collect(stream).await;
+            let status = ended.error.expect("the stream is refused");
+            (Some(status.code()), status.message().to_string())
+        }
+    };
+    assert_eq!(status.0, Some(Code::InvalidArgument), "{}", status.1);
+    assert!(
+        status.1.contains("reference and reordering frames"),
+        "{}",
+        status.1
+    );
+}
+
+#[tokio::test]
 async fn masks_over_the_pixel_limit_are_invalid_argument() {
     let server = server(4, 4, |config| config.limits.max_mask_pixels = 100);
     let client = no_retries(&server).await;

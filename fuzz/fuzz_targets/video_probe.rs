@@ -18,6 +18,7 @@ fn limits() -> VideoLimits {
         max_packets: 512,
         max_errors: 8,
         max_output_bytes: 16 << 20,
+        max_decoder_bytes: 16 << 20,
         max_decode_seconds: 2.0,
         ..VideoLimits::default()
     }

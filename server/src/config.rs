@@ -199,6 +199,12 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_CLIP_FRAME_BYTES", default_value_t = 1 << 30)]
     pub max_clip_frame_bytes: u64,
 
+    /// Most memory a clip's decoder may keep in frames, in bytes: the frame being decoded and
+    /// the reference and reordering frames its stream declares (an H.264 stream may declare 16
+    /// of the largest picture --max-clip-side allows). Checked at every decoded frame.
+    #[arg(long, env = "POLYHEAD_MAX_CLIP_DECODER_BYTES", default_value_t = 512 << 20)]
+    pub max_clip_decoder_bytes: u64,
+
     /// Longest time one clip may take to open, probe, demux and decode, in seconds (the call's
     /// deadline also ends it).
     #[arg(long, env = "POLYHEAD_MAX_CLIP_DECODE_SECONDS", default_value_t = 60.0)]
@@ -323,6 +329,7 @@ impl Config {
             ("max-image-decode-bytes", self.limits.max_image_decode_bytes),
             ("max-mask-pixels", self.limits.max_mask_pixels),
             ("max-clip-frame-bytes", self.limits.max_clip_frame_bytes),
+            ("max-clip-decoder-bytes", self.limits.max_clip_decoder_bytes),
             ("max-clip-side", u64::from(self.limits.max_clip_side)),
             ("max-decoded-frames", self.limits.max_decoded_frames as u64),
             ("max-frames", u64::from(self.limits.max_frames)),

@@ -209,6 +209,22 @@ pub enum MediaError {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The decoder would keep more memory in frames than allowed.
+    #[error(
+        "decoding the video keeps {frames} frames of {frame_bytes} bytes ({needed} bytes: the \
+         frame being decoded and the reference and reordering frames the stream declares), the \
+         limit is {limit}"
+    )]
+    DecoderTooLarge {
+        /// Frames the decoder keeps.
+        frames: u64,
+        /// Bytes of one decoded frame.
+        frame_bytes: u64,
+        /// Bytes they take together.
+        needed: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
     /// Decoding ran past its time budget.
     #[error("decoding the video took longer than the limit of {limit_s} s")]
     DecodeTimeout {
@@ -254,6 +270,7 @@ impl MediaError {
                 | Self::TooManyFrames { .. }
                 | Self::TooManyPackets { .. }
                 | Self::FramesTooLarge { .. }
+                | Self::DecoderTooLarge { .. }
                 | Self::DecodeTimeout { .. }
         )
     }

@@ -52,6 +52,9 @@ pub struct VideoLimits {
     pub max_errors: usize,
     /// Most memory, in bytes, the sampled frames may take as RGB.
     pub max_output_bytes: u64,
+    /// Most memory, in bytes, a decoder may keep in frames: the frame being decoded and the
+    /// reference and reordering frames its stream declares.
+    pub max_decoder_bytes: u64,
     /// Longest time, in seconds, one clip may take to open, probe, demux and decode.
     pub max_decode_seconds: f64,
     /// FFmpeg demuxer names that may be used, as FFmpeg spells them (for example
@@ -71,6 +74,7 @@ impl Default for VideoLimits {
             max_packets: 100_000,
             max_errors: 32,
             max_output_bytes: 1024 * 1024 * 1024,
+            max_decoder_bytes: 512 * 1024 * 1024,
             max_decode_seconds: 60.0,
             allowed_formats: [
                 "mov,mp4,m4a,3gp,3g2,mj2",
@@ -747,6 +751,31 @@ fn open_decoder(
         .map_err(|e| MediaError::CorruptVideo(format!("the video decoder failed to open: {e}")))
 }
 
+/// Refuses a stream whose decoder keeps more memory in frames than the limit: the frame just
+/// decoded, as large as each it keeps, times the frames it keeps (see
+/// [`native::kept_frames`]). A stream may declare up to 16 reference frames of the largest
+/// picture the pixel limit allows.
+fn check_decoder_memory(
+    decoder: &decoder::Video,
+    frame: &frame::Video,
+    limits: &VideoLimits,
+) -> Result<(), MediaError> {
+    let frame_bytes: u64 = (0..frame.planes())
+        .map(|plane| frame.data(plane).len() as u64)
+        .sum();
+    let frames = native::kept_frames(decoder);
+    let needed = frames.saturating_mul(frame_bytes);
+    if needed > limits.max_decoder_bytes {
+        return Err(MediaError::DecoderTooLarge {
+            frames,
+            frame_bytes,
+            needed,
+            limit: limits.max_decoder_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Receives decoded frames, numbers them and keeps the planned ones.
 struct Picker<'a> {
     info: &'a StreamInfo,
@@ -794,7 +823,10 @@ impl<'a> Picker<'a> {
     ) -> Result<(), MediaError> {
         loop {
             match decoder.receive_frame(&mut self.frame) {
-                Ok(()) => self.take_frame()?,
+                Ok(()) => {
+                    check_decoder_memory(decoder, &self.frame, self.limits)?;
+                    self.take_frame()?;
+                }
                 Err(ffmpeg::Error::Eof) => return Ok(()),
                 Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::ffi::EAGAIN => {
                     return Ok(());
@@ -1234,6 +1266,39 @@ mod tests {
             matches!(stopped, Err(MediaError::DecodeTimeout { .. })),
             "{stopped:?}"
         );
+    }
+
+    #[test]
+    fn a_decoder_that_keeps_too_many_frames_is_refused() {
+        let dir = tempdir();
+        let source = "testsrc=size=320x240:rate=10:duration=2";
+        let encode = |refs: &str, b_frames: &str| {
+            let args = [&H264[..], &["-refs", refs, "-bf", b_frames]].concat();
+            let name = format!("refs{refs}.mp4");
+            std::fs::read(make(dir.path(), &name, source, &args)).expect("read clip")
+        };
+        // 320x240 4:2:0 is about 115 KB a frame (its rows padded a little more).
+        let limits = VideoLimits {
+            max_decoder_bytes: 1 << 20,
+            ..VideoLimits::default()
+        };
+        let sampling = Sampling::uniform(4);
+        let light = encode("1", "0");
+        let clip = decode(&light, &limits, &sampling).expect("one reference frame fits");
+        assert_eq!(clip.frames.len(), 4);
+        let heavy = encode("16", "3");
+        match decode(&heavy, &limits, &sampling) {
+            Err(MediaError::DecoderTooLarge { frames, needed, .. }) => {
+                assert!(frames >= 17, "{frames} frames");
+                assert!(needed > 1 << 20, "{needed} bytes");
+            }
+            other => panic!(
+                "16 reference frames within 1 MiB: {:?}",
+                other.map(|c| c.frames.len())
+            ),
+        }
+        let clip = decode(&heavy, &VideoLimits::default(), &sampling).expect("the default fits");
+        assert_eq!(clip.frames.len(), 4);
     }
 
     #[test]

@@ -78,6 +78,7 @@ impl Pipeline {
             max_height: limits.max_clip_side,
             max_decoded_frames: limits.max_decoded_frames,
             max_output_bytes: limits.max_clip_frame_bytes,
+            max_decoder_bytes: limits.max_clip_decoder_bytes,
             max_decode_seconds: limits.max_clip_decode_seconds,
             ..VideoLimits::default()
         };

@@ -85,6 +85,18 @@ pub(super) fn open_input(
     }
 }
 
+/// Frames `decoder` keeps while it decodes: the one being decoded, the reference frames its
+/// stream declares (at least one) and the frames it holds back to reorder them.
+pub(super) fn kept_frames(decoder: &ffmpeg::decoder::Video) -> u64 {
+    // SAFETY: the decoder is a live, opened codec context; two of its integer fields are read.
+    let (refs, reorder) = unsafe {
+        let context = decoder.as_ptr();
+        ((*context).refs, (*context).has_b_frames)
+    };
+    let count = |n: i32| u64::try_from(n).unwrap_or(0);
+    1 + count(refs).max(1) + count(reorder)
+}
+
 /// FFmpeg's interrupt callback: 1 once the `&dyn Fn() -> bool` behind `opaque` answers true.
 unsafe extern "C" fn interrupted(opaque: *mut c_void) -> c_int {
     // SAFETY: `open_input` sets `opaque` to its `stop`, alive while the callback is set.

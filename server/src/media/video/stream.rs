@@ -192,6 +192,7 @@ impl<'a> Sampler<'a> {
         loop {
             match decoder.receive_frame(&mut self.frame) {
                 Ok(()) => {
+                    super::check_decoder_memory(decoder, &self.frame, self.limits)?;
                     if self.take_frame(sink)?.is_break() {
                         return Ok(ControlFlow::Break(()));
                     }
