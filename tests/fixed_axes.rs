@@ -65,6 +65,25 @@ async fn window_refusal(client: &polyhead_client::Client, video: Vec<u8>) -> (Co
     }
 }
 
+/// Asserts that each of `responses`, to Detects of `noise(0)`, `noise(1)`, ..., equals the
+/// dynamic set's answer for the same image, one image at a time; returns how many detections
+/// there were.
+async fn assert_same_as_the_dynamic_set(responses: &[v1::DetectResponse]) -> usize {
+    let dynamic = common::connect(common::server().addr).await;
+    let mut found = 0;
+    for (seed, response) in (0..).zip(responses) {
+        let want = dynamic
+            .detect(noise(seed), options(), "")
+            .await
+            .expect("detect");
+        let want = want.detections.expect("detections");
+        let got = response.detections.as_ref().expect("detections");
+        assert_same_detections(got, &want, &format!("image {seed}"));
+        found += want.detections.len();
+    }
+    found
+}
+
 #[tokio::test]
 async fn a_batch_axis_fixed_to_1_serves_concurrent_callers_one_image_per_run() {
     const CALLS: u64 = 4;
@@ -85,25 +104,14 @@ async fn a_batch_axis_fixed_to_1_serves_concurrent_callers_one_image_per_run() {
     assert_eq!(server.pipeline.backbone_runs() - runs_before, CALLS + 1);
     let head_runs = head.runs().expect("the detection head batches") - head_runs_before;
     assert_eq!(head_runs, CALLS);
-
-    // The results a set with dynamic axes gives, one image at a time.
-    let dynamic = common::connect(common::server().addr).await;
-    let mut found = 0;
-    for (seed, response) in (0..CALLS).zip(&detections) {
-        let want = dynamic
-            .detect(noise(seed), options(), "")
-            .await
-            .expect("detect");
-        let want = want.detections.expect("detections");
-        let got = response.detections.as_ref().expect("detections");
-        assert_same_detections(got, &want, &format!("image {seed}"));
-        found += want.detections.len();
-    }
+    let found = assert_same_as_the_dynamic_set(&detections).await;
     assert!(
         found > 0,
         "no detections at all, or this test proves nothing"
     );
-    let want = dynamic
+    // The results a set with dynamic axes gives, one image at a time.
+    let want = common::connect(common::server().addr)
+        .await
         .segment(noise(CALLS), v1::SegmentOptions::default(), "")
         .await
         .expect("segment");
@@ -325,16 +333,7 @@ async fn a_dynamic_backbone_batches_while_a_head_fixed_to_1_runs_one_image_at_a_
     );
     let head_runs = head.runs().expect("the detection head batches") - head_runs_before;
     assert_eq!(head_runs, CALLS);
-    let dynamic = common::connect(common::server().addr).await;
-    for (seed, response) in (0..CALLS).zip(&detections) {
-        let want = dynamic
-            .detect(noise(seed), options(), "")
-            .await
-            .expect("detect");
-        let want = want.detections.expect("detections");
-        let got = response.detections.as_ref().expect("detections");
-        assert_same_detections(got, &want, &format!("image {seed}"));
-    }
+    assert_same_as_the_dynamic_set(&detections).await;
 
     // ModelInfer: two images for the backbone, one for the detection model.
     let mut oip = GrpcInferenceServiceClient::connect(format!("http://{}", server.addr))
