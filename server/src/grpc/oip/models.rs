@@ -175,31 +175,28 @@ impl<'a> Model<'a> {
     /// max batch, as on the request path, and their features are stacked in frame order.
     pub(super) async fn run(&self, input: ArrayD<f32>) -> Result<NamedTensors, Error> {
         let backbone = &self.set.backbone;
+        // What this model returns or its head reads: all the features, or the head's inputs.
+        let kept = |features: NamedTensors| match self.head {
+            Some(head) => select(&features, head),
+            None => Ok(features),
+        };
         let most = backbone.max_batch();
         let features = if input.len_of(Axis(0)) <= most {
-            backbone.run(input).await?.outputs
+            kept(backbone.run(input).await?.outputs)?
         } else {
             let mut parts = Vec::new();
             for chunk in input.axis_chunks_iter(Axis(0), most) {
-                let features = backbone.run(chunk.to_owned()).await?.outputs;
-                parts.push(match self.head {
-                    Some(head) => select(&features, head)?,
-                    None => features,
-                });
+                parts.push(kept(backbone.run(chunk.to_owned()).await?.outputs)?);
             }
             self.set
                 .memory
                 .concat_named(parts)
                 .map_err(|e| Error::Internal(format!("stacking a clip's features: {e}")))?
         };
-        let Some(head) = self.head else {
-            return Ok(features);
-        };
-        let run = head
-            .worker
-            .run_as(Stage::Head, select(&features, head)?)
-            .await?;
-        Ok(run.outputs)
+        match self.head {
+            Some(head) => Ok(head.worker.run_as(Stage::Head, features).await?.outputs),
+            None => Ok(features),
+        }
     }
 
     /// The model's metadata: versions, platform, FP32 tensors (-1 = dynamic) and properties.
