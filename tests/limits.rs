@@ -555,21 +555,112 @@ async fn a_video_whose_decoder_keeps_too_many_frames_is_refused_in_both_decoders
     assert!(err.to_string().contains("the limit is 1000000"), "{err}");
 
     // The window stream's decoder is held to the same limit.
-    let options = crate::windows::window_options(8, 8);
-    let status = match client.recognize_windows(heavy, options, 1 << 20).await {
-        Err(err) => (err.code(), err.to_string()),
-        Ok(stream) => {
-            let ended = crate::windows::collect(stream).await;
-            let status = ended.error.expect("the stream is refused");
-            (Some(status.code()), status.message().to_string())
-        }
-    };
+    let status = windows_status(&client, heavy).await;
     assert_eq!(status.0, Some(Code::InvalidArgument), "{}", status.1);
     assert!(
         status.1.contains("reference and reordering frames"),
         "{}",
         status.1
     );
+}
+
+/// The status of a window stream over `video`: refused at once, or ended with an error.
+async fn windows_status(client: &Client, video: Vec<u8>) -> (Option<Code>, String) {
+    let options = crate::windows::window_options(8, 8);
+    match client.recognize_windows(video, options, 1 << 20).await {
+        Err(err) => (err.code(), err.to_string()),
+        Ok(stream) => {
+            let ended = crate::windows::collect(stream).await;
+            let status = ended.error.expect("the stream is refused");
+            (Some(status.code()), status.message().to_string())
+        }
+    }
+}
+
+#[tokio::test]
+async fn decoding_memory_is_one_budget_over_all_calls() {
+    const LIMIT: u64 = 4 << 20;
+    let server = server(4, 4, |config| config.limits.max_decoding_bytes = LIMIT);
+    let client = no_retries(&server).await;
+    let memory = server.pipeline.decoding_memory();
+    assert_eq!(memory.limit(), Some(LIMIT));
+    // astronaut.png is 512 x 512 RGB: its decoded pixels and their RGB8 copy take 1.5 MiB.
+    let photo = || encoded(crate::common::photo("astronaut.png"));
+    let detect = || client.detect(photo(), v1::DetectOptions::default(), "");
+    let clip = crate::common::make_clip(
+        "testsrc=size=320x240:rate=10",
+        2.0,
+        "mp4",
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    );
+    let frames = crate::windows::png_frames(&clip);
+    let action = |clip| v1::RecognizeActionRequest {
+        clip: Some(clip),
+        options: None,
+        head: String::new(),
+    };
+    detect().await.expect("the photo fits");
+    client
+        .recognize_action(action(polyhead_client::video_clip(clip.clone())))
+        .await
+        .expect("the clip fits");
+    assert_eq!(memory.held(), 0, "finished calls hold nothing");
+
+    // Another call's decoding holds all but 256 KiB: less than a 320 x 240 frame and its RGB
+    // copy (450 KiB).
+    let other = memory.take(LIMIT - (256 << 10)).expect("the test's hold");
+    let full = |err: &polyhead_client::ClientError| {
+        assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("--max-decoding-bytes"), "{message}");
+        assert!(message.contains("retry later"), "{message}");
+        let status = err.status().expect("a status");
+        assert_eq!(pushback(status), Some("100"), "{status:?}");
+    };
+    full(&detect().await.expect_err("no room for the photo"));
+    let err = client
+        .recognize_action(action(polyhead_client::video_clip(clip.clone())))
+        .await
+        .expect_err("no room for the clip");
+    full(&err);
+    let err = client
+        .recognize_action(action(polyhead_client::frames_clip(frames.clone(), 10.0)))
+        .await
+        .expect_err("no room for a frame");
+    full(&err);
+    let (code, message) = windows_status(&client, clip.clone()).await;
+    assert_eq!(code, Some(Code::ResourceExhausted), "{message}");
+    assert!(message.contains("--max-decoding-bytes"), "{message}");
+    assert_eq!(
+        memory.held(),
+        LIMIT - (256 << 10),
+        "refused calls hold nothing"
+    );
+
+    // Once the other call is done, the same calls succeed.
+    drop(other);
+    detect().await.expect("the photo fits again");
+    client
+        .recognize_action(action(polyhead_client::frames_clip(frames, 10.0)))
+        .await
+        .expect("the frames fit again");
+    assert_eq!(memory.held(), 0);
+
+    // An image that needs more than all of it can never be decoded here: INVALID_ARGUMENT.
+    let mut png = Vec::new();
+    image::RgbImage::new(1200, 1200)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encode");
+    let err = client
+        .detect(encoded(png), v1::DetectOptions::default(), "")
+        .await
+        .expect_err("8.6 MB to decode");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(
+        err.to_string().contains("more than the 4194304 bytes"),
+        "{err}"
+    );
+    assert_eq!(memory.held(), 0);
 }
 
 #[tokio::test]

@@ -205,6 +205,14 @@ pub struct Limits {
     #[arg(long, env = "POLYHEAD_MAX_CLIP_DECODER_BYTES", default_value_t = 512 << 20)]
     pub max_clip_decoder_bytes: u64,
 
+    /// Most memory all decoding in the server may hold at once, in bytes, over every call: an
+    /// image's decoder buffers and pixels until preprocessed, a clip's decoder frames and
+    /// sampled frames. A call whose media would take more than is left is refused with
+    /// RESOURCE_EXHAUSTED, to retry; one that needs more than all of it, with
+    /// INVALID_ARGUMENT.
+    #[arg(long, env = "POLYHEAD_MAX_DECODING_BYTES", default_value_t = 2 << 30)]
+    pub max_decoding_bytes: u64,
+
     /// Longest time one clip may take to open, probe, demux and decode, in seconds (the call's
     /// deadline also ends it).
     #[arg(long, env = "POLYHEAD_MAX_CLIP_DECODE_SECONDS", default_value_t = 60.0)]
@@ -330,6 +338,7 @@ impl Config {
             ("max-mask-pixels", self.limits.max_mask_pixels),
             ("max-clip-frame-bytes", self.limits.max_clip_frame_bytes),
             ("max-clip-decoder-bytes", self.limits.max_clip_decoder_bytes),
+            ("max-decoding-bytes", self.limits.max_decoding_bytes),
             ("max-clip-side", u64::from(self.limits.max_clip_side)),
             ("max-decoded-frames", self.limits.max_decoded_frames as u64),
             ("max-frames", u64::from(self.limits.max_frames)),

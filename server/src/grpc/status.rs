@@ -54,6 +54,7 @@ fn code(error: &Error) -> Code {
         // A limit breach is the request's fault too, and retrying it cannot succeed: it is
         // INVALID_ARGUMENT, not RESOURCE_EXHAUSTED (which clients treat as retryable).
         Error::Media(e) if e.is_internal() => Code::Internal,
+        Error::Media(e) if e.is_full() => Code::ResourceExhausted,
         Error::Media(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,

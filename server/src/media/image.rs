@@ -12,9 +12,11 @@ use image::codecs::jpeg::JpegDecoder;
 use image::codecs::png::PngDecoder;
 use image::codecs::webp::WebPDecoder;
 use image::error::ImageError;
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, RgbImage};
 
 use super::MediaError;
+use super::memory::{DecodingMemory, Held};
 
 /// Bounds on the images [`decode`] and [`from_raw`] accept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub struct ImageLimits {
     pub max_pixels: u64,
     /// Most memory, in bytes, the decoder may allocate for one image.
     pub max_decode_bytes: u64,
+    /// The memory all decodes in the process share (see [`super::memory`]).
+    pub memory: DecodingMemory,
 }
 
 impl Default for ImageLimits {
@@ -36,6 +40,7 @@ impl Default for ImageLimits {
             max_height: 8192,
             max_pixels: 40_000_000,
             max_decode_bytes: 512 * 1024 * 1024,
+            memory: DecodingMemory::default(),
         }
     }
 }
@@ -71,10 +76,27 @@ impl Format {
     }
 }
 
+/// An image decoded by [`decode_holding`], and the share of the decoding memory it holds until
+/// it is dropped: its own bytes.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The upright RGB8 image.
+    pub image: RgbImage,
+    /// Its hold on `limits.memory`.
+    pub memory: Held,
+}
+
 /// Decodes a JPEG, PNG or WebP image into upright RGB8, within `limits`.
 ///
 /// Alpha, if any, is dropped; grey and 16-bit images are converted to 8-bit RGB.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, MediaError> {
+    decode_holding(bytes, limits).map(|decoded| decoded.image)
+}
+
+/// [`decode`], holding what it decodes to in `limits.memory`: while it decodes, the decoder's
+/// pixels, their RGB8 conversion and, for an image its EXIF turns, the turned copy; then the
+/// image's own bytes, for as long as the caller keeps the hold.
+pub fn decode_holding(bytes: &[u8], limits: &ImageLimits) -> Result<Decoded, MediaError> {
     if bytes.is_empty() {
         return Err(MediaError::Empty("image"));
     }
@@ -162,7 +184,7 @@ fn finish<D: ImageDecoder>(
     mut decoder: D,
     limits: &ImageLimits,
     format: Format,
-) -> Result<RgbImage, MediaError> {
+) -> Result<Decoded, MediaError> {
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits)?;
     let needed = decoder.total_bytes();
@@ -175,6 +197,15 @@ fn finish<D: ImageDecoder>(
     let wrap = |e| map_error(format, e);
     decoder.set_limits(decoder_limits(limits)).map_err(wrap)?;
     let orientation = decoder.orientation().map_err(wrap)?;
+    let rgb_bytes = u64::from(width) * u64::from(height) * 3;
+    let turned = if orientation == Orientation::NoTransforms {
+        0
+    } else {
+        rgb_bytes
+    };
+    let mut memory = limits
+        .memory
+        .take(needed.saturating_add(rgb_bytes).saturating_add(turned))?;
     // Converted before it is turned, so that turning copies 8-bit RGB rather than the decoded
     // pixels (up to 8 bytes each, for 16-bit RGBA), which are freed first.
     let rgb = DynamicImage::from_decoder(decoder)
@@ -182,7 +213,11 @@ fn finish<D: ImageDecoder>(
         .into_rgb8();
     let mut image = DynamicImage::ImageRgb8(rgb);
     image.apply_orientation(orientation);
-    Ok(image.into_rgb8())
+    memory.resize(rgb_bytes)?;
+    Ok(Decoded {
+        image: image.into_rgb8(),
+        memory,
+    })
 }
 
 /// The `image` crate's limits matching ours.
@@ -465,6 +500,61 @@ mod tests {
             matches!(err, MediaError::CorruptImage { format: "WebP", .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_decoded_image_holds_its_bytes_of_the_shared_memory() {
+        let memory = DecodingMemory::new(10_000);
+        let limits = ImageLimits {
+            memory: memory.clone(),
+            ..ImageLimits::default()
+        };
+        let img = halves(32, 16);
+        let decoded = decode_holding(&png(&img), &limits).expect("decode");
+        assert_eq!(decoded.image, img);
+        assert_eq!(
+            (decoded.memory.bytes(), memory.held()),
+            (32 * 16 * 3, 32 * 16 * 3)
+        );
+        drop(decoded);
+        assert_eq!(memory.held(), 0);
+
+        // While decoding, the decoder's pixels and the RGB8 copy: twice 1,536 bytes for RGB.
+        let others = memory.take(10_000 - 3000).expect("another decode's hold");
+        let err = decode(&png(&img), &limits).expect_err("3,072 bytes, 3,000 left");
+        assert!(
+            matches!(
+                err,
+                MediaError::DecodingMemoryFull {
+                    needed: 3072,
+                    others: 7000,
+                    limit: 10_000
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.is_full() && !err.is_limit(), "{err}");
+        drop(others);
+        // An EXIF-turned image needs a third copy while it is turned.
+        let turned = with_exif_orientation(&jpeg(&halves(32, 16)), 6);
+        let small = ImageLimits {
+            memory: DecodingMemory::new(4000),
+            ..ImageLimits::default()
+        };
+        assert!(decode(&png(&img), &small).is_ok());
+        let err = decode(&turned, &small).expect_err("4,608 bytes to turn it");
+        assert!(
+            matches!(
+                err,
+                MediaError::DecodingMemoryTooSmall {
+                    needed: 4608,
+                    limit: 4000
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.is_limit(), "{err}");
+        assert_eq!(small.memory.held(), 0);
     }
 
     #[test]

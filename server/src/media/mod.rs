@@ -4,6 +4,7 @@
 //!   pixel buffer is allocated, and honours EXIF orientation.
 //! - [`video`] decodes clips held in memory with FFmpeg, behind a container allow-list and budgets
 //!   on bytes, duration, resolution, packets, frames and errors, and samples the frames a head needs.
+//! - [`memory`] holds what all decodes in progress take to one process-wide budget.
 //! - [`preprocess`] resizes, pads and normalises an RGB image into a planar CHW `f32` tensor and
 //!   reports the [`Geometry`](crate::geometry::Geometry) that maps results back.
 //!
@@ -11,6 +12,7 @@
 //! with the input and, for limits, what the limit is.
 
 pub mod image;
+pub mod memory;
 pub mod preprocess;
 pub mod video;
 
@@ -225,6 +227,31 @@ pub enum MediaError {
         /// The limit in bytes.
         limit: u64,
     },
+    /// Decoding this input would take more memory than all decoding may hold at once.
+    #[error(
+        "decoding this input needs {needed} bytes, more than the {limit} bytes all decoding in \
+         the server may hold at once (--max-decoding-bytes)"
+    )]
+    DecodingMemoryTooSmall {
+        /// Bytes the decode needs.
+        needed: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The decodes of other calls hold the memory this one needs; it may succeed once they
+    /// are done.
+    #[error(
+        "decoding this input needs {needed} bytes and other calls' decoding holds {others} of \
+         the {limit} bytes all decoding may hold at once (--max-decoding-bytes); retry later"
+    )]
+    DecodingMemoryFull {
+        /// Bytes the decode needs.
+        needed: u64,
+        /// Bytes the other decodes hold.
+        others: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
     /// Decoding ran past its time budget.
     #[error("decoding the video took longer than the limit of {limit_s} s")]
     DecodeTimeout {
@@ -271,8 +298,15 @@ impl MediaError {
                 | Self::TooManyPackets { .. }
                 | Self::FramesTooLarge { .. }
                 | Self::DecoderTooLarge { .. }
+                | Self::DecodingMemoryTooSmall { .. }
                 | Self::DecodeTimeout { .. }
         )
+    }
+
+    /// `true` when the server's decoding memory is full for now (`--max-decoding-bytes`): the
+    /// input is fine, and the same call may succeed later, so it is RESOURCE_EXHAUSTED.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::DecodingMemoryFull { .. })
     }
 
     /// `true` when the failure is the server's, not the input's.

@@ -26,6 +26,7 @@ use ffmpeg::util::frame;
 use ffmpeg::{Dictionary, Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
+use super::memory::{DecodingMemory, Held};
 use super::{Cancel, MediaError};
 
 mod native;
@@ -57,6 +58,9 @@ pub struct VideoLimits {
     pub max_decoder_bytes: u64,
     /// Longest time, in seconds, one clip may take to open, probe, demux and decode.
     pub max_decode_seconds: f64,
+    /// The memory all decodes in the process share (see [`super::memory`]): a clip holds its
+    /// decoder's frames and its sampled frames.
+    pub memory: DecodingMemory,
     /// FFmpeg demuxer names that may be used, as FFmpeg spells them (for example
     /// `"mov,mp4,m4a,3gp,3g2,mj2"`); a demuxer is allowed when any comma-separated part of its
     /// name appears in this list.
@@ -76,6 +80,7 @@ impl Default for VideoLimits {
             max_output_bytes: 1024 * 1024 * 1024,
             max_decoder_bytes: 512 * 1024 * 1024,
             max_decode_seconds: 60.0,
+            memory: DecodingMemory::default(),
             allowed_formats: [
                 "mov,mp4,m4a,3gp,3g2,mj2",
                 "matroska,webm",
@@ -161,7 +166,7 @@ impl Sampling {
 }
 
 /// The frames sampled from a clip and what is known about the clip.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct DecodedClip {
     /// The sampled frames, upright RGB8, in presentation order.
     pub frames: Vec<RgbImage>,
@@ -173,6 +178,8 @@ pub struct DecodedClip {
     pub duration_s: f64,
     /// Number of frames in the video stream.
     pub total_frames: usize,
+    /// The frames' hold on `limits.memory`, until the clip is dropped.
+    pub memory: Held,
 }
 
 /// Initialises FFmpeg once per process and silences its logging; safe to call repeatedly.
@@ -230,8 +237,8 @@ pub fn decode_clip(
         started,
         cancel,
     };
-    let (picked, total) = decode_sampled(&job, sampling, scan.frames)?;
-    Ok(info.into_clip(picked, total, scan.end_s))
+    let (pass, total) = decode_sampled(&job, sampling, scan.frames)?;
+    Ok(info.into_clip(pass, total, scan.end_s))
 }
 
 /// Refuses empty and oversized inputs.
@@ -273,21 +280,37 @@ fn decode_sampled(
     job: &Job<'_>,
     sampling: &Sampling,
     total: usize,
-) -> Result<(Vec<Picked>, usize), MediaError> {
+) -> Result<(Pass, usize), MediaError> {
     let plan = sampling.plan(total);
-    let first = decode_pass(job, &plan)?;
+    let mut first = decode_pass(job, &plan)?;
     if first.picked.len() == plan.len() {
-        return Ok((first.picked, total));
+        first.hold_picked()?;
+        return Ok((first, total));
     }
     if first.decoded == 0 {
         return Err(MediaError::NoFrames);
     }
-    let plan = sampling.plan(first.decoded);
-    let second = decode_pass(job, &plan)?;
+    let decoded = first.decoded;
+    drop(first);
+    let plan = sampling.plan(decoded);
+    let mut second = decode_pass(job, &plan)?;
     if second.picked.is_empty() {
         return Err(MediaError::NoFrames);
     }
-    Ok((second.picked, first.decoded))
+    second.hold_picked()?;
+    Ok((second, decoded))
+}
+
+impl Pass {
+    /// Once the decoder is gone, holds only the picked frames.
+    fn hold_picked(&mut self) -> Result<(), MediaError> {
+        let bytes = self
+            .picked
+            .iter()
+            .map(|p| p.image.as_raw().len() as u64)
+            .sum();
+        self.memory.resize(bytes)
+    }
 }
 
 /// What every decoding pass over one clip shares.
@@ -469,7 +492,7 @@ impl StreamInfo {
 
     /// Assembles the result. The duration is that of the packets actually present (a truncated
     /// file is shorter than its header says), else the header's, else frames over frame rate.
-    fn into_clip(self, picked: Vec<Picked>, total: usize, end_s: f64) -> DecodedClip {
+    fn into_clip(self, pass: Pass, total: usize, end_s: f64) -> DecodedClip {
         let estimate = if self.fps > 0.0 {
             total as f64 / self.fps
         } else {
@@ -485,13 +508,14 @@ impl StreamInfo {
         } else {
             total as f64 / duration_s
         };
-        let (frames, timestamps_s) = picked.into_iter().map(|p| (p.image, p.time_s)).unzip();
+        let (frames, timestamps_s) = pass.picked.into_iter().map(|p| (p.image, p.time_s)).unzip();
         DecodedClip {
             frames,
             timestamps_s,
             fps,
             duration_s,
             total_frames: total,
+            memory: pass.memory,
         }
     }
 }
@@ -695,6 +719,8 @@ struct Picked {
 struct Pass {
     picked: Vec<Picked>,
     decoded: usize,
+    /// What the pass held in the decoding memory, from now on for its picked frames.
+    memory: Held,
 }
 
 /// Decodes the video stream up to the last planned frame, keeping the planned ones as RGB.
@@ -754,12 +780,12 @@ fn open_decoder(
 /// Refuses a stream whose decoder keeps more memory in frames than the limit: the frame just
 /// decoded, as large as each it keeps, times the frames it keeps (see
 /// [`native::kept_frames`]). A stream may declare up to 16 reference frames of the largest
-/// picture the pixel limit allows.
+/// picture the pixel limit allows. Answers those bytes.
 fn check_decoder_memory(
     decoder: &decoder::Video,
     frame: &frame::Video,
     limits: &VideoLimits,
-) -> Result<(), MediaError> {
+) -> Result<u64, MediaError> {
     let frame_bytes: u64 = (0..frame.planes())
         .map(|plane| frame.data(plane).len() as u64)
         .sum();
@@ -773,7 +799,7 @@ fn check_decoder_memory(
             limit: limits.max_decoder_bytes,
         });
     }
-    Ok(())
+    Ok(needed)
 }
 
 /// Receives decoded frames, numbers them and keeps the planned ones.
@@ -785,6 +811,10 @@ struct Picker<'a> {
     decoded: usize,
     picked: Vec<Picked>,
     output_bytes: u64,
+    /// The most the decoder has kept in frames.
+    decoder_bytes: u64,
+    /// The decoder's frames and the picked ones, in `limits.memory`.
+    memory: Held,
     frame: frame::Video,
     scaler: Option<Scaler>,
 }
@@ -799,6 +829,8 @@ impl<'a> Picker<'a> {
             decoded: 0,
             picked: Vec::with_capacity(plan.len()),
             output_bytes: 0,
+            decoder_bytes: 0,
+            memory: limits.memory.hold(),
             frame: frame::Video::empty(),
             scaler: None,
         }
@@ -812,6 +844,7 @@ impl<'a> Picker<'a> {
         Pass {
             picked: self.picked,
             decoded: self.decoded,
+            memory: self.memory,
         }
     }
 
@@ -824,8 +857,11 @@ impl<'a> Picker<'a> {
         loop {
             match decoder.receive_frame(&mut self.frame) {
                 Ok(()) => {
-                    check_decoder_memory(decoder, &self.frame, self.limits)?;
+                    let kept = check_decoder_memory(decoder, &self.frame, self.limits)?;
+                    self.decoder_bytes = self.decoder_bytes.max(kept);
+                    self.hold()?;
                     self.take_frame()?;
+                    self.hold()?;
                 }
                 Err(ffmpeg::Error::Eof) => return Ok(()),
                 Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::ffi::EAGAIN => {
@@ -859,6 +895,12 @@ impl<'a> Picker<'a> {
             self.next += 1;
         }
         Ok(())
+    }
+
+    /// Holds what the decoder keeps and the frames picked so far in the decoding memory.
+    fn hold(&mut self) -> Result<(), MediaError> {
+        self.memory
+            .resize(self.decoder_bytes.saturating_add(self.output_bytes))
     }
 
     /// Adds a kept frame to the output memory total, failing over the limit.
@@ -1302,6 +1344,45 @@ mod tests {
     }
 
     #[test]
+    fn a_clip_holds_its_decoder_and_sampled_frames_of_the_shared_memory() {
+        let dir = tempdir();
+        let bytes = h264_mp4(dir.path());
+        let memory = DecodingMemory::new(64 << 20);
+        let limits = VideoLimits {
+            memory: memory.clone(),
+            ..VideoLimits::default()
+        };
+        let clip = decode(&bytes, &limits, &Sampling::uniform(4)).expect("decode");
+        // Once decoded, the clip holds its sampled frames' bytes, until it is dropped.
+        let frames: u64 = clip.frames.iter().map(|f| f.as_raw().len() as u64).sum();
+        assert!(frames > 0);
+        assert_eq!((clip.memory.bytes(), memory.held()), (frames, frames));
+        drop(clip);
+        assert_eq!(memory.held(), 0);
+
+        // While decoding, the decoder's frames too: with all but one frame's RGB bytes held by
+        // other decodes, the clip does not fit.
+        let others = memory.take((64 << 20) - frames / 4).expect("others");
+        let err = decode(&bytes, &limits, &Sampling::uniform(4)).expect_err("full");
+        assert!(err.is_full(), "{err}");
+        assert_eq!(memory.held(), (64 << 20) - frames / 4);
+        drop(others);
+        let err = decode(
+            &bytes,
+            &VideoLimits {
+                memory: DecodingMemory::new(frames),
+                ..limits
+            },
+            &Sampling::uniform(4),
+        )
+        .expect_err("the frames and the decoder's");
+        assert!(
+            matches!(err, MediaError::DecodingMemoryTooSmall { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn stride_sampling_takes_every_nth_frame() {
         let dir = tempdir();
         let bytes = h264_mp4(dir.path());
@@ -1430,8 +1511,8 @@ mod tests {
         let err = decode(&noise, &limits, &Sampling::uniform(4)).expect_err("noise");
         assert!(matches!(err, MediaError::CorruptVideo(_)), "{err}");
         assert_eq!(
-            decode(&[], &limits, &Sampling::uniform(4)),
-            Err(MediaError::Empty("video"))
+            decode(&[], &limits, &Sampling::uniform(4)).expect_err("empty"),
+            MediaError::Empty("video")
         );
     }
 

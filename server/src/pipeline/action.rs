@@ -256,11 +256,16 @@ fn prepare_frames(
     for &i in &picked {
         cancel.check()?;
         let started = Instant::now();
-        let image = media::image::decode(&frames[i], limits)
-            .map_err(|e| Error::InvalidArgument(format!("frame {i}: {e}")))?;
+        let decoded = media::image::decode_holding(&frames[i], limits).map_err(|e| {
+            if e.is_full() {
+                Error::Media(e)
+            } else {
+                Error::InvalidArgument(format!("frame {i}: {e}"))
+            }
+        })?;
         decode += started.elapsed();
         let started = Instant::now();
-        inputs.push(&image, spec)?;
+        inputs.push(&decoded.image, spec)?;
         preprocess += started.elapsed();
     }
     Ok(PreparedClip {

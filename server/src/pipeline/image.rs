@@ -18,6 +18,7 @@ use crate::geometry::Geometry;
 use crate::heads::{HeadError, detection, segmentation};
 use crate::manifest::HeadParams;
 use crate::media;
+use crate::media::image::Decoded;
 use crate::media::image::ImageLimits;
 use crate::media::preprocess::PreprocessSpec;
 use crate::telemetry::metrics;
@@ -145,10 +146,12 @@ fn prepare_blocking(
     hash: bool,
 ) -> Result<Prepared, Error> {
     let started = Instant::now();
-    let rgb = decode(image, limits)?;
+    // Held in the decoding memory until preprocessed.
+    let decoded = decode(image, limits)?;
     let decode = started.elapsed();
     let started = Instant::now();
-    let (chw, geometry) = preprocess(&rgb, spec);
+    let (chw, geometry) = preprocess(&decoded.image, spec);
+    drop(decoded);
     let key = hash.then(|| cache_key(&chw, &geometry));
     Ok(Prepared {
         chw,
@@ -172,12 +175,14 @@ fn cache_key(chw: &[f32], geometry: &Geometry) -> FeatureKey {
 }
 
 #[tracing::instrument(name = "decode", skip_all)]
-fn decode(image: ImageInput, limits: &ImageLimits) -> Result<RgbImage, Error> {
+fn decode(image: ImageInput, limits: &ImageLimits) -> Result<Decoded, Error> {
     Ok(match image {
-        ImageInput::Encoded(bytes) => media::image::decode(&bytes, limits)?,
-        ImageInput::Raw { width, height, rgb } => {
-            media::image::from_raw(width, height, Vec::from(rgb), limits)?
-        }
+        ImageInput::Encoded(bytes) => media::image::decode_holding(&bytes, limits)?,
+        // Raw pixels arrived as the request's bytes: the receive budget holds them.
+        ImageInput::Raw { width, height, rgb } => Decoded {
+            image: media::image::from_raw(width, height, Vec::from(rgb), limits)?,
+            memory: limits.memory.hold(),
+        },
         ImageInput::Handle(_) => {
             return Err(Error::Internal(
                 "a feature handle was sent to the decoder".into(),

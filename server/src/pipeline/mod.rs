@@ -23,6 +23,7 @@ use crate::config::Limits;
 use crate::engine::{EngineError, Memory, NamedTensors};
 use crate::error::Error;
 use crate::media::image::ImageLimits;
+use crate::media::memory::DecodingMemory;
 use crate::media::video::VideoLimits;
 use crate::model_set::{Head, ModelSet};
 use crate::telemetry::metrics;
@@ -65,11 +66,13 @@ struct Features {
 impl Pipeline {
     /// Wraps a loaded model set, with a feature cache as `cache` describes.
     pub fn new(models: ModelSet, limits: Limits, cache: &CacheConfig) -> Self {
+        let memory = DecodingMemory::new(limits.max_decoding_bytes);
         let image_limits = ImageLimits {
             max_width: limits.max_image_side,
             max_height: limits.max_image_side,
             max_pixels: limits.max_image_pixels,
             max_decode_bytes: limits.max_image_decode_bytes,
+            memory: memory.clone(),
         };
         let video_limits = VideoLimits {
             max_bytes: limits.max_message_bytes as u64,
@@ -80,6 +83,7 @@ impl Pipeline {
             max_output_bytes: limits.max_clip_frame_bytes,
             max_decoder_bytes: limits.max_clip_decoder_bytes,
             max_decode_seconds: limits.max_clip_decode_seconds,
+            memory,
             ..VideoLimits::default()
         };
         metrics::record_model_info(&models);
@@ -93,6 +97,11 @@ impl Pipeline {
             handles: HandleStore::new(&HandleConfig::default()),
             admission: Admission::new(&AdmissionConfig::default()),
         }
+    }
+
+    /// The memory all decoding may hold at once (`--max-decoding-bytes`), and what it holds.
+    pub fn decoding_memory(&self) -> &DecodingMemory {
+        &self.image_limits.memory
     }
 
     /// Keeps feature handles as `config` describes (default: [`HandleConfig::default`]).

@@ -49,6 +49,8 @@ pub const FEATURE_DEVICE_TO_HOST_BYTES: &str = "polyhead_feature_device_to_host_
 pub const RUNTIME_ARENA_BYTES: &str = "polyhead_runtime_arena_bytes";
 /// Bytes of the shared CPU arena in use by tensors (CPU runtime only).
 pub const RUNTIME_ARENA_IN_USE_BYTES: &str = "polyhead_runtime_arena_in_use_bytes";
+/// Bytes the decodes in progress hold of `--max-decoding-bytes`.
+pub const DECODING_BYTES: &str = "polyhead_decoding_bytes";
 /// Always 1; the labels describe each loaded model.
 pub const MODEL_INFO: &str = "polyhead_model_info";
 
@@ -139,6 +141,12 @@ pub(super) fn describe() {
         "Bytes of ONNX Runtime's shared CPU arena in use by tensors."
     );
     describe_gauge!(
+        DECODING_BYTES,
+        Unit::Bytes,
+        "Bytes the images and clips being decoded hold of the memory all decoding may hold at \
+         once (--max-decoding-bytes)."
+    );
+    describe_gauge!(
         MODEL_INFO,
         "The loaded models; always 1. feature_memory: where backbone features are kept."
     );
@@ -217,6 +225,11 @@ pub fn set_feature_cache_size(bytes: u64, entries: u64) {
 pub fn set_runtime_arena(stats: ArenaStats) {
     gauge!(RUNTIME_ARENA_BYTES).set(stats.allocated as f64);
     gauge!(RUNTIME_ARENA_IN_USE_BYTES).set(stats.in_use as f64);
+}
+
+/// Publishes the bytes the decodes in progress hold.
+pub fn set_decoding_bytes(bytes: u64) {
+    gauge!(DECODING_BYTES).set(bytes as f64);
 }
 
 /// Records the batch size of one run of `model`.

@@ -13,6 +13,7 @@ use ffmpeg::codec::decoder;
 use ffmpeg::util::frame;
 use ffmpeg_next as ffmpeg;
 
+use super::super::memory::Held;
 use super::{
     Budget, Cancel, MediaError, StreamInfo, VideoLimits, check_size, init, open, open_decoder, scan,
 };
@@ -162,6 +163,10 @@ struct Sampler<'a> {
     first_s: Option<f64>,
     next_slot: u64,
     since: Instant,
+    /// The most the decoder has kept in frames.
+    decoder_bytes: u64,
+    /// The decoder's frames and the one being converted, in `limits.memory`.
+    memory: Held,
     frame: frame::Video,
     scaler: Option<super::Scaler>,
 }
@@ -177,6 +182,8 @@ impl<'a> Sampler<'a> {
             first_s: None,
             next_slot: 0,
             since: Instant::now(),
+            decoder_bytes: 0,
+            memory: limits.memory.hold(),
             frame: frame::Video::empty(),
             scaler: None,
         }
@@ -192,7 +199,10 @@ impl<'a> Sampler<'a> {
         loop {
             match decoder.receive_frame(&mut self.frame) {
                 Ok(()) => {
-                    super::check_decoder_memory(decoder, &self.frame, self.limits)?;
+                    let kept = super::check_decoder_memory(decoder, &self.frame, self.limits)?;
+                    let rgb = u64::from(self.frame.width()) * u64::from(self.frame.height()) * 3;
+                    self.decoder_bytes = self.decoder_bytes.max(kept);
+                    self.memory.resize(self.decoder_bytes.saturating_add(rgb))?;
                     if self.take_frame(sink)?.is_break() {
                         return Ok(ControlFlow::Break(()));
                     }
