@@ -664,6 +664,55 @@ async fn decoding_memory_is_one_budget_over_all_calls() {
 }
 
 #[tokio::test]
+async fn concurrent_decodes_never_hold_more_than_the_budget() {
+    // A 1200 x 1200 PNG takes 8.64 MB while it decodes (its pixels and their RGB8 copy), then
+    // 4.32 MB until preprocessed: room for two at once.
+    const LIMIT: u64 = 18_000_000;
+    let server = server(8, 8, |config| config.limits.max_decoding_bytes = LIMIT);
+    let client = no_retries(&server).await;
+    let memory = server.pipeline.decoding_memory().clone();
+    let pixels = crate::common::noise_rgb(7, 1200, 1200);
+    let mut png = Vec::new();
+    image::RgbImage::from_raw(1200, 1200, pixels)
+        .expect("pixels")
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encode");
+    let calls: Vec<_> = (0..8)
+        .map(|_| spawn_detect(&client, encoded(png.clone())))
+        .collect();
+    let watching = {
+        let memory = memory.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                most = most.max(memory.held());
+                if most > 0 && memory.held() == 0 {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            most
+        })
+    };
+    let (mut served, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.expect("the call's task") {
+            Ok(_) => served += 1,
+            Err(err) => {
+                assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+                assert!(err.to_string().contains("--max-decoding-bytes"), "{err}");
+                refused += 1;
+            }
+        }
+    }
+    let most = watching.join().expect("the watcher");
+    assert!(served >= 1, "{served} served, {refused} refused");
+    assert!(most > 0 && most <= LIMIT, "held at most {most} bytes");
+    assert_eq!(memory.held(), 0, "every call gave its memory back");
+}
+
+#[tokio::test]
 async fn masks_over_the_pixel_limit_are_invalid_argument() {
     let server = server(4, 4, |config| config.limits.max_mask_pixels = 100);
     let client = no_retries(&server).await;
