@@ -244,6 +244,27 @@ def test_pods_leave_the_endpoints_before_the_drain_and_get_time_for_it(sets, sle
     assert pod["terminationGracePeriodSeconds"] == grace
 
 
+def test_a_drain_set_in_env_gets_its_grace_period_or_asks_for_one():
+    def grace(*args: str):
+        docs = yaml.safe_load_all(helm("template", "release", str(CHART), *args))
+        return kind([d for d in docs if d], "Deployment")["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"]
+
+    drain = ["--set", "env[0].name=OTHER", "--set-string", "env[0].value=1",
+             "--set", "env[1].name=POLYHEAD_DRAIN_TIMEOUT_SECONDS"]
+    # The environment overrides config, as in the server; a fraction of a second rounds up.
+    assert grace(*drain, "--set-string", "env[1].value=50") == 5 + 50 + 5
+    assert grace(*drain, "--set-string", "env[1].value=12.2",
+                 "--set", "config.drain-timeout-seconds=99") == 5 + 13 + 5
+    assert grace("--set", "config.drain-timeout-seconds=40.5") == 5 + 41 + 5
+    hidden = [*drain, "--set", "env[1].valueFrom.secretKeyRef.name=s",
+              "--set", "env[1].valueFrom.secretKeyRef.key=k"]
+    result = run_helm("template", "release", str(CHART), *hidden)
+    assert result.returncode != 0
+    assert "set terminationGracePeriodSeconds" in result.stderr, result.stderr
+    assert grace(*hidden, "--set", "terminationGracePeriodSeconds=70") == 70
+
+
 def test_helm_test_sends_the_token_the_server_accepts():
     docs = rendered("auth.existingSecret=polyhead-token", "auth.secretKey=bearer")
     config = tomllib.loads(kind(docs, "ConfigMap")["data"]["polyhead.toml"])

@@ -55,13 +55,25 @@ the server refuses. The server reads `_` in a key as `-`.
 
 {{/*
 Seconds the kubelet waits before killing the pod: terminationGracePeriodSeconds when set, else the
-preStop sleep + the drain timeout (the server's default, 30, when config leaves it out) + 5.
+preStop sleep + the drain timeout, rounded up + 5. The drain timeout is the server's: an
+environment variable in env overrides config (the server's own precedence), and the server's
+default, 30, applies when neither sets it. A drain read from a Secret or ConfigMap (valueFrom)
+cannot be known here, so terminationGracePeriodSeconds must then be set.
 */}}
 {{- define "polyhead.terminationGracePeriod" -}}
 {{- $grace := .Values.terminationGracePeriodSeconds }}
 {{- if or (kindIs "invalid" $grace) (eq (toString $grace) "") }}
 {{- $drain := index .Values.config "drain-timeout-seconds" | default 30 }}
-{{- add (int .Values.preStopSleepSeconds) (int $drain) 5 }}
+{{- range .Values.env }}
+{{- if eq .name "POLYHEAD_DRAIN_TIMEOUT_SECONDS" }}
+{{- if hasKey . "value" }}
+{{- $drain = .value }}
+{{- else }}
+{{- fail "env sets POLYHEAD_DRAIN_TIMEOUT_SECONDS from a reference the chart cannot read: set terminationGracePeriodSeconds to cover preStopSleepSeconds and that drain" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- add (int .Values.preStopSleepSeconds) ($drain | float64 | ceil | int) 5 }}
 {{- else }}
 {{- int $grace }}
 {{- end }}
