@@ -584,7 +584,7 @@ async fn decoding_memory_is_one_budget_over_all_calls() {
     let client = no_retries(&server).await;
     let memory = server.pipeline.decoding_memory();
     assert_eq!(memory.limit(), Some(LIMIT));
-    // astronaut.png is 512 x 512 RGB: its decoded pixels and their RGB8 copy take 1.5 MiB.
+    // astronaut.png is 512 x 512 RGB: its decoded pixels take 768 KiB.
     let photo = || encoded(crate::common::photo("astronaut.png"));
     let detect = || client.detect(photo(), v1::DetectOptions::default(), "");
     let clip = crate::common::make_clip(
@@ -606,9 +606,9 @@ async fn decoding_memory_is_one_budget_over_all_calls() {
         .expect("the clip fits");
     assert_eq!(memory.held(), 0, "finished calls hold nothing");
 
-    // Another call's decoding holds all but 256 KiB: less than a 320 x 240 frame and its RGB
-    // copy (450 KiB).
-    let other = memory.take(LIMIT - (256 << 10)).expect("the test's hold");
+    // Another call's decoding holds all but 128 KiB: less than one 320 x 240 RGB frame
+    // (225 KiB).
+    let other = memory.take(LIMIT - (128 << 10)).expect("the test's hold");
     let full = |err: &polyhead_client::ClientError| {
         assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
         let message = err.to_string();
@@ -633,7 +633,7 @@ async fn decoding_memory_is_one_budget_over_all_calls() {
     assert!(message.contains("--max-decoding-bytes"), "{message}");
     assert_eq!(
         memory.held(),
-        LIMIT - (256 << 10),
+        LIMIT - (128 << 10),
         "refused calls hold nothing"
     );
 
@@ -654,7 +654,7 @@ async fn decoding_memory_is_one_budget_over_all_calls() {
     let err = client
         .detect(encoded(png), v1::DetectOptions::default(), "")
         .await
-        .expect_err("8.6 MB to decode");
+        .expect_err("4.32 MB to decode");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
     assert!(
         err.to_string().contains("more than the 4194304 bytes"),
@@ -664,9 +664,8 @@ async fn decoding_memory_is_one_budget_over_all_calls() {
 }
 
 #[tokio::test]
-async fn concurrent_decodes_never_hold_more_than_the_budget() {
-    // A 1200 x 1200 PNG takes 8.64 MB while it decodes (its pixels and their RGB8 copy), then
-    // 4.32 MB until preprocessed: room for two at once.
+async fn concurrent_decodes_are_served_or_refused_and_give_their_memory_back() {
+    // A 1200 x 1200 RGB PNG holds 4.32 MB from decoding until preprocessed: room for four.
     const LIMIT: u64 = 18_000_000;
     let server = server(8, 8, |config| config.limits.max_decoding_bytes = LIMIT);
     let client = no_retries(&server).await;
@@ -677,24 +676,22 @@ async fn concurrent_decodes_never_hold_more_than_the_budget() {
         .expect("pixels")
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .expect("encode");
-    let calls: Vec<_> = (0..8)
-        .map(|_| spawn_detect(&client, encoded(png.clone())))
-        .collect();
+    // Watches what the decodes hold from before the first call until the last is answered.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watching = {
-        let memory = memory.clone();
+        let (memory, done) = (memory.clone(), Arc::clone(&done));
         std::thread::spawn(move || {
             let mut most = 0;
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(60) {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
                 most = most.max(memory.held());
-                if most > 0 && memory.held() == 0 {
-                    break;
-                }
                 std::thread::yield_now();
             }
             most
         })
     };
+    let calls: Vec<_> = (0..12)
+        .map(|_| spawn_detect(&client, encoded(png.clone())))
+        .collect();
     let (mut served, mut refused) = (0, 0);
     for call in calls {
         match call.await.expect("the call's task") {
@@ -706,9 +703,11 @@ async fn concurrent_decodes_never_hold_more_than_the_budget() {
             }
         }
     }
+    done.store(true, std::sync::atomic::Ordering::Release);
     let most = watching.join().expect("the watcher");
+    // The first decode always finds room; which others overlap it depends on the scheduler.
     assert!(served >= 1, "{served} served, {refused} refused");
-    assert!(most > 0 && most <= LIMIT, "held at most {most} bytes");
+    assert!(most >= 4_320_000, "the decodes held at most {most} bytes");
     assert_eq!(memory.held(), 0, "every call gave its memory back");
 }
 

@@ -207,9 +207,10 @@ pub struct Limits {
 
     /// Most memory all decoding in the server may hold at once, in bytes, over every call: an
     /// image's decoder buffers and pixels until preprocessed, a clip's decoder frames and
-    /// sampled frames. A call whose media would take more than is left is refused with
-    /// RESOURCE_EXHAUSTED, to retry; one that needs more than all of it, with
-    /// INVALID_ARGUMENT.
+    /// sampled frames until preprocessed, a window stream's decoder frames while it decodes. A
+    /// call whose media would take more than is left is refused with RESOURCE_EXHAUSTED, to
+    /// retry (in a window stream, possibly after some windows); one that needs more than all
+    /// of it, with INVALID_ARGUMENT: it also caps what one image or clip may take.
     #[arg(long, env = "POLYHEAD_MAX_DECODING_BYTES", default_value_t = 2 << 30)]
     pub max_decoding_bytes: u64,
 

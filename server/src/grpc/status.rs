@@ -51,10 +51,11 @@ fn bounded(mut message: String) -> String {
 fn code(error: &Error) -> Code {
     match error {
         Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::Media(e) if e.is_internal() => Code::Internal,
+        // Decoding memory other calls hold for now: the same call may succeed later.
+        Error::Media(e) if e.is_full() => Code::ResourceExhausted,
         // A limit breach is the request's fault too, and retrying it cannot succeed: it is
         // INVALID_ARGUMENT, not RESOURCE_EXHAUSTED (which clients treat as retryable).
-        Error::Media(e) if e.is_internal() => Code::Internal,
-        Error::Media(e) if e.is_full() => Code::ResourceExhausted,
         Error::Media(_) => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -188,6 +189,23 @@ mod tests {
         assert_eq!(pushback(&configured).as_deref(), Some("250"));
         let stopped = Error::Engine(EngineError::Stopped("backbone".into()));
         assert_eq!(pushback(&to_status(stopped, "r1", &limits)), None);
+        // Decoding memory full for now is retried after the same hint; more than all of it
+        // never fits, and is the request's fault.
+        let full = Error::Media(crate::media::MediaError::DecodingMemoryFull {
+            needed: 10,
+            others: 95,
+            limit: 100,
+        });
+        let status = to_status(full, "r1", &limits);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(pushback(&status).as_deref(), Some("250"));
+        let never = Error::Media(crate::media::MediaError::DecodingMemoryTooSmall {
+            needed: 101,
+            limit: 100,
+        });
+        let status = to_status(never, "r1", &limits);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(pushback(&status), None);
     }
 
     fn trailers_only(status: Status) -> Status {

@@ -13,10 +13,10 @@ use image::codecs::png::PngDecoder;
 use image::codecs::webp::WebPDecoder;
 use image::error::ImageError;
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, RgbImage};
+use image::{ColorType, DynamicImage, ImageDecoder, RgbImage};
 
 use super::MediaError;
-use super::memory::{DecodingMemory, Held};
+use super::memory::{DecodingMemory, Hold};
 
 /// Bounds on the images [`decode`] and [`from_raw`] accept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub struct Decoded {
     /// The upright RGB8 image.
     pub image: RgbImage,
     /// Its hold on `limits.memory`.
-    pub memory: Held,
+    pub memory: Hold,
 }
 
 /// Decodes a JPEG, PNG or WebP image into upright RGB8, within `limits`.
@@ -93,9 +93,10 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, MediaError
     decode_holding(bytes, limits).map(|decoded| decoded.image)
 }
 
-/// [`decode`], holding what it decodes to in `limits.memory`: while it decodes, the decoder's
-/// pixels, their RGB8 conversion and, for an image its EXIF turns, the turned copy; then the
-/// image's own bytes, for as long as the caller keeps the hold.
+/// Decodes like [`decode`], holding in `limits.memory` the most the decoding takes at once:
+/// the decoder's pixels and, unless they are RGB8 already, their RGB8 copy; or, for an image
+/// its EXIF turns, the RGB8 pixels and their turned copy. Then the image's own bytes, for as
+/// long as the caller keeps the hold. ([`decode`] gives the hold back as it returns.)
 pub fn decode_holding(bytes: &[u8], limits: &ImageLimits) -> Result<Decoded, MediaError> {
     if bytes.is_empty() {
         return Err(MediaError::Empty("image"));
@@ -198,14 +199,19 @@ fn finish<D: ImageDecoder>(
     decoder.set_limits(decoder_limits(limits)).map_err(wrap)?;
     let orientation = decoder.orientation().map_err(wrap)?;
     let rgb_bytes = u64::from(width) * u64::from(height) * 3;
+    let copy = if decoder.color_type() == ColorType::Rgb8 {
+        0
+    } else {
+        rgb_bytes
+    };
     let turned = if orientation == Orientation::NoTransforms {
         0
     } else {
         rgb_bytes
     };
-    let mut memory = limits
-        .memory
-        .take(needed.saturating_add(rgb_bytes).saturating_add(turned))?;
+    // The decoder's pixels are freed once converted, and the unturned ones once turned.
+    let most = needed.saturating_add(copy).max(rgb_bytes + turned);
+    let mut memory = limits.memory.take(most)?;
     // Converted before it is turned, so that turning copies 8-bit RGB rather than the decoded
     // pixels (up to 8 bytes each, for 16-bit RGBA), which are freed first.
     let rgb = DynamicImage::from_decoder(decoder)
@@ -519,15 +525,15 @@ mod tests {
         drop(decoded);
         assert_eq!(memory.held(), 0);
 
-        // While decoding, the decoder's pixels and the RGB8 copy: twice 1,536 bytes for RGB.
-        let others = memory.take(10_000 - 3000).expect("another decode's hold");
-        let err = decode(&png(&img), &limits).expect_err("3,072 bytes, 3,000 left");
+        // RGB8 pixels need no copy: 1,536 bytes while decoding.
+        let others = memory.take(10_000 - 1500).expect("another decode's hold");
+        let err = decode(&png(&img), &limits).expect_err("1,536 bytes, 1,500 left");
         assert!(
             matches!(
                 err,
                 MediaError::DecodingMemoryFull {
-                    needed: 3072,
-                    others: 7000,
+                    needed: 1536,
+                    others: 8500,
                     limit: 10_000
                 }
             ),
@@ -535,22 +541,32 @@ mod tests {
         );
         assert!(err.is_full() && !err.is_limit(), "{err}");
         drop(others);
-        // An EXIF-turned image needs a third copy while it is turned.
-        let turned = with_exif_orientation(&jpeg(&halves(32, 16)), 6);
+        // Grey pixels take a third of that, and then their RGB8 copy: 2,048 bytes at once.
+        let mut grey = Vec::new();
+        PngEncoder::new(&mut grey)
+            .write_image(&[9; 32 * 16], 32, 16, ExtendedColorType::L8)
+            .expect("encode");
         let small = ImageLimits {
-            memory: DecodingMemory::new(4000),
+            memory: DecodingMemory::new(2047),
             ..ImageLimits::default()
         };
         assert!(decode(&png(&img), &small).is_ok());
-        let err = decode(&turned, &small).expect_err("4,608 bytes to turn it");
+        let err = decode(&grey, &small).expect_err("2,048 bytes for grey");
         assert!(
             matches!(
                 err,
                 MediaError::DecodingMemoryTooSmall {
-                    needed: 4608,
-                    limit: 4000
+                    needed: 2048,
+                    limit: 2047
                 }
             ),
+            "{err}"
+        );
+        // An EXIF-turned image needs its turned copy beside it.
+        let turned = with_exif_orientation(&jpeg(&halves(32, 16)), 6);
+        let err = decode(&turned, &small).expect_err("3,072 bytes to turn it");
+        assert!(
+            matches!(err, MediaError::DecodingMemoryTooSmall { needed: 3072, .. }),
             "{err}"
         );
         assert!(err.is_limit(), "{err}");

@@ -5,13 +5,13 @@
 //! gigabytes together, which a container's memory limit answers by killing the process. Every
 //! decode therefore holds its bytes in one shared [`DecodingMemory`] while it works: an image
 //! from before its decoder allocates until it has been preprocessed, a clip from its first
-//! decoded frame until its sampled frames have been preprocessed. A decode that would take the
-//! total past the limit fails with [`MediaError::DecodingMemoryFull`] (RESOURCE_EXHAUSTED, to
-//! retry once other calls are done); one that needs more than the whole limit by itself fails
-//! with [`MediaError::DecodingMemoryTooSmall`] (a limit error).
+//! decoded frame until its sampled frames have been preprocessed, a window stream's decoder
+//! while the stream decodes. A decode that would take the total past the limit fails with
+//! [`MediaError::DecodingMemoryFull`] (RESOURCE_EXHAUSTED, to retry once other calls are done);
+//! one that needs more than the whole limit by itself fails with
+//! [`MediaError::DecodingMemoryTooSmall`] (a limit error: the limit caps one input too).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::MediaError;
 
@@ -22,7 +22,17 @@ pub struct DecodingMemory(Option<Arc<Pool>>);
 #[derive(Debug)]
 struct Pool {
     limit: u64,
-    held: AtomicU64,
+    /// Bytes held; the gauge is set under the same lock, so that it never lags behind.
+    held: Mutex<u64>,
+}
+
+impl Pool {
+    fn held(&self) -> MutexGuard<'_, u64> {
+        // A plain number: a panic elsewhere cannot leave it half-written.
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl DecodingMemory {
@@ -30,15 +40,13 @@ impl DecodingMemory {
     pub fn new(limit: u64) -> Self {
         Self(Some(Arc::new(Pool {
             limit,
-            held: AtomicU64::new(0),
+            held: Mutex::new(0),
         })))
     }
 
     /// Bytes the decodes in progress hold now.
     pub fn held(&self) -> u64 {
-        self.0
-            .as_ref()
-            .map_or(0, |pool| pool.held.load(Ordering::Acquire))
+        self.0.as_ref().map_or(0, |pool| *pool.held())
     }
 
     /// The limit, when there is one.
@@ -47,18 +55,18 @@ impl DecodingMemory {
     }
 
     /// A hold on nothing yet, for one decode to grow as it learns what it needs.
-    pub fn hold(&self) -> Held {
-        Held {
+    pub fn hold(&self) -> Hold {
+        Hold {
             pool: self.0.clone(),
             bytes: 0,
         }
     }
 
     /// A hold on `bytes` at once.
-    pub fn take(&self, bytes: u64) -> Result<Held, MediaError> {
-        let mut held = self.hold();
-        held.resize(bytes)?;
-        Ok(held)
+    pub fn take(&self, bytes: u64) -> Result<Hold, MediaError> {
+        let mut hold = self.hold();
+        hold.resize(bytes)?;
+        Ok(hold)
     }
 }
 
@@ -77,12 +85,12 @@ impl Eq for DecodingMemory {}
 
 /// Bytes one decode holds of a [`DecodingMemory`], given back when dropped.
 #[derive(Debug)]
-pub struct Held {
+pub struct Hold {
     pool: Option<Arc<Pool>>,
     bytes: u64,
 }
 
-impl Held {
+impl Hold {
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -95,10 +103,7 @@ impl Held {
             self.bytes = bytes;
             return Ok(());
         };
-        if bytes <= self.bytes {
-            let held = pool.held.fetch_sub(self.bytes - bytes, Ordering::AcqRel);
-            publish(held - (self.bytes - bytes));
-            self.bytes = bytes;
+        if bytes == self.bytes {
             return Ok(());
         }
         if bytes > pool.limit {
@@ -107,33 +112,28 @@ impl Held {
                 limit: pool.limit,
             });
         }
-        let more = bytes - self.bytes;
-        let before = pool
-            .held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(more).filter(|&total| total <= pool.limit)
-            })
-            .map_err(|held| MediaError::DecodingMemoryFull {
+        let mut held = pool.held();
+        // The total always includes this hold's bytes, and never passes the limit.
+        let others = *held - self.bytes;
+        if others + bytes > pool.limit {
+            return Err(MediaError::DecodingMemoryFull {
                 needed: bytes,
-                others: held.saturating_sub(self.bytes),
+                others,
                 limit: pool.limit,
-            })?;
-        publish(before + more);
+            });
+        }
+        *held = others + bytes;
+        crate::telemetry::metrics::set_decoding_bytes(*held);
         self.bytes = bytes;
         Ok(())
     }
 }
 
-impl Drop for Held {
+impl Drop for Hold {
     fn drop(&mut self) {
-        // Nothing to give back on an unlimited budget, or when nothing was taken.
+        // Shrinking always succeeds.
         let _ = self.resize(0);
     }
-}
-
-/// Publishes the bytes all decodes hold (`polyhead_decoding_bytes`).
-fn publish(held: u64) {
-    crate::telemetry::metrics::set_decoding_bytes(held);
 }
 
 #[cfg(test)]

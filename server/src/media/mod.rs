@@ -241,8 +241,8 @@ pub enum MediaError {
     /// The decodes of other calls hold the memory this one needs; it may succeed once they
     /// are done.
     #[error(
-        "decoding this input needs {needed} bytes and other calls' decoding holds {others} of \
-         the {limit} bytes all decoding may hold at once (--max-decoding-bytes); retry later"
+        "decoding this input needs {needed} bytes and other decodes hold {others} of the \
+         {limit} bytes all decoding may hold at once (--max-decoding-bytes); retry later"
     )]
     DecodingMemoryFull {
         /// Bytes the decode needs.

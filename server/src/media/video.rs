@@ -26,7 +26,7 @@ use ffmpeg::util::frame;
 use ffmpeg::{Dictionary, Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
-use super::memory::{DecodingMemory, Held};
+use super::memory::{DecodingMemory, Hold};
 use super::{Cancel, MediaError};
 
 mod native;
@@ -179,7 +179,7 @@ pub struct DecodedClip {
     /// Number of frames in the video stream.
     pub total_frames: usize,
     /// The frames' hold on `limits.memory`, until the clip is dropped.
-    pub memory: Held,
+    pub memory: Hold,
 }
 
 /// Initialises FFmpeg once per process and silences its logging; safe to call repeatedly.
@@ -720,7 +720,7 @@ struct Pass {
     picked: Vec<Picked>,
     decoded: usize,
     /// What the pass held in the decoding memory, from now on for its picked frames.
-    memory: Held,
+    memory: Hold,
 }
 
 /// Decodes the video stream up to the last planned frame, keeping the planned ones as RGB.
@@ -814,7 +814,7 @@ struct Picker<'a> {
     /// The most the decoder has kept in frames.
     decoder_bytes: u64,
     /// The decoder's frames and the picked ones, in `limits.memory`.
-    memory: Held,
+    memory: Hold,
     frame: frame::Video,
     scaler: Option<Scaler>,
 }
@@ -859,9 +859,11 @@ impl<'a> Picker<'a> {
                 Ok(()) => {
                     let kept = check_decoder_memory(decoder, &self.frame, self.limits)?;
                     self.decoder_bytes = self.decoder_bytes.max(kept);
-                    self.hold()?;
+                    // Room for the frame's RGB copy, should the plan pick it.
+                    let rgb = u64::from(self.frame.width()) * u64::from(self.frame.height()) * 3;
+                    self.hold(rgb)?;
                     self.take_frame()?;
-                    self.hold()?;
+                    self.hold(0)?;
                 }
                 Err(ffmpeg::Error::Eof) => return Ok(()),
                 Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::ffi::EAGAIN => {
@@ -897,10 +899,14 @@ impl<'a> Picker<'a> {
         Ok(())
     }
 
-    /// Holds what the decoder keeps and the frames picked so far in the decoding memory.
-    fn hold(&mut self) -> Result<(), MediaError> {
-        self.memory
-            .resize(self.decoder_bytes.saturating_add(self.output_bytes))
+    /// Holds what the decoder keeps, the frames picked so far and `more` in the decoding
+    /// memory.
+    fn hold(&mut self, more: u64) -> Result<(), MediaError> {
+        self.memory.resize(
+            self.decoder_bytes
+                .saturating_add(self.output_bytes)
+                .saturating_add(more),
+        )
     }
 
     /// Adds a kept frame to the output memory total, failing over the limit.

@@ -178,11 +178,17 @@ fn cache_key(chw: &[f32], geometry: &Geometry) -> FeatureKey {
 fn decode(image: ImageInput, limits: &ImageLimits) -> Result<Decoded, Error> {
     Ok(match image {
         ImageInput::Encoded(bytes) => media::image::decode_holding(&bytes, limits)?,
-        // Raw pixels arrived as the request's bytes: the receive budget holds them.
-        ImageInput::Raw { width, height, rgb } => Decoded {
-            image: media::image::from_raw(width, height, Vec::from(rgb), limits)?,
-            memory: limits.memory.hold(),
-        },
+        // Raw pixels are copied out of the request's message into the image.
+        ImageInput::Raw { width, height, rgb } => {
+            media::image::check_dimensions(width, height, limits)?;
+            let memory = limits
+                .memory
+                .take(u64::from(width) * u64::from(height) * 3)?;
+            Decoded {
+                image: media::image::from_raw(width, height, Vec::from(rgb), limits)?,
+                memory,
+            }
+        }
         ImageInput::Handle(_) => {
             return Err(Error::Internal(
                 "a feature handle was sent to the decoder".into(),

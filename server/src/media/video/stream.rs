@@ -13,7 +13,7 @@ use ffmpeg::codec::decoder;
 use ffmpeg::util::frame;
 use ffmpeg_next as ffmpeg;
 
-use super::super::memory::Held;
+use super::super::memory::Hold;
 use super::{
     Budget, Cancel, MediaError, StreamInfo, VideoLimits, check_size, init, open, open_decoder, scan,
 };
@@ -166,7 +166,7 @@ struct Sampler<'a> {
     /// The most the decoder has kept in frames.
     decoder_bytes: u64,
     /// The decoder's frames and the one being converted, in `limits.memory`.
-    memory: Held,
+    memory: Hold,
     frame: frame::Video,
     scaler: Option<super::Scaler>,
 }
