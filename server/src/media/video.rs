@@ -59,7 +59,8 @@ pub struct VideoLimits {
     /// Longest time, in seconds, one clip may take to open, probe, demux and decode.
     pub max_decode_seconds: f64,
     /// The memory all decodes in the process share (see [`super::memory`]): a clip holds its
-    /// decoder's frames and its sampled frames.
+    /// decoder's frames and its sampled frames, a window stream its decoder's frames and the
+    /// frame being converted.
     pub memory: DecodingMemory,
     /// FFmpeg demuxer names that may be used, as FFmpeg spells them (for example
     /// `"mov,mp4,m4a,3gp,3g2,mj2"`); a demuxer is allowed when any comma-separated part of its
