@@ -305,12 +305,7 @@ fn decode_sampled(
 impl Pass {
     /// Once the decoder is gone, holds only the picked frames.
     fn hold_picked(&mut self) -> Result<(), MediaError> {
-        let bytes = self
-            .picked
-            .iter()
-            .map(|p| p.image.as_raw().len() as u64)
-            .sum();
-        self.memory.resize(bytes)
+        self.memory.resize(self.output_bytes)
     }
 }
 
@@ -720,6 +715,8 @@ struct Picked {
 struct Pass {
     picked: Vec<Picked>,
     decoded: usize,
+    /// Bytes of the picked frames as RGB.
+    output_bytes: u64,
     /// What the pass held in the decoding memory, from now on for its picked frames.
     memory: Hold,
 }
@@ -845,6 +842,7 @@ impl<'a> Picker<'a> {
         Pass {
             picked: self.picked,
             decoded: self.decoded,
+            output_bytes: self.output_bytes,
             memory: self.memory,
         }
     }
